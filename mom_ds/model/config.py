@@ -1,0 +1,255 @@
+"""MoMConfig: the typed, validated description of a Mixture-of-Modules model.
+
+Every field is checked in `__post_init__`, so an impossible model is refused when the config
+is built (from Python, YAML or the command line), before any tensor is allocated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ROUTER_KINDS = ("gru", "mlp", "fixed")
+FIXED_ROUTES = ("layer", "cycle")
+SKIP_IN_ATTENTION = ("zero", "mask")
+WEIGHTINGS = ("prob", "renorm")
+MOD_DECODE = ("bce", "predictor")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+@dataclass
+class MoMConfig:
+    """A GPT-2-family Mixture-of-Modules model (see mom-spec.md section 1 and 2).
+
+    Layout: n_bottom vanilla layers, n_chunks routed blocks (each followed by an anchor
+    vanilla layer when anchor_layers), n_top vanilla layers, then ln_f and the tied head.
+    """
+
+    # --- shape of the transformer -------------------------------------------------------
+    vocab_size: int = 50257
+    """Token ids the embedding holds (50257 for GPT-2's BPE)."""
+    n_positions: int = 1024
+    """Longest sequence (learned absolute positions, as GPT-2)."""
+    d_model: int = 768
+    """Residual stream width."""
+    n_heads: int = 12
+    """Attention heads; must divide d_model."""
+
+    # --- layout ------------------------------------------------------------------------
+    n_bottom: int = 0
+    """Vanilla GPT-2 layers before the first routed block."""
+    n_chunks: int = 1
+    """Routed blocks; each owns its own module pool and two routers."""
+    anchor_layers: bool = False
+    """One fixed vanilla layer after each routed block (authors' default: on)."""
+    n_top: int = 0
+    """Vanilla layers after the last routed block."""
+
+    # --- module pool and routing (per routed block) --------------------------------------
+    n_attn_modules: int = 4
+    """A: attention modules in each routed block's pool."""
+    n_ffn_modules: int = 4
+    """F: FFN modules in each routed block's pool."""
+    depth: int = 4
+    """H: routing steps per routed block (the assembled depth)."""
+    top_k: int = 1
+    """K: modules (or SKIP) each token picks per step for attention and for FFN."""
+    router: str = "gru"
+    """Router kind for both halves: gru (state across steps), mlp (stateless), fixed."""
+    attn_router: Optional[str] = None
+    """Override of `router` for the attention half (e.g. fixed attention in the MoE preset)."""
+    ffn_router: Optional[str] = None
+    """Override of `router` for the FFN half."""
+    fixed_route: str = "layer"
+    """Fixed routers: `layer` sends step h to module h (needs H <= pool), `cycle` to
+    module h mod pool (layer sharing)."""
+    router_width: int = 256
+    """Hidden width of the GRU / MLP router."""
+    temperature: float = 0.2
+    """Softmax temperature of the router logits."""
+    use_skip: bool = True
+    """Add the SKIP class: a token choosing it passes on the residual."""
+    skip_in_attention: str = "zero"
+    """A SKIP-only token in attention: `zero` keeps it as a key with q=k=v=0 (authors),
+    `mask` removes it from the key set."""
+    weighting: str = "prob"
+    """`prob`: K=1 multiplies by the raw top-1 probability (router gets LM gradient),
+    K>=2 renormalises; `renorm`: always renormalise (K=1 weight is exactly 1, authors)."""
+    weighted_qkv: bool = False
+    """Weight the summed Q/K/V projections by the routing weights (default: plain sum)."""
+    early_exit: bool = False
+    """Step h may choose only module h or SKIP, and SKIP is final for the later steps."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the Switch-style balancing loss added to the LM loss."""
+    aux_loss_count_skip: bool = True
+    """Count SKIP as a class in the balancing loss."""
+
+    # --- Mixture-of-Depths (applies to the bottom vanilla layers) ------------------------
+    mod_capacity: float = 0.0
+    """Fraction of each sequence's tokens a MoD block processes; 0 turns MoD off."""
+    mod_every: int = 2
+    """Every mod_every-th bottom layer (the 2nd, 4th, ...) is a MoD block."""
+    mod_decode: str = "bce"
+    """Causal routing for sampling: `bce` (router logit > 0 trained by a BCE loss) or
+    `predictor` (small MLP on stop-gradient inputs)."""
+    mod_aux_loss_coef: float = 0.01
+    """Coefficient of the MoD BCE loss (router or predictor)."""
+
+    # --- regularisation / numerics -------------------------------------------------------
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_router_classes(self) -> int:
+        """Router output width: max(A, F) (+1 for SKIP); slots past a pool act as SKIP."""
+        return max(self.n_attn_modules, self.n_ffn_modules) + int(self.use_skip)
+
+    @property
+    def attn_router_kind(self) -> str:
+        return self.attn_router or self.router
+
+    @property
+    def ffn_router_kind(self) -> str:
+        return self.ffn_router or self.router
+
+    @property
+    def n_vanilla_layers(self) -> int:
+        return self.n_bottom + self.n_top + (self.n_chunks if self.anchor_layers else 0)
+
+    @property
+    def n_layer_equiv(self) -> int:
+        """Depth of the assembled graph in vanilla layers (used for init scaling)."""
+        return max(1, self.n_vanilla_layers + self.n_chunks * self.depth)
+
+    def mod_layer_indices(self) -> list[int]:
+        if self.mod_capacity <= 0:
+            return []
+        return [i for i in range(self.n_bottom) if (i + 1) % self.mod_every == 0]
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def fail(name: str, why: str, fix: str) -> None:
+            raise ConfigError(f"model.{name} = {getattr(self, name)!r}: {why}. Fix: {fix}.")
+
+        for name in ("vocab_size", "n_positions", "d_model", "n_heads", "router_width"):
+            if int(getattr(self, name)) < 1:
+                fail(name, "must be a positive integer", f"set model.{name} >= 1")
+        for name in ("n_bottom", "n_chunks", "n_top"):
+            if int(getattr(self, name)) < 0:
+                fail(name, "must not be negative", f"set model.{name} >= 0")
+        if self.d_model % self.n_heads:
+            fail("n_heads", f"does not divide d_model = {self.d_model}",
+                 "choose n_heads that divides d_model (e.g. 12 heads for 768)")
+        if self.n_vanilla_layers + self.n_chunks == 0:
+            fail("n_chunks", "the model has no layers", "set n_chunks >= 1 or n_bottom >= 1")
+        for name, allowed in (("router", ROUTER_KINDS), ("fixed_route", FIXED_ROUTES),
+                              ("skip_in_attention", SKIP_IN_ATTENTION),
+                              ("weighting", WEIGHTINGS), ("mod_decode", MOD_DECODE)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"is not one of {allowed}", f"use one of {', '.join(allowed)}")
+        for name in ("attn_router", "ffn_router"):
+            if getattr(self, name) is not None and getattr(self, name) not in ROUTER_KINDS:
+                fail(name, f"is not one of {ROUTER_KINDS}", "use gru, mlp, fixed or leave it unset")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            fail("temperature", "must be a positive number", "use e.g. 0.2 (authors) or 1.0")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "must lie in [0, 1)", "use 0.0 (default) or e.g. 0.1")
+        if self.aux_loss_coef < 0:
+            fail("aux_loss_coef", "must not be negative", "use 0.01 (Switch) or 0 to disable")
+        if self.n_chunks > 0:
+            self._validate_routed()
+        if self.mod_capacity:
+            if not 0.0 < self.mod_capacity <= 1.0:
+                fail("mod_capacity", "must lie in (0, 1]", "use 0.125 (MoD paper) or 0 for no MoD")
+            if self.mod_every < 1:
+                fail("mod_every", "must be >= 1", "use 2 (every other layer) or 1 (every layer)")
+            if not self.mod_layer_indices():
+                fail("mod_capacity", f"is set but no bottom layer is a MoD block "
+                     f"(n_bottom = {self.n_bottom}, mod_every = {self.mod_every})",
+                     "put the MoD layers in n_bottom, with n_bottom >= mod_every")
+
+    def _validate_routed(self) -> None:
+        def fail(name: str, why: str, fix: str) -> None:
+            raise ConfigError(f"model.{name} = {getattr(self, name)!r}: {why}. Fix: {fix}.")
+
+        for name in ("n_attn_modules", "n_ffn_modules", "depth", "top_k"):
+            if int(getattr(self, name)) < 1:
+                fail(name, "must be >= 1 when n_chunks > 0", f"set model.{name} >= 1")
+        smallest = min(self.n_attn_modules, self.n_ffn_modules)
+        if self.top_k > self.n_router_classes:
+            fail("top_k", f"is larger than the pool plus SKIP ({self.n_router_classes} choices)",
+                 f"use top_k <= {self.n_router_classes} or enlarge the pools")
+        kinds = (self.attn_router_kind, self.ffn_router_kind)
+        if "fixed" in kinds:
+            if self.top_k != 1:
+                fail("top_k", "a fixed router picks exactly one module per step",
+                     "use top_k = 1 with router fixed")
+            if self.fixed_route == "layer" and self.depth > smallest:
+                fail("depth", f"a fixed router maps step h to module h, but the pool has only "
+                     f"{smallest} modules", "use depth <= pool size, or fixed_route = cycle "
+                     "for layer sharing")
+        if self.early_exit:
+            if not self.use_skip:
+                fail("early_exit", "needs the SKIP class", "set use_skip = true")
+            if self.top_k != 1:
+                fail("top_k", "early exit chooses module h or SKIP", "use top_k = 1")
+            if self.depth > smallest:
+                fail("depth", f"early exit uses module h at step h, but the pool has only "
+                     f"{smallest}", "use depth <= pool size")
+            if "fixed" in kinds:
+                fail("router", "early exit needs a learned router", "use router gru or mlp")
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MoMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}. Fix: use only "
+                              f"{sorted(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "MoMConfig":
+        """Read the `model:` section of a recipe (or the whole file if it has none)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist. Fix: pass a path to a "
+                              f"YAML file such as configs/tiny.yaml.")
+        data = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(data.get("model", data))
+
+
+def field_docs() -> dict[str, str]:
+    """Field name -> docstring (for the README's config reference and --help)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(MoMConfig))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
+    return docs
+

@@ -1,0 +1,151 @@
+"""MoMForCausalLM: embeddings, the layout of vanilla layers / routed blocks / MoD blocks,
+the tied LM head, the loss, and cached generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoMConfig
+from .mod_block import MoDBlock, MoDRouting
+from .modules import VanillaLayer, init_gpt2_
+from .routed_block import BlockRouting, RoutedBlock
+
+
+@dataclass
+class MoMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None     # what to train on: lm_loss + coefs * aux losses
+    lm_loss: Optional[torch.Tensor] = None  # cross-entropy only
+    aux_loss: Optional[torch.Tensor] = None  # balancing loss (MoM) + BCE (MoD), unscaled sum
+    routing: list[BlockRouting] = field(default_factory=list)
+    mod_routing: list[MoDRouting] = field(default_factory=list)
+
+
+class MoMForCausalLM(nn.Module):
+    def __init__(self, config: MoMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d, eps = config.d_model, config.layer_norm_eps
+        self.wte = nn.Embedding(config.vocab_size, d)
+        self.wpe = nn.Embedding(config.n_positions, d)
+        self.drop = nn.Dropout(config.dropout)
+        mod_layers = set(config.mod_layer_indices())
+        self.bottom = nn.ModuleList(
+            MoDBlock(config) if i in mod_layers else self._vanilla() for i in range(config.n_bottom))
+        self.chunks = nn.ModuleList(RoutedBlock(config) for _ in range(config.n_chunks))
+        self.anchors = nn.ModuleList(self._vanilla() for _ in range(config.n_chunks)
+                                     if config.anchor_layers)
+        self.top = nn.ModuleList(self._vanilla() for _ in range(config.n_top))
+        self.ln_f = nn.LayerNorm(d, eps=eps)
+        init_gpt2_(self, config.init_std, config.n_layer_equiv)
+
+    def _vanilla(self) -> VanillaLayer:
+        c = self.config
+        return VanillaLayer(c.d_model, c.n_heads, c.layer_norm_eps, c.dropout)
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        """Parameter count; nanoGPT leaves out the position table (the head is tied)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if exclude_positions else n
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                cache: Optional[dict] = None, mod_routing: str = "topk") -> MoMOutput:
+        """input_ids (B, T). labels (B, T) are the targets at each position (already shifted,
+        as nanoGPT's X/Y; -100 ignored). With a cache dict, positions continue after the
+        tokens it holds and keys/values are appended to it."""
+        B, T = input_ids.shape
+        past = cache.get("length", 0) if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds model.n_positions = "
+                             f"{self.config.n_positions}")
+        pos = torch.arange(past, past + T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        out = MoMOutput(logits=x)
+        for i, layer in enumerate(self.bottom):
+            if isinstance(layer, MoDBlock):
+                x, mod = layer(x, routing=mod_routing, cache=cache, cache_key=("bottom", i))
+                out.mod_routing.append(mod)
+            else:
+                x = layer(x, cache=cache, cache_key=("bottom", i))
+        for c, block in enumerate(self.chunks):
+            x, routing = block(x, cache=cache, cache_key=("chunk", c))
+            out.routing.append(routing)
+            if self.config.anchor_layers:
+                x = self.anchors[c](x, cache=cache, cache_key=("anchor", c))
+        for i, layer in enumerate(self.top):
+            x = layer(x, cache=cache, cache_key=("top", i))
+        if cache is not None:
+            cache["length"] = past + T
+        out.logits = F.linear(self.ln_f(x), self.wte.weight)  # head tied to wte
+        if labels is not None:
+            self._add_losses(out, labels)
+        return out
+
+    def _add_losses(self, out: MoMOutput, labels: torch.Tensor) -> None:
+        cfg = self.config
+        out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
+                                      labels.reshape(-1), ignore_index=-100)
+        zero = out.lm_loss.new_zeros(())
+        learned = [r.aux_loss for r in out.routing]
+        balance = torch.cat(learned).mean() if learned else zero
+        mod_bce = torch.stack([m.aux_loss for m in out.mod_routing]).mean() \
+            if out.mod_routing else zero
+        out.aux_loss = balance + mod_bce
+        out.loss = out.lm_loss + cfg.aux_loss_coef * balance + cfg.mod_aux_loss_coef * mod_bce
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 use_cache: bool = True, generator: Optional[torch.Generator] = None
+                 ) -> torch.Tensor:
+        """Sample up to max_new_tokens after input_ids (B, T). temperature 0 is greedy.
+        Sequences that produced eos_token_id keep emitting it until all have stopped."""
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        cache: Optional[dict] = {} if use_cache else None
+        fresh = ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            if ids.shape[1] > self.config.n_positions:
+                raise ValueError(f"generation reached model.n_positions = "
+                                 f"{self.config.n_positions}; ask for fewer new tokens")
+            logits = self(fresh if use_cache else ids, cache=cache,
+                          mod_routing="threshold").logits[:, -1, :].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            fresh = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        self.train(was_training)
+        return ids
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row from logits (B, V): greedy, or softmax(logits / T) restricted to
+    the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

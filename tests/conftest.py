@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture
+def shared_gpt2_tokenizer_dir() -> Path:
+    """../shared/data/gpt2-tokenizer (real GPT-2 vocab + merges); skip where it is absent."""
+    path = SHARED / "data" / "gpt2-tokenizer"
+    if not (path / "vocab.json").is_file():
+        pytest.skip("../shared/data/gpt2-tokenizer is not beside this checkout")
+    return path
