@@ -62,7 +62,8 @@ class MoMConfig:
     top_k: int = 1
     """K: modules (or SKIP) each token picks per step for attention and for FFN."""
     router: str = "gru"
-    """Router kind for both halves: gru (state across steps), mlp (stateless), fixed."""
+    """Router kind for both halves: gru (state across steps), mlp (stateless), fixed (one
+    module per step, weight 1, whatever top_k says)."""
     attn_router: Optional[str] = None
     """Override of `router` for the attention half (e.g. fixed attention in the MoE preset)."""
     ffn_router: Optional[str] = None
@@ -196,14 +197,15 @@ class MoMConfig:
             fail("top_k", f"is larger than the pool plus SKIP ({self.n_router_classes} choices)",
                  f"use top_k <= {self.n_router_classes} or enlarge the pools")
         kinds = (self.attn_router_kind, self.ffn_router_kind)
-        if "fixed" in kinds:
-            if self.top_k != 1:
-                fail("top_k", "a fixed router picks exactly one module per step",
-                     "use top_k = 1 with router fixed")
-            if self.fixed_route == "layer" and self.depth > smallest:
-                fail("depth", f"a fixed router maps step h to module h, but the pool has only "
-                     f"{smallest} modules", "use depth <= pool size, or fixed_route = cycle "
-                     "for layer sharing")
+        if kinds == ("fixed", "fixed") and self.top_k != 1:
+            fail("top_k", "fixed routers pick exactly one module per step",
+                 "use top_k = 1 with router fixed")
+        for kind, pool, half in ((kinds[0], self.n_attn_modules, "attention"),
+                                 (kinds[1], self.n_ffn_modules, "FFN")):
+            if kind == "fixed" and self.fixed_route == "layer" and self.depth > pool:
+                fail("depth", f"a fixed {half} router maps step h to module h, but the pool "
+                     f"has only {pool} modules", "use depth <= pool size, or fixed_route = "
+                     "cycle for layer sharing")
         if self.early_exit:
             if not self.use_skip:
                 fail("early_exit", "needs the SKIP class", "set use_skip = true")

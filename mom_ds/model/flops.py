@@ -1,0 +1,83 @@
+"""Training FLOPs per token (forward + backward) from the routing actually taken.
+
+nanoGPT's convention (PaLM appendix B): 6 FLOPs per executed parameter per token plus
+12 * d * T per attention computation (QK^T and AV, forward and backward), with the position
+table left out and the tied head counted once. For the vanilla preset this is exactly
+6N + 12*L*H*Q*T; for MoM the parameters are the modules a token actually ran.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .config import MoMConfig
+from .mod_block import MoDRouting
+from .routed_block import BlockRouting
+
+
+def attention_module_params(d: int) -> int:
+    return 2 * d + (3 * d * d + 3 * d) + (d * d + d)
+
+
+def ffn_module_params(d: int) -> int:
+    return 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+
+
+def router_params(config: MoMConfig, kind: str) -> int:
+    d, r, c = config.d_model, config.router_width, config.n_router_classes
+    head = r * c + c
+    if kind == "gru":
+        return 3 * (d * r + r) + 3 * (r * r + r) + head
+    if kind == "mlp":
+        return d * r + r + head
+    return 0
+
+
+def mod_router_params(config: MoMConfig) -> int:
+    d, r = config.d_model, config.router_width
+    return d + ((d * r + r) + (r + 1) if config.mod_decode == "predictor" else 0)
+
+
+def flops_per_token(config: MoMConfig, seq_len: int,
+                    routing: Optional[Sequence[BlockRouting]] = None,
+                    mod_routing: Optional[Sequence[MoDRouting]] = None) -> float:
+    """FLOPs to train on one token of a seq_len-token window.
+
+    routing / mod_routing: what a forward pass chose (MoMOutput.routing / .mod_routing).
+    Without them, every routed step runs K modules per half (no SKIP) and every MoD block
+    processes its capacity share: the planned cost.
+    """
+    d, T = config.d_model, seq_len
+    layer = attention_module_params(d) + ffn_module_params(d)
+    params = config.vocab_size * d + 2 * d  # tied embedding/head + ln_f
+    attentions = 0.0
+    mod_layers = config.mod_layer_indices()
+    plain = config.n_vanilla_layers - len(mod_layers)
+    params += plain * layer
+    attentions += plain
+    for i in range(len(mod_layers)):
+        share = float(mod_routing[i].selected.float().mean()) if mod_routing \
+            else min(1.0, max(1, round(config.mod_capacity * T)) / T)
+        params += share * layer + mod_router_params(config)
+        attentions += share * share  # the selected share of tokens attends over that share
+    per_block = []
+    for c in range(config.n_chunks):
+        if routing:
+            attn = _modules_per_token(routing[c].attn_counts, config.n_attn_modules, config.top_k)
+            ffn = _modules_per_token(routing[c].ffn_counts, config.n_ffn_modules, config.top_k)
+        else:
+            attn = ffn = [float(config.top_k)] * config.depth
+        per_block.append(sum(attn) * attention_module_params(d)
+                         + sum(ffn) * ffn_module_params(d))
+    routers = config.depth * (router_params(config, config.attn_router_kind)
+                              + router_params(config, config.ffn_router_kind))
+    params += sum(per_block) + config.n_chunks * routers
+    attentions += config.n_chunks * config.depth
+    return 6.0 * params + 12.0 * attentions * d * T
+
+
+def _modules_per_token(counts, pool: int, top_k: int) -> list[float]:
+    """counts (H, pool + 1): choices per module at each step (last = SKIP); each token made
+    top_k choices, so tokens = row sum / top_k."""
+    counts = counts.double()
+    tokens = counts.sum(dim=1) / top_k
+    return (counts[:, :pool].sum(dim=1) / tokens).tolist()
