@@ -105,8 +105,11 @@ class MoMConfig:
 
     # --- regularisation / numerics -------------------------------------------------------
     dropout: float = 0.0
+    """Dropout on embeddings, residual branches and attention (0 in the authors' recipe)."""
     layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon (GPT-2: 1e-5)."""
     init_std: float = 0.02
+    """Std of the normal initialisation (GPT-2: 0.02; output projections are scaled down)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -255,3 +258,16 @@ def field_docs() -> dict[str, str]:
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
     return docs
 
+
+
+def markdown_reference() -> str:
+    """The README's model config table: `python -m mom_ds.model.config`."""
+    docs = field_docs()
+    rows = ["| field | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(MoMConfig):
+        rows.append(f"| `{f.name}` | `{f.default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_reference())

@@ -1,0 +1,121 @@
+"""Model speed on CPU, fp32, forward + backward, ratios measured in one run.
+
+    python bench/model_speed.py [--width 512 --heads 8 --seq 256 --batch 8 --vocab 8192]
+
+1. vanilla preset vs transformers.GPT2LMHeadModel (same shape): tokens/s ratio (target >= 1.0)
+2. MoM (one block, A = F = 4, H = 4) at K = 1 and K = 2 vs a vanilla 4-layer model:
+   (step-time ratio) / (FLOPs ratio from flops_per_token with the routing taken, routers
+   included): what routing, permutation and combining cost beyond their arithmetic
+   (targets <= 1.15 and <= 1.25).
+3. The GRU routers' share of a MoM step, reported separately: they are real arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mom_ds import MoMForCausalLM
+from mom_ds.model import presets
+from mom_ds.model.flops import flops_per_token, router_params
+
+
+def step_fn(model, ids, labels, hf: bool):
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids) if hf else model(ids, labels=labels)
+        out.loss.backward()
+        return out
+    return step
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call; the candidates take turns so machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    shape = dict(vocab_size=args.vocab, n_positions=args.seq, d_model=args.width,
+                 n_heads=args.heads)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    tokens = ids.numel()
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.seq,
+                                    n_embd=args.width, n_layer=4, n_head=args.heads,
+                                    resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    vanilla = MoMForCausalLM(presets.vanilla(4, **shape))
+    moms = {k: MoMForCausalLM(presets.mom(n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=k,
+                                          **shape)) for k in (1, 2)}
+    fns = {"hf": step_fn(hf, ids, labels, True), "vanilla": step_fn(vanilla, ids, labels, False)}
+    fns.update({f"mom_k{k}": step_fn(m, ids, labels, False) for k, m in moms.items()})
+    secs = time_interleaved(fns, args.repeats)
+
+    flops_v = flops_per_token(vanilla.config, args.seq)
+    print(f"CPU fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; width "
+          f"{args.width}, {args.heads} heads, seq {args.seq}, batch {args.batch}, vocab "
+          f"{args.vocab}; median of {args.repeats} forward+backward steps\n")
+    print("| model | tokens/s | step s | GFLOPs/token | vs baseline |")
+    print("|---|---|---|---|---|")
+    print(f"| HF GPT2LMHeadModel, 4 layers | {tokens / secs['hf']:,.0f} | {secs['hf']:.3f} | "
+          f"{flops_v / 1e9:.3f} | baseline |")
+    ratio_hf = secs["hf"] / secs["vanilla"]
+    print(f"| mom-ds vanilla preset, 4 layers | {tokens / secs['vanilla']:,.0f} | "
+          f"{secs['vanilla']:.3f} | {flops_v / 1e9:.3f} | {ratio_hf:.3f}x HF tokens/s "
+          f"(target >= 1.0) |")
+    for k, model in moms.items():
+        with torch.no_grad():
+            routing = model(ids).routing
+        flops_m = flops_per_token(model.config, args.seq, routing)
+        overhead = (secs[f"mom_k{k}"] / secs["vanilla"]) / (flops_m / flops_v)
+        target = 1.15 if k == 1 else 1.25
+        print(f"| MoM A=F=4 H=4 K={k} (one block) | {tokens / secs[f'mom_k{k}']:,.0f} | "
+              f"{secs[f'mom_k{k}']:.3f} | {flops_m / 1e9:.3f} | time ratio / FLOPs ratio = "
+              f"{overhead:.3f} vs vanilla 4-layer (target <= {target}) |")
+
+    cfg = moms[1].config
+    block = moms[1].chunks[0]
+    x = torch.randn(tokens, args.width, requires_grad=True)
+
+    def routers_only():
+        g_a = g_f = None
+        total = 0
+        for step in range(cfg.depth):
+            ra, g_a = block.attn_router(x, g_a, step)
+            rf, g_f = block.ffn_router(x, g_f, step)
+            total = total + ra.weights.sum() + rf.weights.sum()
+        total.backward()
+    router_s = time_interleaved({"r": routers_only}, args.repeats)["r"]
+    share_flops = 6 * 2 * cfg.depth * router_params(cfg, "gru") / flops_per_token(cfg, args.seq)
+    layer_params = 12 * args.width ** 2
+    print(f"\nGRU routers (width {cfg.router_width}, attention + FFN, {cfg.depth} steps): "
+          f"{router_s:.3f} s of the K=1 step ({router_s / secs['mom_k1']:.0%}); "
+          f"{share_flops:.0%} of its planned FLOPs; per step the two routers hold "
+          f"{2 * router_params(cfg, 'gru') / layer_params:.2f} of a layer's parameters "
+          f"({2 * router_params(cfg.__class__(d_model=768, n_heads=12), 'gru') / (12 * 768 ** 2):.2f}"
+          f" at width 768).")
+
+
+if __name__ == "__main__":
+    main()

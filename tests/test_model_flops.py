@@ -1,0 +1,47 @@
+"""FLOPs per token: nanoGPT's rule for the vanilla preset, executed modules for MoM."""
+import torch
+
+from mom_ds import MoMForCausalLM
+from mom_ds.model import presets
+from mom_ds.model.flops import (attention_module_params, ffn_module_params, flops_per_token,
+                                router_params)
+from mom_ds.model.modules import AttentionModule, FFNModule
+from mom_ds.model.routers import Router
+
+SHAPE = dict(vocab_size=100, n_positions=64, d_model=32, n_heads=4)
+
+
+def numel(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_vanilla_flops_equal_nanogpt_rule():
+    cfg = presets.vanilla(3, **SHAPE)
+    model = MoMForCausalLM(cfg)
+    # nanoGPT estimate_mfu: N = params without the position table, L, H, Q = head dim, T
+    N = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    L, H, Q, T = 3, 4, 8, 64
+    assert flops_per_token(cfg, T) == 6 * N + 12 * L * H * Q * T
+
+
+def test_parameter_counts_match_the_modules():
+    assert attention_module_params(32) == numel(AttentionModule(32))
+    assert ffn_module_params(32) == numel(FFNModule(32))
+    cfg = presets.mom(**SHAPE)
+    assert router_params(cfg, "gru") == numel(Router(cfg, "gru", 4))
+    assert router_params(cfg, "mlp") == numel(Router(cfg, "mlp", 4))
+
+
+def test_mom_flops_count_the_modules_actually_run():
+    cfg = presets.mom(n_chunks=1, depth=2, top_k=1, **SHAPE)
+    d, T = 32, 64
+    base = 6 * (100 * d + 2 * d) + 6 * 2 * 2 * router_params(cfg, "gru") + 12 * 2 * d * T
+    planned = base + 6 * 2 * (attention_module_params(d) + ffn_module_params(d))
+    assert flops_per_token(cfg, T) == planned
+    model = MoMForCausalLM(cfg)
+    out = model(torch.randint(0, 100, (2, T)))
+    r = out.routing[0]
+    run_attn = float(r.attn_counts[:, :4].sum()) / (2 * T)
+    run_ffn = float(r.ffn_counts[:, :4].sum()) / (2 * T)
+    taken = base + 6 * (run_attn * attention_module_params(d) + run_ffn * ffn_module_params(d))
+    assert abs(flops_per_token(cfg, T, out.routing) - taken) < 1e-6 * taken
