@@ -1,0 +1,67 @@
+"""mom-train: pre-train a MoM (or any preset) with DeepSpeed.
+
+  mom-train --config configs/tiny.yaml [--deepspeed ds_configs/zero2.json] [--resume]
+            [--section.key value ...]
+
+Run it directly for one process, or under a launcher for many:
+  deepspeed --num_accelerators 2 $(which mom-train) --config configs/tiny.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError, RunConfig, load_run_config
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="mom-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in train.out_dir")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser.parse_known_args(argv)
+
+
+def single_process_env() -> None:
+    """Without a launcher, make this process rank 0 of 1 (DeepSpeed otherwise probes MPI)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def load_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    if args.deepspeed:
+        overrides = [*overrides, "--parallel.deepspeed", args.deepspeed]
+    return load_run_config(args.config, overrides)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, overrides = parse_args(argv)
+    single_process_env()
+    try:
+        run = load_config(args, overrides)
+        from ..train.preflight import preflight
+        ds_config = preflight(run)
+    except ConfigError as err:
+        # Every rank reaches this before any process group exists: print once, exit 2.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mom-train: config error: {err}", file=sys.stderr)
+        return 2
+    from ..train.session import run_training  # imports torch/deepspeed: after the checks
+    run_training(run, ds_config, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

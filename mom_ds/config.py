@@ -1,0 +1,320 @@
+"""RunConfig: everything one `mom-train` run needs, as typed dataclasses.
+
+A recipe is a YAML file with four sections, `model:` (MoMConfig), `data:`, `train:` and
+`parallel:`. Command-line overrides `--section.key value` are converted to the field's type
+(a wrong type is an error, not a silently kept string). Every value is validated when the
+config is built, so a bad run fails here, before DeepSpeed starts any process group.
+The engine's side (ZeRO stage, precision, offload) lives in the DeepSpeed JSON that
+`parallel.deepspeed` names; `mom_ds.train.engine` completes and cross-checks it.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .model import ConfigError, MoMConfig
+
+ModelConfig = MoMConfig
+PRECISIONS = ("auto", "bf16", "fp32")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from (files written by `mom-prep`)."""
+
+    data_dir: str = "data/builtin"
+    """Directory with train.bin, val.bin and meta.json written by mom-prep."""
+    seq_len: int = 256
+    """Tokens per training window (the context length trained on; <= model.n_positions)."""
+    seed: int = 1337
+    """Seed of the window order; identical on every rank, each rank reads its own share."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation recipe (defaults: the MoM authors' AdamW settings)."""
+
+    out_dir: str = "runs/default"
+    """Run directory: config.yaml, TensorBoard events (tb/) and checkpoints (ckpt/)."""
+    max_steps: int = 1000
+    """Optimizer steps to train for (the cosine schedule ends here)."""
+    micro_batch_size: int = 8
+    """Windows per rank per forward/backward (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of the warmup."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay (nanoGPT: lr / 10)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices; biases, LayerNorms and embeddings get none."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-5
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables; DeepSpeed's gradient_clipping)."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32."""
+    seed: int = 1337
+    """Seed of the model initialisation and of dropout."""
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard scalars."""
+    eval_interval: int = 200
+    """Steps between validation passes (and one at the end); 0 evaluates only at the end."""
+    eval_batches: int = 20
+    """Micro-batches of val per rank in one validation pass (the same windows every time)."""
+    ckpt_interval: int = 500
+    """Steps between checkpoints (and one at the end); 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept on disk (older ones are deleted after a new one is
+    published); 0 keeps all."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s of one device for MFU; 0 detects it on known GPUs, and on CPU
+    uses 1.0 (a documented placeholder: set it for your CPU)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How processes cooperate."""
+
+    deepspeed: str = "ds_configs/zero1.json"
+    """DeepSpeed JSON (ZeRO stage, precision, offload); batch sizes, clipping and the
+    optimizer are filled in from train.* and must agree where the JSON sets them."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails instead of hanging."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Value checks that need no files and no processes (the model checks itself)."""
+        self.model.validate()
+        d, t, p = self.data, self.train, self.parallel
+
+        def fail(name: str, value: Any, why: str, fix: str) -> None:
+            raise ConfigError(f"{name} = {value!r}: {why}. Fix: {fix}.")
+
+        if not 1 <= d.seq_len <= self.model.n_positions:
+            fail("data.seq_len", d.seq_len, f"must lie in [1, model.n_positions = "
+                 f"{self.model.n_positions}]", "shorten data.seq_len or raise model.n_positions")
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
+            if getattr(t, name) < 1:
+                fail(f"train.{name}", getattr(t, name), "must be >= 1", f"set train.{name} >= 1")
+        for name in ("warmup_steps", "log_interval", "eval_interval", "ckpt_interval",
+                     "keep_checkpoints"):
+            if getattr(t, name) < 0:
+                fail(f"train.{name}", getattr(t, name), "must not be negative",
+                     f"set train.{name} >= 0")
+        if t.warmup_steps > t.max_steps:
+            fail("train.warmup_steps", t.warmup_steps, f"exceeds train.max_steps = "
+                 f"{t.max_steps}", "use a warmup shorter than the run")
+        if not t.lr > 0:
+            fail("train.lr", t.lr, "must be positive", "use e.g. 1e-3 (MoM authors) or 6e-4")
+        if not 0 <= t.min_lr <= t.lr:
+            fail("train.min_lr", t.min_lr, f"must lie in [0, train.lr = {t.lr}]",
+                 "use e.g. train.lr / 10")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(t, name) < 1:
+                fail(f"train.{name}", getattr(t, name), "must lie in [0, 1)", "use 0.9 / 0.95")
+        for name in ("weight_decay", "grad_clip", "peak_tflops"):
+            if getattr(t, name) < 0:
+                fail(f"train.{name}", getattr(t, name), "must not be negative",
+                     f"set train.{name} >= 0")
+        if not t.eps > 0:
+            fail("train.eps", t.eps, "must be positive", "use 1e-5 (MoM authors) or 1e-8")
+        if t.precision not in PRECISIONS:
+            fail("train.precision", t.precision, f"is not one of {PRECISIONS}",
+                 "use auto, bf16 or fp32")
+        if p.backend not in BACKENDS:
+            fail("parallel.backend", p.backend, f"is not one of {BACKENDS}",
+                 "use auto, nccl or gloo")
+        if not p.timeout_minutes > 0:
+            fail("parallel.timeout_minutes", p.timeout_minutes, "must be positive",
+                 "use e.g. 10")
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}. Fix: use only "
+                              f"{sorted(sections)}.")
+        built = {}
+        for name, klass in _section_classes().items():
+            raw = values.get(name) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"config section {name!r} must be a mapping, got {raw!r}.")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(raw) - known)
+            if bad:
+                raise ConfigError(f"unknown {name} field(s) {bad}. Fix: use only "
+                                  f"{sorted(known)}.")
+            built[name] = klass(**{k: _coerce(name, k, v, klass) for k, v in raw.items()})
+        return cls(**built)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _section_classes() -> dict[str, type]:
+    return {"model": MoMConfig, "data": DataConfig, "train": TrainConfig,
+            "parallel": ParallelConfig}
+
+
+def _field_type(klass: type, key: str) -> Any:
+    return typing.get_type_hints(klass)[key]
+
+
+def _coerce(section: str, key: str, value: Any, klass: type) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or refuse it."""
+    kind = _field_type(klass, key)
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    where = f"{section}.{key}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:  # no other field types exist; a new one must be taught here
+        raise ConfigError(f"{where}: unsupported field type {kind}")
+    raise ConfigError(f"{where} = {value!r}: expected {kind.__name__}. Fix: give a "
+                      f"{kind.__name__} value.")
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """`--section.key value` pairs (or `--section.key=value`) -> {section: {key: value}},
+    with each value converted to the field's type."""
+    classes = _section_classes()
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}. Fix: overrides look like "
+                              f"--train.lr 3e-4 (section.key value).")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value. Fix: --{name} VALUE.")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        section, _, key = name.partition(".")
+        if section not in classes:
+            raise ConfigError(f"override --{name}: unknown section {section!r}. Fix: use "
+                              f"one of {sorted(classes)}.")
+        fields = {f.name for f in dataclasses.fields(classes[section])}
+        if key not in fields:
+            raise ConfigError(f"override --{name}: {section} has no field {key!r}. Fix: use "
+                              f"one of {sorted(fields)}.")
+        out.setdefault(section, {})[key] = _coerce(section, key, value, classes[section])
+    return out
+
+
+def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> RunConfig:
+    """YAML recipe (or defaults when path is None) plus command-line overrides, validated."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist. Fix: pass a recipe such "
+                              f"as configs/tiny.yaml.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections.")
+    for section, updates in parse_overrides(list(overrides)).items():
+        values.setdefault(section, {})
+        values[section] = {**(values[section] or {}), **updates}
+    return RunConfig.from_dict(values)
+
+
+def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parallel.deepspeed = {str(path)!r}: file not found. Fix: use one "
+                          f"of ds_configs/zero0.json .. zero3.json.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"parallel.deepspeed = {str(path)!r} is not valid JSON: {err}") \
+            from None
+
+
+def field_docs(klass: type) -> dict[str, str]:
+    """Field name -> its docstring (the string literal under the field), for the README."""
+    body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
+    return docs
+
+
+def reference_markdown() -> str:
+    """The README's config reference: one table per section, from the field docstrings."""
+    lines = []
+    for section, klass in _section_classes().items():
+        docs = field_docs(klass)
+        lines += [f"`{section}:`", "", "| field | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(klass):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

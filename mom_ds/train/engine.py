@@ -1,0 +1,119 @@
+"""The DeepSpeed engine: the completed DeepSpeed config, AdamW parameter groups, and
+`deepspeed.initialize`.
+
+`build_ds_config` runs before any process group exists: it fills the batch sizes, the
+gradient clipping, the optimizer and the precision from the RunConfig, and refuses a JSON
+that disagrees with them, so a mismatch is one clear error instead of a failure inside
+DeepSpeed on every rank.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, RunConfig
+
+
+def world_size_from_env() -> int:
+    """Ranks this run will have, known before the process group starts (every launcher
+    we support, deepspeed, torchrun, srun through our scripts, exports WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()
+
+
+def use_bf16(run: RunConfig, device: str) -> bool:
+    if run.train.precision == "auto":
+        # bf16 on CPU is emulated and slower than fp32, so auto means bf16 on GPUs only.
+        return device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return run.train.precision == "bf16"
+
+
+def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
+                    device: str) -> dict[str, Any]:
+    """The DeepSpeed JSON completed from run.train; ConfigError where they disagree."""
+    t = run.train
+    cfg = copy.deepcopy(ds_json)
+    where = f"DeepSpeed config {run.parallel.deepspeed}"
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"{where} has an {key!r} block. Fix: remove it; mom-train builds "
+                              f"AdamW and the warmup + cosine schedule from train.*.")
+    wanted = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
+              "gradient_accumulation_steps": t.grad_accum_steps,
+              "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+              "gradient_clipping": t.grad_clip}
+    for key, value in wanted.items():
+        if key in cfg and cfg[key] != value:
+            raise ConfigError(
+                f"{where}: {key} = {cfg[key]} but the run gives {value} (train.micro_batch_size "
+                f"{t.micro_batch_size} x train.grad_accum_steps {t.grad_accum_steps} x world "
+                f"size {world_size}). Fix: drop {key} from the JSON (mom-train fills it in) or "
+                f"make train.* agree with it.")
+        cfg[key] = value
+    bf16 = use_bf16(run, device)
+    if "fp16" in cfg and cfg["fp16"].get("enabled", False):
+        raise ConfigError(f"{where} enables fp16. Fix: use bf16 (train.precision bf16); fp16 "
+                          f"loss scaling is not supported by mom-train.")
+    json_bf16 = cfg.get("bf16", {}).get("enabled")
+    if json_bf16 is not None and t.precision != "auto" and bool(json_bf16) != bf16:
+        raise ConfigError(f"{where} sets bf16.enabled = {json_bf16} but train.precision = "
+                          f"{t.precision!r}. Fix: remove the bf16 block or make them agree.")
+    if json_bf16 is None:
+        cfg["bf16"] = {"enabled": bf16}
+    cfg["optimizer"] = {"type": "AdamW", "params": {
+        "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
+        # DeepSpeed's FusedAdam needs a CUDA build; elsewhere torch's AdamW is the same math.
+        "torch_adam": device != "cuda"}}
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    if offload not in (None, "none"):
+        cfg["optimizer"]["params"].pop("torch_adam")  # offload runs DeepSpeedCPUAdam
+    cfg.setdefault("steps_per_print", 10 ** 9)  # our loop prints; keep DeepSpeed quiet
+    return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """GPT-2-style AdamW groups: decay weight matrices; no decay on biases, LayerNorms and
+    embeddings (the head is tied to the token embedding, so it is not decayed either)."""
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                        for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def init_distributed(run: RunConfig) -> None:
+    import deepspeed
+
+    backend = run.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if device_type() == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend,
+                               timeout=timedelta(minutes=run.parallel.timeout_minutes))
+
+
+def build_engine(run: RunConfig, model: nn.Module, ds_config: dict[str, Any],
+                 lr_lambda: Callable[[int], float]):
+    """deepspeed.initialize with our groups and a LambdaLR the engine steps (and saves in
+    every checkpoint) at each gradient-accumulation boundary."""
+    import deepspeed
+
+    def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, run.train.weight_decay),
+        config=ds_config, lr_scheduler=scheduler)
+    return engine

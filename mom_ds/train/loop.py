@@ -1,0 +1,136 @@
+"""The training loop: warmup + cosine schedule, gradient accumulation, evaluation,
+logging and checkpoints. One visible loop; DeepSpeed does the backward, the gradient
+reduction, the clipping and the optimizer step."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, TrainConfig
+from ..model.flops import flops_per_token
+from . import checkpoint
+from .batches import Batches
+from .monitor import Monitor, RoutingStats, device_peak_tflops, memory_gb
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Multiplier of train.lr for optimizer step `step` (0-based): linear warmup, then
+    cosine down to min_lr at max_steps (nanoGPT's get_lr). A pure function of the step,
+    so a resumed run follows the same schedule."""
+    if step < t.warmup_steps:
+        return (step + 1) / (t.warmup_steps + 1)
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (t.min_lr + cosine * (t.lr - t.min_lr)) / t.lr
+
+
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, make_val: Callable[[], Batches], n_batches: int) -> dict[str, float]:
+    """Mean LM loss (cross-entropy only, no balancing loss) over the same val windows every
+    time, averaged over ranks; perplexity = exp(loss)."""
+    engine.eval()
+    val = make_val()
+    total = 0.0
+    for _ in range(n_batches):
+        x, y = val.next()
+        total += float(engine(x, labels=y).lm_loss)
+    engine.train()
+    loss = mean_over_ranks(total / n_batches, val.device)
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class Progress:
+    step: int = 0          # optimizer steps done
+    tokens_seen: int = 0   # tokens trained on, all ranks
+
+
+def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batches],
+          progress: Progress, monitor: Monitor) -> dict[str, float]:
+    t = run.train
+    world = dist.get_world_size()
+    ckpt_dir = Path(t.out_dir) / "ckpt"
+    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world * run.data.seq_len
+    peak, peak_source = device_peak_tflops(t.peak_tflops)
+    if progress.step == 0 and monitor.enabled:
+        print(f"training {t.max_steps} steps x {tokens_per_step} tokens on {world} rank(s); "
+              f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
+    last_eval: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    while progress.step < t.max_steps:
+        step = progress.step
+        logging = t.log_interval and ((step + 1) % t.log_interval == 0 or step == 0
+                                      or step + 1 == t.max_steps)
+        lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
+        stats = RoutingStats() if logging else None
+        loss_sum = lm_sum = 0.0
+        for _ in range(t.grad_accum_steps):
+            x, y = batches.next()
+            out = engine(x, labels=y)
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
+            loss_sum += float(out.loss.detach())
+            lm_sum += float(out.lm_loss.detach())
+            if stats is not None:
+                stats.add(out.routing)
+        progress.step += 1
+        progress.tokens_seen += tokens_per_step
+        window_steps += 1
+
+        if logging:
+            loss = mean_over_ranks(loss_sum / t.grad_accum_steps, x.device)
+            lm_loss = mean_over_ranks(lm_sum / t.grad_accum_steps, x.device)
+            stats.all_reduce()
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_steps * tokens_per_step / elapsed
+            executed = [SimpleNamespace(attn_counts=b["attn"], ffn_counts=b["ffn"])
+                        for b in stats.blocks]
+            fpt = flops_per_token(run.model, run.data.seq_len, executed or None,
+                                  out.mod_routing or None)
+            grad_norm = engine.get_global_grad_norm()
+            values = {"train/loss": loss, "train/lm_loss": lm_loss,
+                      "train/lr": lr, "perf/tokens_per_s": tok_s,
+                      "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
+                      "perf/mfu": tok_s * fpt / (peak * 1e12 * world),
+                      "perf/memory_gb": memory_gb(), "train/tokens_seen": progress.tokens_seen}
+            if grad_norm is not None:
+                values["train/grad_norm"] = float(grad_norm)
+            monitor.scalars(progress.step, values, echo=(
+                f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
+                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}%"))
+            monitor.routing(progress.step, stats)
+            window_start, window_steps = time.perf_counter(), 0
+
+        done = progress.step == t.max_steps
+        evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
+        saving = done or (t.ckpt_interval and progress.step % t.ckpt_interval == 0)
+        if evaluating:
+            last_eval = evaluate(engine, make_val, t.eval_batches)
+            monitor.scalars(progress.step, last_eval, echo=(
+                f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
+                f"ppl {last_eval['eval/ppl']:.2f}"))
+        if saving:
+            save(run, engine, batches, progress, ckpt_dir)
+        if evaluating or saving:  # their time is not training time
+            window_start, window_steps = time.perf_counter(), 0
+    return last_eval
+
+
+def save(run: RunConfig, engine, batches: Batches, progress: Progress, ckpt_dir: Path) -> str:
+    client = {"config": run.to_dict(), "step": progress.step,
+              "tokens_seen": progress.tokens_seen}
+    return checkpoint.save(engine, ckpt_dir, progress.step, client,
+                           {"sampler": batches.state_dict()}, keep=run.train.keep_checkpoints)

@@ -1,0 +1,129 @@
+"""What a run reports: console lines, `metrics.jsonl` and TensorBoard, all on rank 0.
+
+DeepSpeed's own TensorBoard monitor writes only the learning rate, so the scalars and the
+routing histograms are ours (one SummaryWriter under `<out_dir>/tb`). Routing statistics
+are summed over all ranks before they are written, so they describe the global batch.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity).
+# nanoGPT hard-codes A100's 312 and reports 104% MFU on an H100 (nanoGPT #182): look it up.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0,
+                   "L4": 121.0, "V100": 125.0, "4090": 165.0, "3090": 71.0}
+# CPUs have no single honest number; 1 TFLOP/s is a placeholder (set train.peak_tflops).
+CPU_PEAK_TFLOPS = 1.0
+
+
+def device_peak_tflops(configured: float) -> tuple[float, str]:
+    """(peak TFLOP/s of one device, where it came from)."""
+    if configured > 0:
+        return configured, "train.peak_tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peak, f"detected {name}"
+        print(f"warning: unknown GPU {name!r}; MFU uses {CPU_PEAK_TFLOPS} TFLOP/s. Set "
+              f"train.peak_tflops.", file=sys.stderr)
+    return CPU_PEAK_TFLOPS, "CPU placeholder (set train.peak_tflops)"
+
+
+def memory_gb() -> float:
+    """Peak memory of this process: CUDA allocations on GPU, resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+class RoutingStats:
+    """Routing of one optimizer step, summed over micro-batches (and later over ranks).
+
+    Per routed block: attn / ffn counts (H, pool + 1) with last column = SKIP, the sum of
+    assembled depth over tokens, the token count, and the balancing loss per step.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[dict[str, torch.Tensor]] = []
+        self.micro_batches = 0
+
+    def add(self, routing: list) -> None:
+        if not self.blocks:
+            self.blocks = [{"attn": torch.zeros_like(r.attn_counts, dtype=torch.float64),
+                            "ffn": torch.zeros_like(r.ffn_counts, dtype=torch.float64),
+                            "depth": torch.zeros((), dtype=torch.float64, device=r.depth.device),
+                            "tokens": torch.zeros((), dtype=torch.float64, device=r.depth.device),
+                            "aux": torch.zeros_like(r.aux_loss, dtype=torch.float64)}
+                           for r in routing]
+        for acc, r in zip(self.blocks, routing):
+            acc["attn"] += r.attn_counts.double()
+            acc["ffn"] += r.ffn_counts.double()
+            acc["depth"] += r.depth.double().sum()
+            acc["tokens"] += r.depth.numel()
+            acc["aux"] += r.aux_loss.detach().double()
+        self.micro_batches += 1
+
+    def all_reduce(self) -> None:
+        """Sum over ranks (every rank must call this at the same step)."""
+        for acc in self.blocks:
+            for value in acc.values():
+                dist.all_reduce(value)
+        self.micro_batches *= dist.get_world_size()
+
+
+class Monitor:
+    def __init__(self, out_dir: str | Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.metrics = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            self.metrics = open(Path(out_dir) / "metrics.jsonl", "a")
+
+    def scalars(self, step: int, values: dict[str, float], echo: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+        self.metrics.flush()
+        if echo:
+            print(echo, flush=True)
+
+    def routing(self, step: int, stats: RoutingStats) -> None:
+        if not self.enabled or not stats.blocks:
+            return
+        for c, acc in enumerate(stats.blocks):
+            tag = f"routing/block{c}"
+            values = {f"{tag}/mean_depth": float(acc["depth"] / acc["tokens"]),
+                      f"{tag}/balance_loss": float(acc["aux"].mean() / stats.micro_batches)}
+            for half in ("attn", "ffn"):
+                counts = acc[half].cpu()
+                values[f"{tag}/{half}_skip_rate"] = float(counts[:, -1].sum() / counts.sum())
+                for h, row in enumerate(counts):
+                    self._histogram(f"{tag}/{half}_usage_step{h}", row, step)
+            self.scalars(step, values)
+
+    def _histogram(self, name: str, counts: torch.Tensor, step: int) -> None:
+        """Module-usage histogram: bucket i holds the choices of module i (last = SKIP)."""
+        ids = torch.arange(len(counts), dtype=torch.float64)
+        n = float(counts.sum())
+        self.writer.add_histogram_raw(
+            name, min=0.0, max=float(len(counts) - 1), num=n,
+            sum=float((ids * counts).sum()), sum_squares=float((ids * ids * counts).sum()),
+            bucket_limits=(ids + 0.5).tolist(), bucket_counts=counts.tolist(), global_step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.metrics.close()

@@ -1,0 +1,46 @@
+"""Checks that need files but no processes: run on every rank before the process group
+starts, so a bad run stops with one clear message instead of a hang or a stack per rank."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, RunConfig, load_deepspeed_json
+from .engine import build_ds_config, device_type, world_size_from_env
+
+
+def check_data(run: RunConfig, world_size: int) -> None:
+    """Both splits open (files present, sizes match meta.json), hold a window for every rank,
+    and use no token id the model cannot embed."""
+    try:
+        from ..data import DataError, TokenizedDataset
+    except ImportError as err:  # the data package lands separately (issue 3)
+        raise ImportError(f"mom_ds.data is not available ({err}); it provides the token "
+                          f"files mom-train reads.") from err
+    data_dir = Path(run.data.data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"data.data_dir = {str(data_dir)!r} does not exist. Fix: run "
+                          f"`mom-prep --source builtin --tokenizer bytes --out {data_dir}` "
+                          f"or point data.data_dir at mom-prep's output.")
+    for split in ("train", "val"):
+        try:
+            data = TokenizedDataset(data_dir, split=split, seq_len=run.data.seq_len)
+        except DataError as err:
+            raise ConfigError(f"data.data_dir = {str(data_dir)!r}: {err}") from None
+        if data.vocab_size > run.model.vocab_size:
+            raise ConfigError(f"the data in {data_dir} uses a vocabulary of {data.vocab_size} "
+                              f"tokens but model.vocab_size = {run.model.vocab_size}. Fix: set "
+                              f"model.vocab_size >= {data.vocab_size} (e.g. --model.vocab_size "
+                              f"{data.vocab_size}).")
+        if len(data) < world_size:
+            raise ConfigError(f"{split}.bin in {data_dir} holds {len(data)} windows of "
+                              f"data.seq_len = {run.data.seq_len} tokens, fewer than the "
+                              f"{world_size} ranks. Fix: more data or a shorter data.seq_len.")
+
+
+def preflight(run: RunConfig) -> dict[str, Any]:
+    """Every check before DeepSpeed starts; returns the completed DeepSpeed config."""
+    world_size = world_size_from_env()
+    check_data(run, world_size)
+    return build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
+                           device_type())

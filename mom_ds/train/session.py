@@ -1,0 +1,56 @@
+"""One training run from a checked RunConfig: process group, model, engine, data, resume,
+then the loop. (The checks that must come first live in preflight.py.)"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..model import MoMForCausalLM
+from . import checkpoint
+from .batches import Batches
+from .engine import build_engine, init_distributed
+from .loop import Progress, lr_factor, train
+from .monitor import Monitor
+
+
+def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool) -> dict[str, float]:
+    from ..data import TokenizedDataset, WindowSampler
+
+    init_distributed(run)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir = Path(run.train.out_dir)
+    if rank == 0:
+        run.save(out_dir / "config.yaml")  # the exact config, overrides included
+    torch.manual_seed(run.train.seed)  # same initial weights on every rank
+    model = MoMForCausalLM(run.model)
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
+    device = engine.device
+
+    def batches(split: str, seed: int) -> Batches:
+        data = TokenizedDataset(run.data.data_dir, split=split, seq_len=run.data.seq_len)
+        sampler = WindowSampler(len(data), seed=seed, rank=rank, world_size=world)
+        return Batches(data, sampler, run.train.micro_batch_size, device)
+
+    train_batches = batches("train", run.data.seed)
+    progress = Progress()
+    if resume:
+        client, rank_state = checkpoint.load(engine, out_dir / "ckpt")
+        progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
+        train_batches.load_state_dict(rank_state["sampler"])
+        if rank == 0:
+            print(f"resumed from step {progress.step} ({progress.tokens_seen} tokens)",
+                  flush=True)
+    monitor = Monitor(out_dir, enabled=rank == 0)
+    if rank == 0:
+        print(f"model: {n_params / 1e6:.2f}M parameters; run dir {out_dir}; "
+              f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
+    try:
+        # val windows: a fixed seed so every evaluation scores the same tokens
+        return train(run, engine, train_batches, lambda: batches("val", 0), progress, monitor)
+    finally:
+        monitor.close()
