@@ -1,0 +1,90 @@
+"""mom-prep: tokenize a corpus into train.bin / val.bin / meta.json (nanoGPT's format, plus Megatron .idx)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .format import DataError
+from .pipeline import PrepSettings, prepare
+from .sources import SourceOptions
+
+EXAMPLES = """examples:
+  mom-prep --source builtin --tokenizer bytes --out data/builtin
+  mom-prep --source openwebtext --out data/owt --num-proc 16 --megatron-idx
+  mom-prep --source 'corpus/*.jsonl' --text-field content --tokenizer gpt2:/models/gpt2 --out data/mine
+  mom-prep --source books/ --txt-mode blank-line --train-tokenizer 8192 --out data/books
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mom-prep", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", nargs="+", default=["openwebtext"], metavar="SOURCE",
+                   help="'builtin' (the Python standard library's .py files, no download); local files "
+                        "(.txt, .jsonl, .json, .parquet), folders (searched recursively) or globs; a directory "
+                        "written by datasets.save_to_disk; or a Hugging Face hub dataset name (default: openwebtext)")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (tiktoken, as nanoGPT; offline use gpt2:DIR with vocab.json + merges.txt, or set "
+                        "MOM_GPT2_DIR), another tiktoken encoding, bytes (256 bytes + end-of-text), a local "
+                        "tokenizer.json / tokenizer folder, or a Hugging Face tokenizer name (default: gpt2)")
+    p.add_argument("--train-tokenizer", type=int, metavar="N",
+                   help="train a byte-level BPE of N tokens on the corpus and save it as OUT/tokenizer.json "
+                        "(replaces --tokenizer)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (written atomically)")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1, help="tokenizer worker processes (default: all cores)")
+    p.add_argument("--val-fraction", type=float, default=0.0005,
+                   help="chance that a document goes to val.bin (default 0.0005, as nanoGPT); if no document is "
+                        "drawn, the last one goes to val")
+    p.add_argument("--seed", type=int, default=2357, help="seed of the train/val draw (default 2357, as nanoGPT)")
+    p.add_argument("--text-field", default="text", help="record field holding the text in .jsonl/.json/.parquet "
+                                                        "and datasets (default: text)")
+    p.add_argument("--txt-mode", choices=("file", "blank-line"), default="file",
+                   help=".txt files: 'file' = each file is one document (default); 'blank-line' = documents "
+                        "are separated by blank lines (streamed, for big files)")
+    p.add_argument("--encoding-errors", choices=("strict", "replace"), default="strict",
+                   help="bytes that are not UTF-8: 'strict' stops with the file and offset (default); "
+                        "'replace' substitutes U+FFFD")
+    p.add_argument("--hf-split", default="train", help="split of a hub or saved dataset to read (default: train)")
+    p.add_argument("--hf-config", help="configuration name of a hub dataset")
+    p.add_argument("--no-streaming", action="store_true", help="download a hub dataset whole instead of streaming it")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="token dtype: auto = uint16 when the vocabulary fits, else uint32")
+    p.add_argument("--megatron-idx", action="store_true",
+                   help="also write train.idx / val.idx so Megatron-DeepSpeed and gpt-neox read --data-path OUT/train")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished OUT (otherwise re-running is a no-op)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> PrepSettings:
+    options = SourceOptions(text_field=args.text_field, txt_mode=args.txt_mode, encoding_errors=args.encoding_errors,
+                            hf_split=args.hf_split, hf_config=args.hf_config, streaming=not args.no_streaming)
+    return PrepSettings(source=args.source, tokenizer=args.tokenizer, val_fraction=args.val_fraction, seed=args.seed,
+                        dtype=args.dtype, megatron_idx=args.megatron_idx, train_tokenizer=args.train_tokenizer,
+                        source_options=options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        result = prepare(settings_from_args(args), args.out, num_proc=args.num_proc, overwrite=args.overwrite,
+                         show_progress=not args.quiet)
+    except DataError as err:
+        print(f"mom-prep: error: {err}", file=sys.stderr)
+        return 2
+    if result.skipped:
+        print(f"mom-prep: {args.out} is already prepared with these settings; nothing to do (--overwrite to redo)")
+        return 0
+    splits = result.meta["splits"]
+    print(f"mom-prep: wrote {args.out} in {time.perf_counter() - start:.1f}s: "
+          + ", ".join(f"{name} {s['n_tokens']:,} tokens / {s['n_documents']:,} docs" for name, s in splits.items())
+          + f" ({result.meta['dtype']}, vocab {result.meta['tokenizer']['vocab_size']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
