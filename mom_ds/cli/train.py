@@ -25,6 +25,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in train.out_dir")
+    parser.add_argument("--stop-after", type=int, metavar="STEP",
+                        help="save a checkpoint and exit after this step (the schedule still "
+                             "runs to train.max_steps; continue later with --resume)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_known_args(argv)
 
@@ -59,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"mom-train: config error: {err}", file=sys.stderr)
         return 2
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
-    run_training(run, ds_config, resume=args.resume)
+    run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after)
     return 0
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -59,8 +59,12 @@ class Progress:
 
 
 def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batches],
-          progress: Progress, monitor: Monitor) -> dict[str, float]:
+          progress: Progress, monitor: Monitor, stop_after: Optional[int] = None
+          ) -> dict[str, float]:
+    """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
+    Returns the last evaluation."""
     t = run.train
+    stop = min(t.max_steps, stop_after) if stop_after else t.max_steps
     world = dist.get_world_size()
     ckpt_dir = Path(t.out_dir) / "ckpt"
     tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world * run.data.seq_len
@@ -70,7 +74,7 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    while progress.step < t.max_steps:
+    while progress.step < stop:
         step = progress.step
         logging = t.log_interval and ((step + 1) % t.log_interval == 0 or step == 0
                                       or step + 1 == t.max_steps)
@@ -116,7 +120,8 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
 
         done = progress.step == t.max_steps
         evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
-        saving = done or (t.ckpt_interval and progress.step % t.ckpt_interval == 0)
+        saving = progress.step == stop or (t.ckpt_interval
+                                           and progress.step % t.ckpt_interval == 0)
         if evaluating:
             last_eval = evaluate(engine, make_val, t.eval_batches)
             monitor.scalars(progress.step, last_eval, echo=(

@@ -3,7 +3,7 @@ then the loop. (The checks that must come first live in preflight.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,8 @@ from .loop import Progress, lr_factor, train
 from .monitor import Monitor
 
 
-def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool) -> dict[str, float]:
+def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False,
+                 stop_after: Optional[int] = None) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run)
@@ -51,6 +52,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool) -> dic
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
     try:
         # val windows: a fixed seed so every evaluation scores the same tokens
-        return train(run, engine, train_batches, lambda: batches("val", 0), progress, monitor)
+        return train(run, engine, train_batches, lambda: batches("val", 0), progress, monitor,
+                     stop_after)
     finally:
         monitor.close()

@@ -1,0 +1,84 @@
+"""Shared helpers of the training tests: a tiny byte-level dataset on disk and a runner for
+mom-train in a subprocess (with a timeout, so a hung collective fails the test)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def write_byte_data(out: Path, vocab_size: int = 257, n_train: int = 200_000,
+                    n_val: int = 20_000) -> Path:
+    """train.bin / val.bin / meta.json in mom-prep's format, from real English-ish text (the
+    stdlib's own source), so a model can learn something in a few steps."""
+    from data_prep.format import DTYPES, FORMAT_VERSION, META_FILE
+
+    import argparse, inspect, textwrap  # noqa: E401  (only their source text is used)
+    text = "".join(inspect.getsource(m) for m in (argparse, inspect, textwrap)).encode()
+    tokens = np.frombuffer((text * (1 + (n_train + n_val) // len(text)))[: n_train + n_val],
+                           dtype=np.uint8).astype(DTYPES["uint16"])
+    out.mkdir(parents=True, exist_ok=True)
+    tokens[:n_train].tofile(out / "train.bin")
+    tokens[n_train:].tofile(out / "val.bin")
+    meta = {"format_version": FORMAT_VERSION, "dtype": "uint16",
+            "tokenizer": {"name": "bytes", "vocab_size": vocab_size, "eot_id": 256},
+            "splits": {"train": {"n_tokens": n_train}, "val": {"n_tokens": n_val}}}
+    (out / META_FILE).write_text(json.dumps(meta))
+    return out
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return e
+
+
+def run_python(args: list[str], timeout: int = 240, cwd: Path = REPO
+               ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def mom_train(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """One-process mom-train; fails the test with its output when it fails."""
+    proc = run_python(["-m", "mom_ds.cli.train", *args], timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"mom-train {' '.join(args)} exited {proc.returncode}:\n"
+                    f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out_dir: Path) -> dict[int, dict[str, float]]:
+    """step -> merged scalars from metrics.jsonl (the last write of a name wins)."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows.setdefault(row.pop("step"), {}).update(row)
+    return rows
+
+
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny recipe, shrunk to a few fast steps; fp32 (CPU)."""
+    return ["--config", str(TINY), "--data.data_dir", str(data), "--train.out_dir", str(out),
+            "--train.max_steps", "12", "--train.warmup_steps", "2", "--train.log_interval", "1",
+            "--train.eval_interval", "6", "--train.eval_batches", "2",
+            "--train.ckpt_interval", "4", "--train.keep_checkpoints", "0",
+            "--train.precision", "fp32", "--data.seq_len", "64", *extra]
+
+
+def test_byte_data_reads_back(tmp_path):
+    from mom_ds.data import TokenizedDataset
+
+    data = TokenizedDataset(write_byte_data(tmp_path / "d"), split="val", seq_len=64)
+    assert data.vocab_size == 257 and len(data) == (20_000 - 1) // 64
+    assert data[0].shape == (65,) and data[0].max() < 256

@@ -1,0 +1,112 @@
+"""One-rank mom-train end to end: the loss falls, an interrupted run resumes exactly, a
+checkpoint write killed midway leaves the previous checkpoint published, TensorBoard holds
+the named scalars and histograms."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_byte_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted run of STEPS steps."""
+    out = tmp_path_factory.mktemp("reference")
+    mom_train(*tiny_args(data, out))
+    return out
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    tag = (out / "ckpt" / "latest").read_text().strip()
+    assert tag == f"step_{STEPS:06d}"
+    states = torch.load(out / "ckpt" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
+
+
+def assert_same_run(resumed: Path, reference: Path, first_step: int) -> None:
+    got, want = metrics(resumed), metrics(reference)
+    for step in range(first_step, STEPS + 1):
+        assert got[step]["train/loss"] == want[step]["train/loss"], step
+        assert got[step]["train/lr"] == want[step]["train/lr"], step
+    assert got[STEPS]["eval/loss"] == want[STEPS]["eval/loss"]
+    assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
+    a, b = final_weights(resumed), final_weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_loss_decreases(reference):
+    rows = metrics(reference)
+    assert rows[STEPS]["train/lm_loss"] < rows[1]["train/lm_loss"] - 1.0
+    assert rows[STEPS]["eval/loss"] < rows[6]["eval/loss"]
+    assert (reference / "config.yaml").is_file()
+
+
+def test_stop_and_resume_equals_uninterrupted(data, reference, tmp_path):
+    mom_train(*tiny_args(data, tmp_path), "--stop-after", "6")
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_000006"
+    proc = mom_train(*tiny_args(data, tmp_path), "--resume")
+    assert "resumed from step 6" in proc.stdout
+    assert_same_run(tmp_path, reference, first_step=7)
+
+
+KILL_DURING_SAVE = """
+import os, sys, torch
+real_save = torch.save
+def dying_save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if "step_000008" in str(f):  # one file of checkpoint 8 is on disk: die now
+        os._exit(17)
+torch.save = dying_save
+from mom_ds.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_checkpoint_killed_midway_keeps_previous(data, reference, tmp_path):
+    script = tmp_path / "dying_train.py"
+    script.write_text(KILL_DURING_SAVE)
+    out = tmp_path / "run"
+    proc = run_python([str(script), *tiny_args(data, out)])
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    ckpt = out / "ckpt"
+    assert (ckpt / "step_000008").is_dir()  # half written ...
+    assert (ckpt / "latest").read_text() == "step_000004"  # ... and not published
+    proc = mom_train(*tiny_args(data, out), "--resume")
+    assert "resumed from step 4" in proc.stdout
+    assert_same_run(out, reference, first_step=5)
+
+
+def test_tensorboard_holds_named_scalars_and_histograms(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference / "tb"), size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for name in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm",
+                 "perf/tokens_per_s", "perf/flops_per_s", "perf/mfu", "perf/memory_gb",
+                 "eval/loss", "eval/ppl", "routing/block0/attn_skip_rate",
+                 "routing/block0/ffn_skip_rate", "routing/block0/mean_depth",
+                 "routing/block0/balance_loss"):
+        assert name in scalars, name
+    assert len(acc.Scalars("train/loss")) == STEPS
+    histograms = set(acc.Tags()["histograms"])
+    depth = 4  # configs/tiny.yaml
+    for half in ("attn", "ffn"):
+        for h in range(depth):
+            assert f"routing/block0/{half}_usage_step{h}" in histograms
+    event = acc.Histograms("routing/block0/ffn_usage_step0")[-1].histogram_value
+    # every token made one choice among the 4 modules + SKIP, over 8 windows x 64 tokens
+    assert len(event.bucket) == 5 and sum(event.bucket) == 8 * 64
