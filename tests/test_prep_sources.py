@@ -1,0 +1,90 @@
+"""Every source kind yields the documents it should, in order; bytes tokenizer round trip."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.pipeline import PrepSettings, prepare
+from data_prep.sources import SourceOptions, resolve_source
+from data_prep.tokenizer import load_tokenizer
+from mom_ds.data import load_data_tokenizer
+
+DOCS = ["first document\nwith two lines", "second: ünïcödé ✓", "third"]
+
+
+def docs_of(specs, **options):
+    return list(resolve_source([str(s) for s in specs], SourceOptions(**options)).documents())
+
+
+def test_txt_one_document_per_file_and_blank_line_mode(tmp_path):
+    for i, doc in enumerate(DOCS):
+        (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
+    assert docs_of([tmp_path]) == DOCS  # a folder: files in sorted order
+    assert docs_of([tmp_path / "*.txt"]) == DOCS  # a glob
+    (tmp_path / "all.txt").write_text("\n\n".join(DOCS) + "\n\n\n", encoding="utf-8")
+    assert docs_of([tmp_path / "all.txt"], txt_mode="blank-line") == DOCS
+
+
+def test_jsonl_json_and_parquet_with_text_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"body": d, "id": i} for i, d in enumerate(DOCS)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "c.parquet")
+    for name in ("a.jsonl", "b.json", "c.parquet"):
+        assert docs_of([tmp_path / name], text_field="body") == DOCS
+    assert docs_of([tmp_path / "a.jsonl", tmp_path / "c.parquet"], text_field="body") == DOCS * 2
+
+
+def test_saved_dataset_directory(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "ds"))
+    assert docs_of([tmp_path / "ds"]) == DOCS
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:1]})}).save_to_disk(str(tmp_path / "dd"))
+    assert docs_of([tmp_path / "dd"]) == DOCS[:1]
+
+
+def test_builtin_corpus_is_the_stdlib():
+    source = resolve_source(["builtin"], SourceOptions())
+    assert "standard library" in source.description and len(source.files) > 100
+    assert not any("test" in p.parts for p in source.files)
+    first = next(iter(source.documents()))
+    assert first == source.files[0].read_text("utf-8")
+
+
+def test_bytes_round_trip_and_prepared_files(tmp_path):
+    tok = load_tokenizer("bytes")
+    for text in DOCS + ["", "\x00\xff", "🚀" * 3]:
+        assert tok.decode(tok.encode(text)) == text
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    prepare(PrepSettings(source=[str(tmp_path / "c.jsonl")], tokenizer="bytes", val_fraction=0.0),
+            tmp_path / "out", show_progress=False)
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype="<u2")
+    assert load_data_tokenizer(tmp_path / "out").decode(ids) == "<|endoftext|>".join(DOCS) + "<|endoftext|>"
+
+
+def test_train_tokenizer_is_saved_beside_the_data(tmp_path):
+    text = Path(__file__).read_text()
+    (tmp_path / "c.txt").write_text(text)
+    result = prepare(PrepSettings(source=[str(tmp_path / "c.txt")], train_tokenizer=300, val_fraction=0.0),
+                     tmp_path / "out", show_progress=False)
+    assert result.meta["tokenizer"]["vocab_size"] == 300 and result.meta["tokenizer"]["file"] == "tokenizer.json"
+    tok = load_data_tokenizer(tmp_path / "out")
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype="<u2")
+    assert ids[-1] == tok.info.eot_id and len(ids) < 0.8 * len(text.encode())  # merges learned
+    assert tok.decode(ids[:-1]) == text
+    sample = "naïve 🚀 text never seen in training"
+    assert tok.decode(tok.encode(sample)) == sample
+
+
+@pytest.mark.slow
+def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
+    from data_prep.format import DataError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not load 'no-such/dataset-xyz'"):
+        resolve_source(["no-such/dataset-xyz"], SourceOptions())
