@@ -1,0 +1,96 @@
+"""Two CPU ranks under the deepspeed launcher (gloo): ZeRO stages 0 to 3 follow the one-rank
+loss curve on the same global batch, and ZeRO-3 does not hang when most modules receive no
+tokens on a rank. All runs share ONE launch (a driver calling mom-train's main in turn),
+because each launch costs about 10 s of start-up on 2 cores."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train_fixtures import REPO, env, metrics, mom_train, tiny_args, write_byte_data
+
+pytestmark = pytest.mark.slow
+STEPS = 6
+# Global batch = 8 windows in every run: 1 rank x 8, or 2 ranks x 4, or 2 ranks x 2 x 2
+# accumulation steps (and 16 val windows: 2 batches x 8 or 2 ranks x 4 batches x 2). The sampler gives rank r windows r, r+2, ... of the one-rank order,
+# so each step sees the same 8 windows and the mean loss is the same number.
+LAYOUTS = {
+    "zero0": ["--train.micro_batch_size", "4"],
+    "zero1": ["--train.micro_batch_size", "4"],
+    "zero2": ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
+              "--train.eval_batches", "4"],
+    "zero3": ["--train.micro_batch_size", "4"],
+}
+# fp32 throughout. The two-rank runs sum gradients in a different order (per-rank partial
+# sums, then an all-reduce) than one rank does, which changes the last bits (~1e-7
+# relative); Adam then carries that over a few steps. 1e-4 relative is far above that and
+# far below what a real fault gives (a wrong or missing window, a gradient averaged twice
+# or not at all, a stale parameter shard all move the loss by 1e-2 or more in 6 steps).
+RTOL = 1e-4
+
+DRIVER = """
+import json, sys
+from mom_ds.cli.train import main
+for args in json.load(open(sys.argv[-1])):  # the launcher puts --local_rank first
+    code = main(args)
+    if code:
+        sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    root = tmp_path_factory.mktemp("multirank")
+    data = write_byte_data(root / "data")
+    outs = {"reference": root / "reference"}
+    common = ["--train.max_steps", str(STEPS), "--train.eval_interval", str(STEPS),
+              "--train.ckpt_interval", "0"]
+    mom_train(*tiny_args(data, outs["reference"]), *common)
+    plan = []
+    for stage, extra in LAYOUTS.items():
+        outs[stage] = root / stage
+        plan.append([*tiny_args(data, outs[stage]), *common, *extra,
+                     "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")])
+    # 32 modules per pool and 8 tokens per rank per step: by pigeonhole at least 24 modules
+    # of each half get no token on each rank at every step, yet all must join ZeRO-3's
+    # parameter gathers.
+    outs["zero3_empty"] = root / "zero3_empty"
+    plan.append([*tiny_args(data, outs["zero3_empty"]), "--train.max_steps", "3",
+                 "--train.eval_interval", "3", "--train.ckpt_interval", "0",
+                 "--model.n_attn_modules", "32", "--model.n_ffn_modules", "32",
+                 "--data.seq_len", "8", "--train.micro_batch_size", "1",
+                 "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "driver.py").write_text(DRIVER)
+    cmd = [shutil.which("deepspeed"), "--num_accelerators", "2", "--master_port", "29517",
+           str(root / "driver.py"), str(root / "plan.json")]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
+                              timeout=420)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"2-rank runs did not finish in 420 s (a hang?):\n{err.stdout}")
+    if proc.returncode != 0:
+        pytest.fail(f"2-rank runs failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return outs
+
+
+@pytest.mark.parametrize("stage", sorted(LAYOUTS))
+def test_two_ranks_follow_one_rank(runs, stage):
+    want, got = metrics(runs["reference"]), metrics(runs[stage])
+    for step in range(1, STEPS + 1):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=RTOL), step
+    assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
+    assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
+    assert (runs[stage] / "ckpt" / "latest").read_text() == f"step_{STEPS:06d}"
+
+
+def test_zero3_with_empty_modules_finishes(runs):
+    rows = metrics(runs["zero3_empty"])
+    assert "eval/loss" in rows[3]
