@@ -87,6 +87,10 @@ class MoMConfig:
     """Weight the summed Q/K/V projections by the routing weights (default: plain sum)."""
     early_exit: bool = False
     """Step h may choose only module h or SKIP, and SKIP is final for the later steps."""
+    capacity_factor: float = 0.0
+    """0: dropless (default). Otherwise each module takes at most
+    ceil(capacity_factor * tokens * K / pool) rows per half-step; overflow is dropped
+    (earliest tokens win) and counted."""
     aux_loss_coef: float = 0.01
     """Coefficient of the Switch-style balancing loss added to the LM loss."""
     aux_loss_count_skip: bool = True
@@ -174,6 +178,8 @@ class MoMConfig:
             fail("temperature", "must be a positive number", "use e.g. 0.2 (authors) or 1.0")
         if not 0.0 <= self.dropout < 1.0:
             fail("dropout", "must lie in [0, 1)", "use 0.0 (default) or e.g. 0.1")
+        if self.capacity_factor < 0:
+            fail("capacity_factor", "must not be negative", "use 0 (dropless) or e.g. 1.25")
         if self.aux_loss_coef < 0:
             fail("aux_loss_coef", "must not be negative", "use 0.01 (Switch) or 0 to disable")
         if self.n_chunks > 0:

@@ -43,7 +43,7 @@ class RoutedBlock(nn.Module):
         self.ffn_router = Router(config, config.ffn_router_kind, config.n_ffn_modules)
         self.drop = nn.Dropout(config.dropout)
         # The seam expert parallelism replaces (parallel/placement.py, issue 5).
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(config.capacity_factor, config.top_k)
 
     def forward(self, x: torch.Tensor, *, cache: Optional[dict] = None,
                 cache_key: object = None) -> tuple[torch.Tensor, BlockRouting]:

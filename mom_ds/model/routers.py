@@ -3,7 +3,7 @@ routing weights and the Switch-style balancing loss. All router math runs in fp3
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ class Router(nn.Module):
         self.fixed_cycle = config.fixed_route == "cycle"
         self.early_exit = config.early_exit
         self.count_skip = config.aux_loss_count_skip
+        # Data-parallel training sets this to a (differentiable) mean over the group, so the
+        # balancing loss sees the global batch's statistics whatever the number of ranks.
+        self.stat_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         d, r = config.d_model, config.router_width
         if kind == "gru":
             # nn.GRUCell holds the parameters; the gate math is written out in `_gru` so it
@@ -108,4 +111,6 @@ class Router(nn.Module):
         n = self.n_classes if self.count_skip else self.pool_size
         f = torch.bincount(top1, minlength=self.n_classes)[:n].float() / top1.shape[0]
         P = probs[:, :n].mean(dim=0)
+        if self.stat_mean is not None:
+            f, P = self.stat_mean(f), self.stat_mean(P)
         return n * (f * P).sum()

@@ -1,0 +1,112 @@
+"""Expert parallelism applied to a MoMForCausalLM, as a transform (the model is written
+once; this file is our `parallelize.py`): shard the module pools, install the all-to-all
+dispatcher, make the balancing loss global, reduce expert gradients over the right group,
+measure the true global gradient norm, and move weights between expert-parallel sizes."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from ..model.routers import Router
+from .dispatch import AllToAllDispatcher
+from .groups import expert_parallel_groups
+from .placement import (global_to_local_name, is_expert_parameter, local_to_global_name,
+                        shard_module_pools)
+
+
+def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
+    """Keep this rank's A/E attention and F/E FFN modules of every routed block and reach
+    the others by all-to-all. Call after building the full model with the same seed on
+    every rank (so every module starts from the weights a 1-rank run would have)."""
+    ep_group, _ = expert_parallel_groups(ep_size)
+    config = model.config
+
+    def dispatcher(block_index, attn_placement, ffn_placement):
+        return AllToAllDispatcher(ep_group, block_index, config.depth,
+                                  [attn_placement, ffn_placement], config.capacity_factor,
+                                  config.top_k)
+
+    shard_module_pools(model, ep_size, dist.get_rank(ep_group), dispatcher)
+    return model
+
+
+def use_global_balance_stats(model: nn.Module, group=None) -> None:
+    """Average the balancing loss' statistics (f, P) over the data-parallel group, so the
+    loss is that of the global batch whatever the number of ranks (differentiable)."""
+    size = dist.get_world_size(group)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return dist_fn.all_reduce(t, group=group) / size
+
+    for module in model.modules():
+        if isinstance(module, Router) and module.learned:
+            module.stat_mean = mean
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if is_expert_parameter(p)]
+
+
+def reduce_expert_gradients(model: nn.Module, expert_dp_group, dp_size: int) -> None:
+    """Module gradients: sum over the ranks that hold the same modules, divide by the whole
+    data-parallel size (each rank's loss is its micro-batch mean; the all-to-all backward
+    already brought every source rank's contribution to the owner)."""
+    for p in expert_parameters(model):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if dist.get_world_size(expert_dp_group) > 1:
+            dist.all_reduce(p.grad, group=expert_dp_group)
+        p.grad.div_(dp_size)
+
+
+def global_grad_norm(model: nn.Module, ep_group) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient: dense gradients are identical on every
+    rank after reduction (count once); each expert-parallel rank holds different modules,
+    so their squared norms are summed over the expert-parallel group (DeepSpeed #8475
+    averaged them instead)."""
+    device = next(model.parameters()).device
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_expert_parameter(p):
+            expert += sq
+        else:
+            dense += sq
+    if dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(expert, group=ep_group)
+    return (dense + expert).sqrt()
+
+
+def full_state_dict(model: nn.Module, ep_group=None) -> Optional[dict[str, torch.Tensor]]:
+    """The state dict of the unsharded model (global module names), gathered over the
+    expert-parallel group; returned on every rank (CPU tensors)."""
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ep = getattr(model, "expert_parallel", (1, 0))
+    if ep[0] == 1:
+        return local
+    shards: list = [None] * ep[0]
+    dist.all_gather_object(shards, (ep[1], local), group=ep_group)
+    full: dict[str, torch.Tensor] = {}
+    for rank, sd in shards:
+        for name, tensor in sd.items():
+            full[local_to_global_name(name, ep[0], rank, model.config)] = tensor
+    return full
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict into a model sharded with any expert-parallel size
+    (including 1): each rank takes the modules it owns."""
+    ep_size, ep_rank = getattr(model, "expert_parallel", (1, 0))
+    local = {}
+    for name, tensor in full.items():
+        mine = global_to_local_name(name, ep_size, ep_rank, model.config)
+        if mine is not None:
+            local[mine] = tensor
+    model.load_state_dict(local)
