@@ -166,7 +166,10 @@ def _hf_texts(dataset, field: str, where: str) -> Iterator[str]:
     if names is not None and field not in names:
         raise DataError(f"{where}: no text field {field!r} (columns {names}); pass --text-field NAME")
     for batch in dataset.iter(batch_size=HF_BATCH):
-        yield from batch[field]
+        for text in batch[field]:
+            if not isinstance(text, str):
+                raise DataError(f"{where}: a row's {field!r} is {type(text).__name__}, not text")
+            yield text
 
 
 class SavedDatasetSource(Source):
