@@ -1,0 +1,33 @@
+#!/bin/bash
+# Installs what the launcher tests use: Slurm + munge (apt, needs root) and MPICH, mpi4py
+# and matplotlib (pip, into the venv; matplotlib draws mom-report). Idempotent and quiet;
+# a part that cannot be installed is reported and its tests skip, so this script itself
+# never fails CI.
+#   launch/ci_setup.sh [VENV]      (default .venv)
+set -uo pipefail
+venv=${1:-.venv}
+
+if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
+    echo "ci_setup: slurm-wlm and munge already installed"
+elif [ "$(id -u)" != 0 ]; then
+    echo "ci_setup: not root, skipping slurm-wlm/munge (Slurm tests will skip)"
+else
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install() { timeout 600 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; }
+    # The package lists may be missing or stale on a fresh image: update once and retry.
+    if apt_install || { timeout 300 apt-get update -qq >/dev/null && apt_install; }; then
+        echo "ci_setup: installed slurm-wlm and munge"
+    else
+        echo "ci_setup: apt-get install slurm-wlm munge failed (Slurm tests will skip)"
+    fi
+fi
+
+# The mpich wheel has no Python module; its mpirun lands in the venv's bin.
+if [ -x "$venv/bin/mpirun" ] && "$venv/bin/python" -c "import mpi4py, matplotlib" 2>/dev/null; then
+    echo "ci_setup: mpich, mpi4py and matplotlib already installed"
+elif timeout 600 "$venv/bin/pip" install -q mpich mpi4py matplotlib; then
+    echo "ci_setup: installed mpich, mpi4py and matplotlib"
+else
+    echo "ci_setup: pip install mpich mpi4py matplotlib failed (MPI and report tests will skip)"
+fi
+exit 0

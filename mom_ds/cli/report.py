@@ -1,0 +1,189 @@
+"""mom-report: one picture of a training run, for people who would rather look than read.
+
+  mom-report RUN_DIR [--out REPORT.png]
+
+Reads the TensorBoard events under RUN_DIR/tb (what mom-train writes) and renders
+REPORT.png (default RUN_DIR/report.png) plus REPORT.html beside it: loss (train and val),
+learning rate, throughput and MFU, and per routed block the SKIP rates and mean depth over
+training and a heat map of module usage at the last logged step. Needs matplotlib.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+USAGE_TAG = re.compile(r"routing/block(\d+)/(attn|ffn)_usage_step(\d+)")
+
+
+@dataclass
+class RunEvents:
+    """Scalars as tag -> (steps, values); module usage of the last logged step as
+    block -> half -> (router steps, modules + SKIP) counts."""
+
+    scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    usage: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    usage_step: Optional[int] = None
+
+
+def events_dir(run_dir: Path) -> Path:
+    for candidate in (run_dir / "tb", run_dir):
+        if any(candidate.glob("events.out.tfevents.*")):
+            return candidate
+    raise SystemExit(f"mom-report: no TensorBoard events in {run_dir}/tb or {run_dir}. Fix: "
+                     f"pass a run directory written by mom-train (train.out_dir).")
+
+
+def load_events(run_dir: Path) -> RunEvents:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # size_guidance 0 keeps every point (the default samples 10,000 scalars, 500 histograms)
+    acc = EventAccumulator(str(events_dir(run_dir)),
+                           size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    tags = acc.Tags()
+    run = RunEvents()
+    for tag in tags["scalars"]:
+        points = acc.Scalars(tag)
+        run.scalars[tag] = (np.array([p.step for p in points]),
+                            np.array([p.value for p in points]))
+    rows: dict[tuple[int, str], dict[int, np.ndarray]] = {}
+    for tag in tags["histograms"]:
+        match = USAGE_TAG.fullmatch(tag)
+        if match is None:
+            continue
+        last = acc.Histograms(tag)[-1]
+        run.usage_step = max(run.usage_step or 0, last.step)
+        block, half, router_step = int(match[1]), match[2], int(match[3])
+        rows.setdefault((block, half), {})[router_step] = np.array(
+            last.histogram_value.bucket)
+    for (block, half), by_step in sorted(rows.items()):
+        run.usage.setdefault(block, {})[half] = np.stack([by_step[h] for h in sorted(by_step)])
+    return run
+
+
+def panel_titles(run: RunEvents) -> list[str]:
+    """The panels render() draws for this run, in order."""
+    titles = ["loss", "learning rate", "throughput"]
+    for block in sorted(run.usage):
+        titles += [f"block {block}: skip rate and depth", f"block {block}: module usage"]
+    return titles
+
+
+def render(run: RunEvents, title: str):
+    """The report figure: 3 columns, one panel per title of panel_titles()."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    titles = panel_titles(run)
+    n_rows = -(-len(titles) // 3)
+    fig, axes = plt.subplots(n_rows, 3, figsize=(15, 4 * n_rows), squeeze=False)
+    fig.suptitle(title)
+    panels = iter(axes.flat)
+    s = run.scalars
+
+    def lines(title: str, names: list[str], ylabel: str):
+        """Next panel: the named scalars over steps."""
+        ax = next(panels)
+        ax.set_title(title)
+        for name in names:
+            if name in s:
+                ax.plot(*s[name], marker="." if len(s[name][0]) < 50 else None, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", transform=ax.transAxes)
+        return ax
+
+    def twin(ax, name: str, ylabel: str, scale: float = 1.0) -> None:
+        """A second scalar on the panel's right axis, dashed."""
+        if name in s:
+            right = ax.twinx()
+            right.plot(s[name][0], scale * s[name][1], color="tab:red", linestyle="--")
+            right.set_ylabel(ylabel, color="tab:red")
+
+    lines("loss", ["train/loss", "train/lm_loss", "eval/loss"], "loss")
+    lines("learning rate", ["train/lr"], "learning rate")
+    twin(lines("throughput", ["perf/tokens_per_s"], "tokens/s"), "perf/mfu", "MFU % (dashed)",
+         100.0)
+    for block in sorted(run.usage):
+        tag = f"routing/block{block}"
+        twin(lines(f"block {block}: skip rate and depth",
+                   [f"{tag}/attn_skip_rate", f"{tag}/ffn_skip_rate"], "SKIP rate"),
+             f"{tag}/mean_depth", "mean depth (dashed)")
+        ax = next(panels)
+        usage_heatmap(ax, run.usage[block])
+        ax.set_title(f"block {block}: module usage")
+    for ax in panels:  # unused cells of the last row
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def usage_heatmap(ax, halves: dict[str, np.ndarray]) -> None:
+    """Share of each router step's tokens per module: attention | FFN, last column SKIP."""
+    blocks, labels = [], []
+    for half in ("attn", "ffn"):
+        if half in halves:
+            counts = halves[half]
+            blocks.append(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))
+            labels += [f"{half}{i}" for i in range(counts.shape[1] - 1)] + [f"{half} SKIP"]
+    image = ax.imshow(np.concatenate(blocks, axis=1), vmin=0, vmax=1, cmap="viridis",
+                      aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+    ax.set_yticks(range(len(blocks[0])))
+    ax.set_ylabel("router step")
+    ax.figure.colorbar(image, ax=ax, label="share of tokens")
+
+
+def write_html(run: RunEvents, png: Path, title: str) -> Path:
+    """REPORT.html: the picture inline plus the last value of every scalar."""
+    rows = "".join(f"<tr><td>{html.escape(tag)}</td><td>{steps[-1]}</td><td>{values[-1]:.6g}"
+                   f"</td></tr>" for tag, (steps, values) in sorted(run.scalars.items()))
+    image = base64.b64encode(png.read_bytes()).decode()
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<h1>{html.escape(title)}</h1><img src='data:image/png;base64,{image}' "
+            f"style='max-width:100%'><h2>Last values</h2><table border=1 cellpadding=3>"
+            f"<tr><th>tag</th><th>step</th><th>value</th></tr>{rows}</table>")
+    out = png.with_suffix(".html")
+    out.write_text(page)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mom-report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="train.out_dir of a mom-train run")
+    parser.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/report.png)")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("mom-report: matplotlib is not installed. Fix: pip install matplotlib",
+              file=sys.stderr)
+        return 1
+    run = load_events(args.run_dir)
+    if not run.scalars:
+        print(f"mom-report: the events in {args.run_dir} hold no scalars yet (the run logs "
+              f"every train.log_interval steps).", file=sys.stderr)
+        return 1
+    png = args.out or args.run_dir / "report.png"
+    title = f"mom-report: {args.run_dir}"
+    fig = render(run, title)
+    fig.savefig(png, dpi=80)
+    page = write_html(run, png, title)
+    print(f"wrote {png} ({len(panel_titles(run))} panels) and {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

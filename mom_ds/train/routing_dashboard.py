@@ -1,0 +1,110 @@
+"""Routing dashboards in TensorBoard: what no anchor logs for a routed model.
+
+For every routed block, at one step:
+  routing/block{c}/usage          image: heat map of module usage, one row per router step,
+                                  attention modules then FFN modules, last column of each
+                                  = SKIP; a cell is the share of that step's tokens (0 dark,
+                                  1 bright), so images of different steps compare directly
+  routing/block{c}/{attn,ffn}_skip_rate          share of choices that were SKIP
+  routing/block{c}/{attn,ffn}_load_max_over_mean busiest module / mean module load
+                                                 (1 = perfectly balanced; worst router step)
+  routing/block{c}/{attn,ffn}_load_cv            coefficient of variation of module loads
+                                                 (std / mean, averaged over router steps)
+  routing/block{c}/depth          histogram of assembled depth per token
+  routing/block{c}/mean_depth, routing/block{c}/balance_loss
+Optional, when the caller has them (expert parallelism):
+  routing/block{c}/dropped_tokens, routing/block{c}/capacity (tokens a module accepts)
+  comm/all_to_all_bytes, comm/all_to_all_ms
+
+`log_routing` takes `MoMOutput.routing` (or anything with attn_counts (H, A+1),
+ffn_counts (H, F+1), depth (N,), aux_loss (H,)) and a SummaryWriter; numpy renders the
+images, so matplotlib is not needed here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+CELL_PX = 12   # heat-map cell size in pixels
+GAP_PX = 4     # blank columns between the attention and the FFN half
+# A dark-blue -> teal -> yellow ramp (viridis' end points): readable, and grey-scale safe.
+RAMP = np.array([[0.27, 0.00, 0.33], [0.13, 0.57, 0.55], [0.99, 0.91, 0.14]])
+
+
+def shares(counts: torch.Tensor) -> np.ndarray:
+    """(H, M) choice counts -> share of each router step's choices per module."""
+    c = counts.detach().double().cpu().numpy()
+    return c / np.maximum(c.sum(axis=1, keepdims=True), 1.0)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> (…, 3) RGB along RAMP."""
+    x = np.clip(values, 0.0, 1.0) * (len(RAMP) - 1)
+    lo = np.minimum(x.astype(int), len(RAMP) - 2)
+    t = (x - lo)[..., None]
+    return RAMP[lo] * (1 - t) + RAMP[lo + 1] * t
+
+
+def usage_image(attn_counts: torch.Tensor, ffn_counts: torch.Tensor) -> np.ndarray:
+    """(3, H*CELL_PX, W) float image in [0, 1]: attention shares | gap | FFN shares."""
+    attn, ffn = colorize(shares(attn_counts)), colorize(shares(ffn_counts))
+    gap = np.ones((attn.shape[0], 1, 3))
+    cells = np.concatenate([attn, gap, ffn], axis=1)
+    image = np.repeat(np.repeat(cells, CELL_PX, axis=0), CELL_PX, axis=1)
+    gap_start = attn.shape[1] * CELL_PX
+    image = np.concatenate([image[:, :gap_start], np.ones((image.shape[0], GAP_PX, 3)),
+                            image[:, gap_start + CELL_PX:]], axis=1)
+    return image.transpose(2, 0, 1)
+
+
+def load_balance(counts: torch.Tensor) -> tuple[float, float]:
+    """(worst max/mean load, mean coefficient of variation) over router steps, of the
+    modules only (SKIP is a choice, not a module with a load to balance)."""
+    loads = counts.detach().double().cpu().numpy()[:, :-1]
+    mean = loads.mean(axis=1)
+    used = mean > 0  # a step where every token skipped has no load to balance
+    if not used.any():
+        return 1.0, 0.0
+    max_over_mean = (loads.max(axis=1)[used] / mean[used]).max()
+    cv = (loads.std(axis=1)[used] / mean[used]).mean()
+    return float(max_over_mean), float(cv)
+
+
+def depth_bins(max_depth: float) -> np.ndarray:
+    """Bin edges centred on the half steps depth can take (it averages two halves)."""
+    return np.arange(-0.25, max_depth + 0.75, 0.5)
+
+
+def log_routing(writer, step: int, routing: Sequence, *,
+                dropped_tokens: Optional[Sequence[float]] = None,
+                capacity: Optional[Sequence[float]] = None,
+                all_to_all_bytes: Optional[float] = None,
+                all_to_all_seconds: Optional[float] = None) -> None:
+    """Write the dashboard of one step. dropped_tokens / capacity: per block, tokens that
+    found their module full, and the token capacity of one module."""
+    for c, block in enumerate(routing):
+        tag = f"routing/block{c}"
+        writer.add_image(f"{tag}/usage", usage_image(block.attn_counts, block.ffn_counts), step)
+        for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):
+            total = float(counts.sum())
+            writer.add_scalar(f"{tag}/{half}_skip_rate",
+                              float(counts[:, -1].sum()) / max(total, 1.0), step)
+            max_over_mean, cv = load_balance(counts)
+            writer.add_scalar(f"{tag}/{half}_load_max_over_mean", max_over_mean, step)
+            writer.add_scalar(f"{tag}/{half}_load_cv", cv, step)
+        depth = block.depth.detach().float().cpu()
+        if depth.numel():
+            writer.add_histogram(f"{tag}/depth", depth, step,
+                                 bins=depth_bins(len(block.attn_counts)))
+            writer.add_scalar(f"{tag}/mean_depth", float(depth.mean()), step)
+        writer.add_scalar(f"{tag}/balance_loss", float(block.aux_loss.detach().mean()), step)
+        if dropped_tokens is not None:
+            writer.add_scalar(f"{tag}/dropped_tokens", float(dropped_tokens[c]), step)
+        if capacity is not None:
+            writer.add_scalar(f"{tag}/capacity", float(capacity[c]), step)
+    if all_to_all_bytes is not None:
+        writer.add_scalar("comm/all_to_all_bytes", float(all_to_all_bytes), step)
+    if all_to_all_seconds is not None:
+        writer.add_scalar("comm/all_to_all_ms", 1e3 * float(all_to_all_seconds), step)

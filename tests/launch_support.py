@@ -1,0 +1,228 @@
+"""Shared pieces of the launcher tests: a real Slurm on localhost, the tiny training
+arguments, and skips that say what is missing. Every subprocess has a hard timeout."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The test environment with the venv first on PATH (srun and mpirun children find
+    python, mom-train and mpirun there) and CPU DeepSpeed."""
+    out = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
+           "PYTHONUNBUFFERED": "1"}
+    out.update(extra)
+    return out
+
+
+def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run with a hard timeout and text output; the test sees the output when
+    the command fails."""
+    kwargs.setdefault("env", env())
+    kwargs.setdefault("cwd", REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def require_trainer() -> None:
+    """Skip until mom-train can train (issue 4): its entry point, session and data."""
+    for module in ("mom_ds.cli.train", "mom_ds.train.session", "mom_ds.data"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is missing: mom-train cannot train yet (issue 4)")
+    if shutil.which("mom-train", path=env()["PATH"]) is None:
+        pytest.skip("mom-train is not installed (pip install -e .)")
+
+
+def prepare_data(out: Path) -> Path:
+    """The builtin byte-level corpus from mom-prep (about a second)."""
+    if shutil.which("mom-prep", path=env()["PATH"]) is None:
+        pytest.skip("mom-prep is not installed (data_prep, issue 3)")
+    result = run(["mom-prep", "--source", "builtin", "--tokenizer", "bytes", "--out", str(out)],
+                 timeout=120)
+    if result.returncode != 0:
+        pytest.skip(f"mom-prep failed: {result.stderr[-500:]}")
+    return out
+
+
+def tiny_args(data: Path, out_dir: Path, steps: int = 4, ckpt_interval: int = 2) -> list[str]:
+    """mom-train arguments for a few steps of configs/tiny.yaml that log every step."""
+    return ["--config", "configs/tiny.yaml", "--data.data_dir", str(data),
+            "--train.out_dir", str(out_dir), "--train.max_steps", str(steps),
+            "--train.micro_batch_size", "2", "--train.warmup_steps", "1",
+            "--train.log_interval", "1", "--train.eval_interval", "0",
+            "--train.eval_batches", "1", "--train.ckpt_interval", str(ckpt_interval)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- Slurm
+SLURM_CONF = """\
+ClusterName=momtest
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={run}/munge/munge.socket
+StateSaveLocation={run}/state
+SlurmdSpoolDir={run}/spool
+SlurmctldPidFile={run}/slurmctld.pid
+SlurmdPidFile={run}/slurmd.pid
+SlurmctldLogFile={run}/slurmctld.log
+SlurmdLogFile={run}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+KillWait=5
+NodeName={host} CPUs={cpus} RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class Slurm:
+    """A running slurmctld + slurmd (+ munged) on this host, driven through SLURM_CONF."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.conf = run_dir / "slurm.conf"
+        self.env = env(SLURM_CONF=str(self.conf))
+
+    def cmd(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return run(list(args), timeout=timeout, env=self.env)
+
+    def wait_job(self, job_id: str, timeout: float) -> str:
+        """Poll until the job has left the queue; return its final state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.state(job_id)
+            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED",
+                             "REQUEUE_HOLD", "REQUEUE_FED", ""):
+                return state
+            time.sleep(1)
+        self.cmd("scancel", job_id)
+        raise AssertionError(f"job {job_id} still {self.state(job_id)} after {timeout} s; "
+                             f"slurmctld log: {self.log_tail()}")
+
+    def state(self, job_id: str) -> str:
+        out = self.cmd("scontrol", "show", "job", job_id).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return ""
+
+    def job_field(self, job_id: str, name: str) -> str:
+        for field in self.cmd("scontrol", "show", "job", job_id).stdout.split():
+            if field.startswith(name + "="):
+                return field.split("=", 1)[1]
+        return ""
+
+    def log_tail(self) -> str:
+        logs = [self.run_dir / "slurmctld.log", self.run_dir / "slurmd.log"]
+        return "\n".join(p.read_text()[-1500:] for p in logs if p.is_file())
+
+
+def slurm_missing() -> str | None:
+    """Why a local Slurm cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "starting slurmd/munged needs root"
+    for tool in ("slurmctld", "slurmd", "munged", "sbatch", "scontrol"):
+        if shutil.which(tool, path=f"/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}") is None:
+            return f"{tool} not found (launch/ci_setup.sh installs slurm-wlm and munge)"
+    if not Path("/etc/munge/munge.key").is_file():
+        return "/etc/munge/munge.key is missing (apt-get install munge creates it)"
+    return None
+
+
+def _spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    # Own session: stopping the daemon later never touches the test's process group.
+    return subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True, **kwargs)
+
+
+@contextlib.contextmanager
+def local_slurm() -> Iterator[Slurm]:
+    """munged, slurmctld and slurmd started by hand (no systemd here), stopped by pid.
+    Their directory is a fresh one under /tmp that the munge user can reach (pytest's
+    tmp_path lies under a root-only directory)."""
+    why = slurm_missing()
+    if why:
+        pytest.skip(f"no local Slurm: {why}")
+    run_dir = Path(tempfile.mkdtemp(prefix="mom-slurm-"))
+    run_dir.chmod(0o755)
+    host = socket.gethostname().split(".")[0]
+    for sub in ("state", "spool", "munge"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    shutil.chown(run_dir / "munge", "munge", "munge")
+    os.chmod(run_dir / "munge", 0o755)  # munged insists that everyone can reach its socket
+    slurm = Slurm(run_dir)
+    slurm.conf.write_text(SLURM_CONF.format(host=host, run=run_dir, cpus=os.cpu_count(),
+                                            ctld_port=free_port(), d_port=free_port()))
+    # Our own munged socket (AuthInfo above): a system munged, if one runs, is left alone.
+    socket_path = run_dir / "munge" / "munge.socket"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_spawn(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground",
+                             f"--socket={socket_path}", f"--log-file={run_dir}/munge/munged.log",
+                             f"--pid-file={run_dir}/munge/munged.pid",
+                             f"--seed-file={run_dir}/munge/munged.seed"],
+                            run_dir / "munged.out"))
+        _wait_for(lambda: socket_path.exists(), 10, "munged socket", run_dir / "munged.out")
+        for daemon in ("slurmctld", "slurmd"):
+            procs.append(_spawn([f"/usr/sbin/{daemon}", "-D", "-f", str(slurm.conf)],
+                                run_dir / f"{daemon}.out", env=slurm.env))
+        _wait_for(lambda: "idle" in slurm.cmd("sinfo", "-h", "-o", "%T").stdout, 30,
+                  "an idle Slurm node", run_dir / "slurmctld.log")
+        yield slurm
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait_for(ready, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.3)
+    text = log.read_text()[-2000:] if log.is_file() else "(no log)"
+    raise AssertionError(f"{what} not up after {timeout} s; {log}:\n{text}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the daemon's session, SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
