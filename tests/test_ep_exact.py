@@ -50,12 +50,14 @@ def reference(top_k):
 
 
 def ep_rank_steps(rank, world):
-    return [ep_rank_step(rank, world, top_k) for top_k in (1, 2)]
+    return [ep_rank_step(rank, world, top_k, shard) for top_k in (1, 2) for shard in (True, False)]
 
 
-def ep_rank_step(rank, world, top_k):
+def ep_rank_step(rank, world, top_k, shard):
+    """shard: pools sharded, expert grads reduced explicitly; else replicated pools whose
+    gradients are plain data-parallel averages (the DeepSpeed-engine mode)."""
     model = build(top_k)
-    apply_expert_parallel(model, world)
+    apply_expert_parallel(model, world, shard_parameters=shard)
     use_global_balance_stats(model)
     _, edp_group = expert_parallel_groups(world)
     ep_group, _ = expert_parallel_groups(world)
@@ -68,19 +70,19 @@ def ep_rank_step(rank, world, top_k):
             dist.all_reduce(p.grad)
             p.grad /= world
     reduce_expert_gradients(model, edp_group, world)
-    grads = {local_to_global_name(n, world, rank, model.config): p.grad.clone()
+    ep_size, ep_rank = model.expert_parallel
+    grads = {local_to_global_name(n, ep_size, ep_rank, model.config): p.grad.clone()
              for n, p in model.named_parameters()}
-    return out.logits.detach(), float(out.loss.detach()), grads, \
-        float(global_grad_norm(model, ep_group))
+    norm = float(global_grad_norm(model, ep_group)) if shard else None
+    return out.logits.detach(), float(out.loss.detach()), grads, norm
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_one_process(world):
     per_rank = run_ranks(ep_rank_steps, world)
-    for top_k in (1, 2):
-        results = [r[top_k - 1] for r in per_rank]
-        check_equal_to_reference(results, world, top_k)
+    for i, (top_k, shard) in enumerate((k, s) for k in (1, 2) for s in (True, False)):
+        check_equal_to_reference([r[i] for r in per_rank], world, top_k)
 
 
 def check_equal_to_reference(results, world, top_k):
@@ -90,6 +92,8 @@ def check_equal_to_reference(results, world, top_k):
                                atol=1e-5, rtol=1e-5)
     assert abs(sum(r[1] for r in results) / world - ref_loss) < 1e-5
     for rank, (_, _, grads, norm) in enumerate(results):
+        norm = norm if norm is not None else float(torch.sqrt(sum(
+            g.double().pow(2).sum() for g in grads.values())))
         assert abs(norm - ref_norm) < 1e-5 * max(1.0, ref_norm)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,

@@ -18,10 +18,13 @@ from .placement import (global_to_local_name, is_expert_parameter, local_to_glob
                         shard_module_pools)
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
-    """Keep this rank's A/E attention and F/E FFN modules of every routed block and reach
-    the others by all-to-all. Call after building the full model with the same seed on
-    every rank (so every module starts from the weights a 1-rank run would have)."""
+def apply_expert_parallel(model: nn.Module, ep_size: int, *, shard_parameters: bool = True
+                          ) -> nn.Module:
+    """Each rank computes A/E attention and F/E FFN modules of every routed block and
+    reaches the others by all-to-all. shard_parameters keeps only those modules' weights on
+    the rank (see placement.shard_module_pools for both modes). Call after building the
+    full model with the same seed on every rank (every module then starts from the weights
+    a 1-rank run would have)."""
     ep_group, _ = expert_parallel_groups(ep_size)
     config = model.config
 
@@ -30,7 +33,8 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
                                   [attn_placement, ffn_placement], config.capacity_factor,
                                   config.top_k)
 
-    shard_module_pools(model, ep_size, dist.get_rank(ep_group), dispatcher)
+    shard_module_pools(model, ep_size, dist.get_rank(ep_group), dispatcher,
+                       keep_all=not shard_parameters)
     return model
 
 
