@@ -71,6 +71,10 @@ class TrainConfig:
     """auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32."""
     seed: int = 1337
     """Seed of the model initialisation and of dropout."""
+    init_from: str = ""
+    """Weights to start from instead of a random init: a file written by mom-convert (fp32
+    or from-hf, e.g. a GPT-2 donor cut into modules for two-stage training); ignored by
+    --resume."""
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
     eval_interval: int = 200

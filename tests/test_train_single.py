@@ -110,3 +110,49 @@ def test_tensorboard_holds_named_scalars_and_histograms(reference):
     event = acc.Histograms("routing/block0/ffn_usage_step0")[-1].histogram_value
     # every token made one choice among the 4 modules + SKIP, over 8 windows x 64 tokens
     assert len(event.bucket) == 5 and sum(event.bucket) == 8 * 64
+
+
+def test_eval_and_generate_commands(reference):
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(reference), "--max-windows", "16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"step {STEPS}: val loss ")
+    # mom-eval reads windows in file order, the run's evaluation a seeded sample of them,
+    # so only the magnitude is comparable
+    assert abs(float(line.split()[4]) - metrics(reference)[STEPS]["eval/loss"]) < 0.5
+    proc = run_python(["-m", "mom_ds.cli.generate", str(reference), "--prompt", "def ",
+                       "--max-new-tokens", "20"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("def ")
+
+
+def test_convert_fp32_to_hf_and_back(data, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from mom_ds import MoMConfig, MoMForCausalLM
+
+    vanilla = ["--model.n_chunks", "0", "--model.n_bottom", "2", "--model.n_top", "0",
+               "--train.max_steps", "2", "--train.warmup_steps", "1"]
+    run_dir = tmp_path / "vanilla"
+    mom_train(*tiny_args(data, run_dir), *vanilla)
+    assert run_python(["-m", "mom_ds.cli.convert", "fp32", str(run_dir),
+                       str(tmp_path / "v.pt")]).returncode == 0
+    saved = torch.load(tmp_path / "v.pt", weights_only=False)
+    model = MoMForCausalLM(MoMConfig.from_dict(saved["model_config"])).eval()
+    model.load_state_dict(saved["state_dict"])
+    proc = run_python(["-m", "mom_ds.cli.convert", "to-hf", str(run_dir), str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-5)
+    proc = run_python(["-m", "mom_ds.cli.convert", "from-hf", str(tmp_path / "hf"),
+                       str(tmp_path / "back.pt")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    back = torch.load(tmp_path / "back.pt", weights_only=False)["state_dict"]
+    for name, value in saved["state_dict"].items():
+        assert torch.allclose(back[name], value), name
+    # and a run starts from it
+    out = tmp_path / "stage2"
+    mom_train(*tiny_args(data, out), *vanilla, "--train.init_from", str(tmp_path / "back.pt"))
+    assert metrics(out)[1]["train/lm_loss"] < metrics(run_dir)[1]["train/lm_loss"]

@@ -28,6 +28,8 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
         run.save(out_dir / "config.yaml")  # the exact config, overrides included
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = MoMForCausalLM(run.model)
+    if run.train.init_from and not resume:
+        load_initial_weights(model, run.train.init_from)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
@@ -56,3 +58,14 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
                      stop_after)
     finally:
         monitor.close()
+
+
+def load_initial_weights(model: MoMForCausalLM, path: str) -> None:
+    """Weights written by mom-convert; every tensor must match the run's model."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(f"train.init_from = {path!r} does not fit this run's model (it was "
+                         f"made for {saved['model_config']}): {err}. Fix: convert with this "
+                         f"recipe's --config.") from None

@@ -1,0 +1,51 @@
+"""mom-generate: sample text from a mom-train checkpoint (one process, KV-cached).
+
+  mom-generate runs/tiny --prompt "def main(" [--max-new-tokens 200] [--temperature 0.8]
+               [--top-k 50] [--top-p 0.95] [--seed 0]
+The tokenizer is the one the run's data was prepared with (meta.json in data.data_dir).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mom-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="where the tokenizer is recorded; default: the run's")
+    args = parser.parse_args(argv)
+    from data_prep.tokenizer import load_data_tokenizer
+
+    from ..train.export import load_model
+
+    run, model, _ = load_model(args.checkpoint)
+    tokenizer = load_data_tokenizer(args.data_dir or run.data.data_dir)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
+    if ids.numel() == 0:
+        parser.error("the prompt encodes to no tokens")
+    room = run.model.n_positions - ids.shape[1]
+    if room < 1:
+        parser.error(f"the prompt has {ids.shape[1]} tokens; the model holds "
+                     f"{run.model.n_positions}")
+    out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tokenizer.info.eot_id,
+                         generator=torch.Generator().manual_seed(args.seed))
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
+    print(args.prompt + tokenizer.decode(new))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
