@@ -9,6 +9,7 @@ uneven splits, and brings the results back, behind the same `run` call.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
@@ -145,7 +146,9 @@ class AllToAllDispatcher(LocalDispatcher):
         self.depth = depth
         self.placements = {p.n_modules: p for p in placements}
         self.calls = 0
-        self.bytes_sent = 0  # row bytes sent to other ranks since the last reset
+        self.bytes_sent = 0  # row bytes this rank sent to other ranks since the last reset
+        self.header_bytes = 0  # bytes of the count/header exchange since the last reset
+        self.timings: Optional[dict[str, float]] = None
 
     def _describe(self, call: int, width: int) -> str:
         per_block = 3 * self.depth
@@ -162,6 +165,7 @@ class AllToAllDispatcher(LocalDispatcher):
                              dtype=torch.long, device=device)
         received = torch.empty_like(table)
         dist.all_to_all_single(received, table, group=self.group)
+        self.header_bytes += (E - 1) * table[0].nbytes
         rows = received.tolist()
         for src, row in enumerate(rows):
             if row[:3] != header:
@@ -174,18 +178,28 @@ class AllToAllDispatcher(LocalDispatcher):
         self.calls += 1
         return [row[3:] for row in rows]
 
+    def _lap(self, phase: str, t0: float) -> float:
+        """Add the time since t0 to `timings[phase]` when timing is on (benchmarks, the
+        monitor); forward only, wall clock (no device sync: on GPUs, time with the profiler)."""
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[phase] = self.timings.get(phase, 0.0) + now - t0
+        return now
+
     def run(self, x: torch.Tensor, plan: RoutePlan, fns: Sequence[ModuleFn],
             weighted: bool = True) -> torch.Tensor:
+        t = time.perf_counter()
         plan = self._limit(plan)
         placement = self.placements[len(plan.sizes)]
         E, L = placement.ep_size, placement.per_rank
         recv_counts = self._exchange_counts(plan.sizes, placement, x.shape[1], x.device)
         send_sizes = [sum(plan.sizes[r * L:(r + 1) * L]) for r in range(E)]
         recv_sizes = [sum(c) for c in recv_counts]
-        self.bytes_sent += (sum(send_sizes) - send_sizes[self.ep_rank]) * x.shape[1] * \
-            x.element_size()
-        received = _AllToAll.apply(x.index_select(0, plan.token), send_sizes, recv_sizes,
-                                   self.group)
+        t = self._lap("exchange", t)
+        rows = x.index_select(0, plan.token)
+        t = self._lap("permute", t)
+        received = _AllToAll.apply(rows, send_sizes, recv_sizes, self.group)
+        t = self._lap("exchange", t)
         # Received rows come source-major; regroup them module-major for one matmul each.
         flat_counts = torch.tensor([c for row in recv_counts for c in row], device=x.device)
         module_of_row = torch.repeat_interleave(
@@ -200,9 +214,19 @@ class AllToAllDispatcher(LocalDispatcher):
             for i, m in enumerate(placement.owned()):
                 sizes[m] = per_module[i]
             per_module = sizes
-        y = _compute(fns, received.index_select(0, order), per_module)
+        regrouped = received.index_select(0, order)
+        t = self._lap("permute", t)
+        y = _compute(fns, regrouped, per_module)
+        t = self._lap("compute", t)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)
-        returned = _AllToAll.apply(y.index_select(0, inverse), recv_sizes, send_sizes,
-                                   self.group)
-        return _combine(returned, plan, weighted)
+        y = y.index_select(0, inverse)
+        t = self._lap("permute", t)
+        returned = _AllToAll.apply(y, recv_sizes, send_sizes, self.group)
+        t = self._lap("exchange", t)
+        # Row bytes that crossed to another rank, both ways (rows to oneself stay local).
+        self.bytes_sent += (sum(send_sizes) - send_sizes[self.ep_rank]) * rows[0:1].nbytes + \
+            (sum(recv_sizes) - recv_sizes[self.ep_rank]) * y[0:1].nbytes
+        out = _combine(returned, plan, weighted)
+        self._lap("combine", t)
+        return out
