@@ -160,3 +160,13 @@ def test_missing_deepspeed_json(monkeypatch, capsys, data):
     err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
                           "--deepspeed", "ds_configs/zero9.json")
     assert "file not found" in err
+
+
+def test_recipes_validate_and_their_size_lines_are_fresh():
+    from mom_ds.recipes import main as recipes
+
+    paths = sorted(str(p) for p in (REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        load_run_config(path)
+    assert recipes(["--check", *paths]) == 0
