@@ -24,7 +24,7 @@ def size_lines(path: Path) -> list[str]:
     return [f"{MARK}{describe(run.model, run.data.seq_len)}",
             f"{MARK}{windows * run.data.seq_len:,} tokens per step per rank "
             f"({t.micro_batch_size} x {t.grad_accum_steps} windows of {run.data.seq_len})",
-            f"{MARK}by: python -m mom_ds.recipes {path.as_posix()}"]
+            f"{MARK}by: python -m mom_ds.recipes configs/*.yaml"]
 
 
 def annotated(path: Path) -> str:
