@@ -79,8 +79,8 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
 def _tokenize(batches: Iterator[list[str]], tokenizer: Tokenizer, dtype: np.dtype,
               num_proc: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Encoded batches in input order; with num_proc > 1 a bounded number in flight."""
-    _init_worker(tokenizer, dtype)
     if num_proc == 1:
+        _init_worker(tokenizer, dtype)
         yield from map(_encode, batches)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers must not use threads across fork

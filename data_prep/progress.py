@@ -35,17 +35,17 @@ class Progress:
         now = time.perf_counter()
         if self.enabled and now - self.last >= self.interval:
             self.last = now
-            self._draw(now, end="\r" if self.tty else "\n")
+            self._draw(now, end="\r" if self.tty else "\n", final=False)
 
     def close(self) -> None:
         if self.enabled:
-            self._draw(time.perf_counter(), end="\n")
+            self._draw(time.perf_counter(), end="\n", final=True)
 
-    def _draw(self, now: float, end: str) -> None:
+    def _draw(self, now: float, end: str, final: bool) -> None:
         elapsed = max(now - self.start, 1e-9)
         line = (f"{self.docs:,} docs ({_si(self.docs / elapsed)}/s) | {_si(self.tokens)} tokens "
                 f"({_si(self.tokens / elapsed)}/s) | {_clock(elapsed)}")
-        if self.total:
+        if self.total and not final:
             amount, unit = self.total
             # Characters stand in for bytes: exact for ASCII, close for most text.
             done = (self.chars if unit == "bytes" else self.docs) / max(amount, 1)

@@ -76,6 +76,7 @@ class BuiltinSource(Source):
 
     def documents(self) -> Iterator[str]:
         for path in self.files:
+            # Python source is UTF-8 (PEP 3120); "replace" only keeps an odd installation usable.
             yield _decode(path.read_bytes(), "replace", str(path))
 
 

@@ -81,10 +81,18 @@ def test_train_tokenizer_is_saved_beside_the_data(tmp_path):
     assert tok.decode(tok.encode(sample)) == sample
 
 
-@pytest.mark.slow
 def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     from data_prep.format import DataError
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="could not load 'no-such/dataset-xyz'"):
         resolve_source(["no-such/dataset-xyz"], SourceOptions())
+
+
+def test_val_gets_the_last_document_when_the_draw_gives_none(tmp_path):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    result = prepare(PrepSettings(source=[str(tmp_path / "c.jsonl")], tokenizer="bytes", val_fraction=1e-9),
+                     tmp_path / "out", show_progress=False)
+    assert result.meta["splits"]["val"]["n_documents"] == 1
+    val = np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2")
+    assert bytes(val[:-1].astype(np.uint8)) == b"doc 4"
