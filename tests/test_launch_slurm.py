@@ -72,6 +72,13 @@ def test_requeued_job_resumes(slurm, data, tmp_path):
         time.sleep(0.5)
     requeue = slurm.cmd("scontrol", "requeue", job)
     assert requeue.returncode == 0, requeue.stderr
+    # Slurm holds a requeued job back for about two minutes (Reason=BeginTime); a test
+    # need not wait for that.
+    deadline = time.monotonic() + 30
+    while slurm.state(job) != "PENDING":
+        assert time.monotonic() < deadline, slurm.state(job)
+        time.sleep(0.3)
+    assert slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
     state = slurm.wait_job(job, timeout=200)
     log = job_log(tmp_path, job)  # --open-mode=append: both runs in one file
     assert state == "COMPLETED", log[-3000:]
@@ -104,10 +111,13 @@ def test_allocation_smaller_than_config_needs(slurm, data, tmp_path):
 
 
 def test_request_larger_than_cluster_is_refused(slurm, data, tmp_path):
-    result = slurm.cmd(SUBMIT, "--logs", str(tmp_path), "--tasks-per-node", "64", "--",
+    result = slurm.cmd(SUBMIT, "--logs", str(tmp_path), "--nodes", "4", "--",
                        *tiny_args(data, tmp_path / "run"))
-    assert result.returncode != 0
-    assert "Requested node configuration is not available" in result.stderr
+    assert result.returncode == 1
+    assert "Slurm cannot run 4 node(s) x 1 task(s) here: Requested node configuration is " \
+        "not available" in result.stderr, result.stderr
+    assert "Fix:" in result.stderr
+    assert slurm.cmd("squeue", "-h").stdout.strip() == ""  # nothing left pending
 
 
 def test_hostfile_from_allocation(slurm, tmp_path):

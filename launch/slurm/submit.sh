@@ -46,5 +46,12 @@ if [ "$dry" = 1 ]; then
     MOM_DRY_RUN=1 MOM_WORLD_SIZE=$((nodes * tasks)) bash "$here/train.sbatch" "$@"
     exit 0
 fi
+# A request the cluster can never satisfy is otherwise accepted and pends forever
+# (Reason=PartitionNodeLimit); --test-only asks the scheduler first.
+if ! check=$(sbatch --test-only "${cmd[@]:1}" 2>&1); then
+    echo "submit.sh: Slurm cannot run $nodes node(s) x $tasks task(s) here: ${check##*: }" >&2
+    echo "submit.sh: Fix: ask for what \`sinfo -N -o '%N %c %G'\` lists (nodes, CPUs, GPUs per node)." >&2
+    exit 1
+fi
 mkdir -p "$logs"
 "${cmd[@]}"
