@@ -17,8 +17,8 @@ Subcommands (each exits 1 with a message that names the fix):
   check-allocation [--need N] -- TRAIN_ARGS
                                     this Slurm job has at least the ranks the run needs
   out-dir -- TRAIN_ARGS             print train.out_dir (the sbatch script resumes from it)
-TRAIN_ARGS are mom-train's own (--config C [--deepspeed D] [--section.key value ...]).
   run --from SOURCE -- CMD ARGS...  per-rank entry point described above
+TRAIN_ARGS are mom-train's own (--config C [--deepspeed D] [--section.key value ...]).
 """
 from __future__ import annotations
 
