@@ -33,6 +33,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
+    torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
 
     def batches(split: str, seed: int) -> Batches:
         data = TokenizedDataset(run.data.data_dir, split=split, seq_len=run.data.seq_len)
