@@ -311,10 +311,14 @@ def field_docs(klass: type) -> dict[str, str]:
     return docs
 
 
-def reference_markdown() -> str:
-    """The README's config reference: one table per section, from the field docstrings."""
+def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "parallel")
+                       ) -> str:
+    """The README's config reference: one table per section, from the field docstrings.
+    `python -m mom_ds.config data train parallel` prints what the Training section holds."""
     lines = []
     for section, klass in _section_classes().items():
+        if section not in sections:
+            continue
         docs = field_docs(klass)
         lines += [f"`{section}:`", "", "| field | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(klass):
@@ -322,3 +326,9 @@ def reference_markdown() -> str:
             lines.append(f"| `{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(reference_markdown(tuple(sys.argv[1:]) or ("model", "data", "train", "parallel")))

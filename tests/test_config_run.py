@@ -170,3 +170,10 @@ def test_recipes_validate_and_their_size_lines_are_fresh():
     for path in paths:
         load_run_config(path)
     assert recipes(["--check", *paths]) == 0
+
+
+def test_readme_reference_matches_the_docstrings():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("<!-- section:train -->"):readme.index("<!-- /section:train -->")]
+    assert reference_markdown(("data", "train", "parallel")).strip() in section, \
+        "regenerate with: python -m mom_ds.config data train parallel"
