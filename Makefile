@@ -19,7 +19,7 @@ quickstart: venv
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/quickstart.sh
 
 test: venv
-	$(BIN)/python -m pytest -q -ra tests
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra tests
 
 clean:
 	rm -rf $(VENV) runs data
