@@ -80,14 +80,14 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
                                       or step + 1 == t.max_steps)
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
         stats = RoutingStats() if logging else None
-        loss_sum = lm_sum = 0.0
+        loss_sum = lm_sum = 0.0  # tensors after the first micro-batch: no host sync per step
         for _ in range(t.grad_accum_steps):
             x, y = batches.next()
             out = engine(x, labels=y)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
-            loss_sum += float(out.loss.detach())
-            lm_sum += float(out.lm_loss.detach())
+            loss_sum = loss_sum + out.loss.detach()
+            lm_sum = lm_sum + out.lm_loss.detach()
             if stats is not None:
                 stats.add(out.routing)
         progress.step += 1
@@ -95,8 +95,8 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
         window_steps += 1
 
         if logging:
-            loss = mean_over_ranks(loss_sum / t.grad_accum_steps, x.device)
-            lm_loss = mean_over_ranks(lm_sum / t.grad_accum_steps, x.device)
+            loss = mean_over_ranks(float(loss_sum) / t.grad_accum_steps, x.device)
+            lm_loss = mean_over_ranks(float(lm_sum) / t.grad_accum_steps, x.device)
             stats.all_reduce()
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
