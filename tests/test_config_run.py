@@ -177,3 +177,13 @@ def test_readme_reference_matches_the_docstrings():
     section = readme[readme.index("<!-- section:train -->"):readme.index("<!-- /section:train -->")]
     assert reference_markdown(("data", "train", "parallel")).strip() in section, \
         "regenerate with: python -m mom_ds.config data train parallel"
+
+
+def test_srun_without_rank_variables_is_refused(monkeypatch, capsys):
+    from mom_ds.cli.train import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert main(["--config", str(TINY)]) == 2
+    assert "each task would train alone" in capsys.readouterr().err
+    assert not dist.is_initialized()

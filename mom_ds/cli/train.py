@@ -32,10 +32,21 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     return parser.parse_known_args(argv)
 
 
+# Set by srun / mpirun for each of several tasks; without RANK & co. every task would train
+# alone, all writing into the same run directory.
+TASK_COUNT_VARS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
 def single_process_env() -> None:
     """Without a launcher, make this process rank 0 of 1 (DeepSpeed otherwise probes MPI)."""
     if "WORLD_SIZE" in os.environ:
         return
+    for var in TASK_COUNT_VARS:
+        if int(os.environ.get(var, "1")) > 1:
+            raise ConfigError(f"started as one of {os.environ[var]} tasks ({var}) without "
+                              f"RANK / WORLD_SIZE: each task would train alone. Fix: launch "
+                              f"through launch/slurm/submit.sh or launch/mpi.sh (or export "
+                              f"RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT per task).")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,8 +62,8 @@ def load_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parse_args(argv)
-    single_process_env()
     try:
+        single_process_env()
         run = load_config(args, overrides)
         from ..train.preflight import preflight
         ds_config = preflight(run)
