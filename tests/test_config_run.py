@@ -177,6 +177,9 @@ def test_readme_reference_matches_the_docstrings():
     section = readme[readme.index("<!-- section:train -->"):readme.index("<!-- /section:train -->")]
     assert reference_markdown(("data", "train", "parallel")).strip() in section, \
         "regenerate with: python -m mom_ds.config data train parallel"
+    model = readme[readme.index("<!-- section:model -->"):readme.index("<!-- /section:model -->")]
+    assert reference_markdown(("model",)).strip() in model, \
+        "regenerate with: python -m mom_ds.config model"
 
 
 def test_srun_without_rank_variables_is_refused(monkeypatch, capsys):

@@ -26,6 +26,14 @@ LAYOUTS = {
               "--train.eval_batches", "4"],
     "zero3": ["--train.micro_batch_size", "4"],
 }
+# Expert parallelism (E = 2 on the 2 ranks): the same global batch, the module pools'
+# computation split over the ranks by all-to-all; (DeepSpeed JSON, extra arguments).
+EP_LAYOUTS = {
+    "ep2_zero2": ("zero2", ["--train.micro_batch_size", "4",
+                            "--parallel.expert_parallel_size", "2"]),
+    "ep2_zero3": ("zero3", ["--train.micro_batch_size", "4",
+                            "--parallel.expert_parallel_size", "2"]),
+}
 # fp32 throughout. The two-rank runs sum gradients in a different order (per-rank partial
 # sums, then an all-reduce) than one rank does, which changes the last bits (~1e-7
 # relative); Adam then carries that over a few steps. 1e-4 relative is far above that and
@@ -58,6 +66,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         outs[stage] = root / stage
         plan.append([*tiny_args(data, outs[stage]), *common, *extra,
                      "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")])
+    for name, (stage, extra) in EP_LAYOUTS.items():
+        outs[name] = root / name
+        plan.append([*tiny_args(data, outs[name]), *common, *extra,
+                     "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")])
+    # saved with E = 2, resumed with E = 1: the checkpoint does not depend on E
+    outs["ep2_to_ep1"] = root / "ep2_to_ep1"
+    reshard = [*tiny_args(data, outs["ep2_to_ep1"]), *common, "--train.micro_batch_size", "4",
+               "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
+    plan += [[*reshard, "--parallel.expert_parallel_size", "2", "--stop-after", "3"],
+             [*reshard, "--parallel.expert_parallel_size", "1", "--resume"]]
     # 2-rank stop + resume: per-rank sampler positions and RNG come back from the checkpoint
     outs["zero1_resume"] = root / "zero1_resume"
     resume = [*tiny_args(data, outs["zero1_resume"]), *common, *LAYOUTS["zero1"],
@@ -86,7 +104,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-@pytest.mark.parametrize("stage", sorted(LAYOUTS))
+@pytest.mark.parametrize("stage", sorted(LAYOUTS) + sorted(EP_LAYOUTS) + ["ep2_to_ep1"])
 def test_two_ranks_follow_one_rank(runs, stage):
     want, got = metrics(runs["reference"]), metrics(runs[stage])
     for step in range(1, STEPS + 1):
@@ -94,6 +112,14 @@ def test_two_ranks_follow_one_rank(runs, stage):
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
     assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
     assert (runs[stage] / "ckpt" / "latest").read_text() == f"step_{STEPS:06d}"
+
+
+def test_expert_parallel_runs_moved_tokens_between_ranks(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(runs["ep2_zero2"] / "tb")).Reload()
+    assert events.Scalars("comm/all_to_all_bytes")[-1].value > 0
+    assert "routing/block0/usage" in events.Tags()["images"]
 
 
 def test_zero3_with_empty_modules_finishes(runs):

@@ -248,32 +248,3 @@ class MoMConfig:
                               f"YAML file such as configs/tiny.yaml.")
         data = yaml.safe_load(path.read_text()) or {}
         return cls.from_dict(data.get("model", data))
-
-
-def field_docs() -> dict[str, str]:
-    """Field name -> docstring (for the README's config reference and --help)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(MoMConfig))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
-                and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
-    return docs
-
-
-
-def markdown_reference() -> str:
-    """The README's model config table: `python -m mom_ds.model.config`."""
-    docs = field_docs()
-    rows = ["| field | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(MoMConfig):
-        rows.append(f"| `{f.name}` | `{f.default!r}` | {docs.get(f.name, '')} |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(markdown_reference())

@@ -99,6 +99,12 @@ class LocalDispatcher:
         self.dropped += dropped
         return plan
 
+    def take_stats(self) -> tuple[int, int, float]:
+        """(assignments dropped, bytes sent to other ranks, seconds exchanging) since the
+        last call; the counters restart."""
+        dropped, self.dropped = self.dropped, 0
+        return dropped, 0, 0.0
+
     def run(self, x: torch.Tensor, plan: RoutePlan, fns: Sequence[ModuleFn],
             weighted: bool = True) -> torch.Tensor:
         """x: (N, d_in) -> (N, d_out) = sum over each token's assignments of
@@ -177,6 +183,12 @@ class AllToAllDispatcher(LocalDispatcher):
                     f"same order (same depth, same number of micro-batches).")
         self.calls += 1
         return [row[3:] for row in rows]
+
+    def take_stats(self) -> tuple[int, int, float]:
+        dropped = super().take_stats()[0]
+        sent, self.bytes_sent = self.bytes_sent, 0
+        seconds = self.timings.pop("exchange", 0.0) if self.timings is not None else 0.0
+        return dropped, sent, seconds
 
     def _lap(self, phase: str, t0: float) -> float:
         """Add the time since t0 to `timings[phase]` when timing is on (benchmarks, the

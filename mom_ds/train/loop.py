@@ -17,7 +17,7 @@ from ..config import RunConfig, TrainConfig
 from ..model.flops import flops_per_token
 from . import checkpoint
 from .batches import Batches
-from .monitor import Monitor, RoutingStats, device_peak_tflops, memory_gb
+from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -115,7 +115,7 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
             monitor.scalars(progress.step, values, echo=(
                 f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
                 f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}%"))
-            monitor.routing(progress.step, stats)
+            monitor.routing(progress.step, stats, dispatch_stats(engine.module))
             window_start, window_steps = time.perf_counter(), 0
 
         done = progress.step == t.max_steps

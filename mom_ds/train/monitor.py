@@ -10,10 +10,13 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from .routing_dashboard import log_routing
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity).
 # nanoGPT hard-codes A100's 312 and reports 104% MFU on an H100 (nanoGPT #182): look it up.
@@ -47,8 +50,8 @@ def memory_gb() -> float:
 class RoutingStats:
     """Routing of one optimizer step, summed over micro-batches (and later over ranks).
 
-    Per routed block: attn / ffn counts (H, pool + 1) with last column = SKIP, the sum of
-    assembled depth over tokens, the token count, and the balancing loss per step.
+    Per routed block: attn / ffn counts (H, pool + 1) with last column = SKIP, tokens per
+    assembled depth 0, 0.5, ... H (depth_hist), and the balancing loss per step.
     """
 
     def __init__(self) -> None:
@@ -59,15 +62,15 @@ class RoutingStats:
         if not self.blocks:
             self.blocks = [{"attn": torch.zeros_like(r.attn_counts, dtype=torch.float64),
                             "ffn": torch.zeros_like(r.ffn_counts, dtype=torch.float64),
-                            "depth": torch.zeros((), dtype=torch.float64, device=r.depth.device),
-                            "tokens": torch.zeros((), dtype=torch.float64, device=r.depth.device),
+                            "depth_hist": torch.zeros(2 * len(r.attn_counts) + 1,
+                                                      dtype=torch.float64, device=r.depth.device),
                             "aux": torch.zeros_like(r.aux_loss, dtype=torch.float64)}
                            for r in routing]
         for acc, r in zip(self.blocks, routing):
             acc["attn"] += r.attn_counts.double()
             acc["ffn"] += r.ffn_counts.double()
-            acc["depth"] += r.depth.double().sum()
-            acc["tokens"] += r.depth.numel()
+            halves = torch.round(2 * r.depth.double()).long()
+            acc["depth_hist"] += torch.bincount(halves, minlength=len(acc["depth_hist"])).double()
             acc["aux"] += r.aux_loss.detach().double()
         self.micro_batches += 1
 
@@ -77,6 +80,33 @@ class RoutingStats:
             for value in acc.values():
                 dist.all_reduce(value)
         self.micro_batches *= dist.get_world_size()
+
+    def as_routing(self) -> list[SimpleNamespace]:
+        """The summed statistics in the shape routing_dashboard.log_routing reads."""
+        return [SimpleNamespace(attn_counts=acc["attn"], ffn_counts=acc["ffn"],
+                                depth_hist=acc["depth_hist"],
+                                aux_loss=acc["aux"] / self.micro_batches)
+                for acc in self.blocks]
+
+
+def dispatch_stats(model) -> dict[str, Any]:
+    """Per block the assignments dropped by a capacity limit; all-to-all bytes and seconds
+    (summed, resp. averaged, over ranks) since the last call. Every rank calls it at the
+    same step."""
+    blocks = getattr(model, "chunks", [])
+    if not blocks:
+        return {}
+    taken = [block.dispatcher.take_stats() for block in blocks]
+    values = torch.tensor([t[0] for t in taken] + [sum(t[1] for t in taken),
+                                                   sum(t[2] for t in taken)],
+                          dtype=torch.float64, device=next(model.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values[-1] /= dist.get_world_size()
+    stats: dict[str, Any] = {"dropped_tokens": values[:-2].tolist()}
+    if values[-2] > 0:  # expert parallelism moved rows between ranks
+        stats.update(all_to_all_bytes=float(values[-2]), all_to_all_seconds=float(values[-1]))
+    return stats
 
 
 class Monitor:
@@ -100,28 +130,11 @@ class Monitor:
         if echo:
             print(echo, flush=True)
 
-    def routing(self, step: int, stats: RoutingStats) -> None:
+    def routing(self, step: int, stats: RoutingStats, comm: Optional[dict] = None) -> None:
+        """The routing dashboard (routing_dashboard.py) of the global batch."""
         if not self.enabled or not stats.blocks:
             return
-        for c, acc in enumerate(stats.blocks):
-            tag = f"routing/block{c}"
-            values = {f"{tag}/mean_depth": float(acc["depth"] / acc["tokens"]),
-                      f"{tag}/balance_loss": float(acc["aux"].mean() / stats.micro_batches)}
-            for half in ("attn", "ffn"):
-                counts = acc[half].cpu()
-                values[f"{tag}/{half}_skip_rate"] = float(counts[:, -1].sum() / counts.sum())
-                for h, row in enumerate(counts):
-                    self._histogram(f"{tag}/{half}_usage_step{h}", row, step)
-            self.scalars(step, values)
-
-    def _histogram(self, name: str, counts: torch.Tensor, step: int) -> None:
-        """Module-usage histogram: bucket i holds the choices of module i (last = SKIP)."""
-        ids = torch.arange(len(counts), dtype=torch.float64)
-        n = float(counts.sum())
-        self.writer.add_histogram_raw(
-            name, min=0.0, max=float(len(counts) - 1), num=n,
-            sum=float((ids * counts).sum()), sum_squares=float((ids * ids * counts).sum()),
-            bucket_limits=(ids + 0.5).tolist(), bucket_counts=counts.tolist(), global_step=step)
+        log_routing(self.writer, step, stats.as_routing(), **(comm or {}))
 
     def close(self) -> None:
         if self.enabled:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, load_deepspeed_json
+from ..parallel.placement import validate_expert_parallel
 from .engine import build_ds_config, device_type, world_size_from_env
 
 
@@ -41,6 +42,7 @@ def check_data(run: RunConfig, world_size: int) -> None:
 def preflight(run: RunConfig) -> dict[str, Any]:
     """Every check before DeepSpeed starts; returns the completed DeepSpeed config."""
     world_size = world_size_from_env()
+    validate_expert_parallel(run.model, world_size, run.parallel.expert_parallel_size)
     check_data(run, world_size)
     return build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
                            device_type())

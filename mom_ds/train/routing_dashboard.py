@@ -10,6 +10,7 @@ For every routed block, at one step:
                                                  (1 = perfectly balanced; worst router step)
   routing/block{c}/{attn,ffn}_load_cv            coefficient of variation of module loads
                                                  (std / mean, averaged over router steps)
+  routing/block{c}/{attn,ffn}_usage_step{h}     histogram: choices per module (last = SKIP)
   routing/block{c}/depth          histogram of assembled depth per token
   routing/block{c}/mean_depth, routing/block{c}/balance_loss
 Optional, when the caller has them (expert parallelism):
@@ -17,8 +18,8 @@ Optional, when the caller has them (expert parallelism):
   comm/all_to_all_bytes, comm/all_to_all_ms
 
 `log_routing` takes `MoMOutput.routing` (or anything with attn_counts (H, A+1),
-ffn_counts (H, F+1), depth (N,), aux_loss (H,)) and a SummaryWriter; numpy renders the
-images, so matplotlib is not needed here.
+ffn_counts (H, F+1), depth (N,) or depth_hist (2H+1,), aux_loss (H,)) and a SummaryWriter;
+numpy renders the images, so matplotlib is not needed here.
 """
 from __future__ import annotations
 
@@ -72,9 +73,24 @@ def load_balance(counts: torch.Tensor) -> tuple[float, float]:
     return float(max_over_mean), float(cv)
 
 
-def depth_bins(max_depth: float) -> np.ndarray:
-    """Bin edges centred on the half steps depth can take (it averages two halves)."""
-    return np.arange(-0.25, max_depth + 0.75, 0.5)
+def depth_counts(block) -> torch.Tensor:
+    """Tokens per assembled depth 0, 0.5, 1, ... H (depth averages the two halves): a
+    block's `depth_hist` when the caller summed it over ranks, else counted from `depth`."""
+    if hasattr(block, "depth_hist"):
+        return block.depth_hist.detach().double().cpu()
+    halves = torch.round(2 * block.depth.detach().double().cpu()).long()
+    return torch.bincount(halves, minlength=2 * len(block.attn_counts) + 1).double()
+
+
+def write_count_histogram(writer, name: str, values: torch.Tensor, counts: torch.Tensor,
+                          step: int) -> None:
+    """A TensorBoard histogram from counts per value (bucket i holds value i's count)."""
+    values, counts = values.double(), counts.double().cpu()
+    edges = torch.cat([(values[1:] + values[:-1]) / 2, values[-1:] + 0.5])
+    writer.add_histogram_raw(
+        name, min=float(values[0]), max=float(values[-1]), num=float(counts.sum()),
+        sum=float((values * counts).sum()), sum_squares=float((values * values * counts).sum()),
+        bucket_limits=edges.tolist(), bucket_counts=counts.tolist(), global_step=step)
 
 
 def log_routing(writer, step: int, routing: Sequence, *,
@@ -94,11 +110,15 @@ def log_routing(writer, step: int, routing: Sequence, *,
             max_over_mean, cv = load_balance(counts)
             writer.add_scalar(f"{tag}/{half}_load_max_over_mean", max_over_mean, step)
             writer.add_scalar(f"{tag}/{half}_load_cv", cv, step)
-        depth = block.depth.detach().float().cpu()
-        if depth.numel():
-            writer.add_histogram(f"{tag}/depth", depth, step,
-                                 bins=depth_bins(len(block.attn_counts)))
-            writer.add_scalar(f"{tag}/mean_depth", float(depth.mean()), step)
+            for h, row in enumerate(counts.detach().double().cpu()):  # bucket = module id
+                write_count_histogram(writer, f"{tag}/{half}_usage_step{h}",
+                                      torch.arange(len(row)), row, step)
+        depth = depth_counts(block)
+        if depth.sum() > 0:
+            levels = torch.arange(len(depth), dtype=torch.float64) / 2
+            write_count_histogram(writer, f"{tag}/depth", levels, depth, step)
+            writer.add_scalar(f"{tag}/mean_depth", float((levels * depth).sum() / depth.sum()),
+                              step)
         writer.add_scalar(f"{tag}/balance_loss", float(block.aux_loss.detach().mean()), step)
         if dropped_tokens is not None:
             writer.add_scalar(f"{tag}/dropped_tokens", float(dropped_tokens[c]), step)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..model import MoMForCausalLM
+from ..parallel.expert import apply_expert_parallel, use_global_balance_stats
 from . import checkpoint
 from .batches import Batches
 from .engine import build_engine, init_distributed
@@ -31,6 +32,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     if run.train.init_from and not resume:
         load_initial_weights(model, run.train.init_from)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    parallelize(model, run.parallel.expert_parallel_size, world)
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
@@ -59,6 +61,20 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
                      stop_after)
     finally:
         monitor.close()
+
+
+def parallelize(model: MoMForCausalLM, ep_size: int, world: int) -> None:
+    """The parallel transforms, in order. With several ranks the balancing loss uses the
+    global batch's routing statistics (so any world size trains the same model as one
+    process). With expert parallelism the pools stay replicated as plain data-parallel
+    parameters (ZeRO 0-3 shard and reduce them exactly) while each rank computes only the
+    modules it owns, reached by all-to-all (README, "Expert parallelism")."""
+    if world > 1:
+        use_global_balance_stats(model)
+    if ep_size > 1:
+        apply_expert_parallel(model, ep_size, shard_parameters=False)
+        for block in model.chunks:
+            block.dispatcher.timings = {}  # the monitor logs all-to-all time per step
 
 
 def load_initial_weights(model: MoMForCausalLM, path: str) -> None:
