@@ -162,6 +162,16 @@ def test_missing_deepspeed_json(monkeypatch, capsys, data):
     assert "file not found" in err
 
 
+def test_expert_parallel_size_that_does_not_divide_is_refused(monkeypatch, capsys, data):
+    # tiny: A = F = 4 modules per pool, 2 ranks (WORLD_SIZE)
+    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
+                          "--parallel.expert_parallel_size", "4")
+    assert "expert_parallel_size = 4 does not divide the data-parallel size 2" in err
+    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
+                          "--parallel.expert_parallel_size", "2", "--model.n_ffn_modules", "3")
+    assert "does not divide model.n_ffn_modules = 3" in err
+
+
 def test_recipes_validate_and_their_size_lines_are_fresh():
     from mom_ds.recipes import main as recipes
 

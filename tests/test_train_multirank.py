@@ -114,6 +114,17 @@ def test_two_ranks_follow_one_rank(runs, stage):
     assert (runs[stage] / "ckpt" / "latest").read_text() == f"step_{STEPS:06d}"
 
 
+@pytest.mark.parametrize("stage", sorted(EP_LAYOUTS))
+def test_expert_parallel_clips_with_the_one_rank_gradient_norm(runs, stage):
+    """DeepSpeed #8475 averaged the norm over ranks holding different experts; here the
+    norm DeepSpeed clips with equals the one-rank norm of the same global batch."""
+    want, got = metrics(runs["reference"]), metrics(runs[stage])
+    for step in range(1, STEPS + 1):
+        assert got[step]["train/grad_norm"] == pytest.approx(want[step]["train/grad_norm"],
+                                                            rel=RTOL), step
+    assert max(want[s]["train/grad_norm"] for s in range(1, STEPS + 1)) > 1.0  # clipping on
+
+
 def test_expert_parallel_runs_moved_tokens_between_ranks(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
