@@ -135,7 +135,7 @@ def main() -> None:
     header = sum(o["bytes"][1] for o in res)
     # Minimum: each row bound for the other rank crosses once out and its result once back.
     minimum = 2 * sum(o["bytes"][2] for o in res)
-    print("(a) bytes crossing between the ranks in one forward, both ranks together")
+    print(f"(a) bytes crossing between the ranks in {args.steps} forwards, both ranks together")
     print(f"  measured {rows + header:,} B (rows {rows:,} + headers {header:,}) / theoretical "
           f"minimum {minimum:,} B = {(rows + header) / minimum:.4f} (target <= 1.1)")
     print("\n(b) tokens/s, forward + backward, both ranks together")
