@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import signal
@@ -147,6 +148,54 @@ class Slurm:
         logs = [self.run_dir / "slurmctld.log", self.run_dir / "slurmd.log"]
         return "\n".join(p.read_text()[-1500:] for p in logs if p.is_file())
 
+    def diagnose(self, job_id: str) -> str:
+        """What a failed assertion about a job should show: the job record and the
+        daemons' last log lines."""
+        show = self.cmd("scontrol", "show", "job", job_id)
+        return f"scontrol show job {job_id}:\n{show.stdout}{show.stderr}\n{self.log_tail()}"
+
+    def requeue(self, job_id: str, marker: str, timeout: float = 60) -> None:
+        """`scontrol requeue` a running job, wait until the old run is completely gone and
+        let the job start again at once (instead of Slurm's two-minute BeginTime hold).
+
+        The hold exists partly for a race this skips: slurmd revokes the job's credentials
+        at the kill time, in whole seconds, and refuses a batch launch whose credential was
+        created in that same second ("Job N already killed, do not launch batch job");
+        slurmctld then ends the job FAILED ("Killing non-startable batch JobId=N: Job
+        credential revoked") and it never restarts. So the release waits for
+        (1) the state PENDING: no longer COMPLETING, slurmd saw every step end,
+        (2) no process left whose command line contains `marker` (the old ranks), and
+        (3) the next second after the requeue, so the new credential is strictly newer."""
+        deadline = time.monotonic() + timeout
+        result = self.cmd("scontrol", "requeue", job_id)
+        killed_at = time.time()  # slurmctld stamped the kill request before answering
+        assert result.returncode == 0, result.stderr
+        while (state := self.state(job_id)) != "PENDING":
+            assert time.monotonic() < deadline, \
+                f"requeued job {job_id} still {state} after {timeout} s\n{self.diagnose(job_id)}"
+            time.sleep(0.3)
+        while left := processes_with(marker):
+            assert time.monotonic() < deadline, \
+                f"processes of the requeued run still alive after {timeout} s: {left}"
+            time.sleep(0.3)
+        time.sleep(max(0.0, math.floor(killed_at) + 1.2 - time.time()))
+        update = self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        assert update.returncode == 0, update.stderr
+
+
+def processes_with(marker: str) -> list[str]:
+    """Command lines of the live processes whose arguments contain `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        text = " ".join(a.decode(errors="replace") for a in args if a)
+        if marker in text:
+            found.append(f"{cmdline.parent.name}: {text[:200]}")
+    return found
+
 
 def slurm_missing() -> str | None:
     """Why a local Slurm cannot run here, or None."""
@@ -203,7 +252,8 @@ def local_slurm() -> Iterator[Slurm]:
     finally:
         for proc in reversed(procs):
             _stop(proc)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if os.environ.get("MOM_KEEP_SLURM_DIR") != "1":  # keep the logs to debug a failure
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _wait_for(ready, timeout: float, what: str, log: Path) -> None:

@@ -70,18 +70,12 @@ def test_requeued_job_resumes(slurm, data, tmp_path):
         assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
             job_log(tmp_path, job)[-3000:]
         time.sleep(0.5)
-    requeue = slurm.cmd("scontrol", "requeue", job)
-    assert requeue.returncode == 0, requeue.stderr
     # Slurm holds a requeued job back for about two minutes (Reason=BeginTime); a test
-    # need not wait for that.
-    deadline = time.monotonic() + 30
-    while slurm.state(job) != "PENDING":
-        assert time.monotonic() < deadline, slurm.state(job)
-        time.sleep(0.3)
-    assert slurm.cmd("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    # need not wait for that, but must wait for the old run to be gone (see Slurm.requeue).
+    slurm.requeue(job, marker=str(out))
     state = slurm.wait_job(job, timeout=200)
     log = job_log(tmp_path, job)  # --open-mode=append: both runs in one file
-    assert state == "COMPLETED", log[-3000:]
+    assert state == "COMPLETED", f"{log[-3000:]}\n{slurm.diagnose(job)}"
     assert slurm.job_field(job, "Restarts") == "1"
     assert "(restart 1)" in log and "resumed from step" in log, log[-3000:]
     resumed_at = int(re.search(r"resumed from step (\d+)", log).group(1))
