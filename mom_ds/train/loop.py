@@ -31,6 +31,12 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     return (t.min_lr + cosine * (t.lr - t.min_lr)) / t.lr
 
 
+def format_eta(seconds: float) -> str:
+    """Time left at the current pace (evaluations and checkpoints not included)."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor(value, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -112,9 +118,10 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
                       "perf/memory_gb": memory_gb(), "train/tokens_seen": progress.tokens_seen}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
+            eta = (stop - progress.step) * elapsed / window_steps
             monitor.scalars(progress.step, values, echo=(
                 f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
-                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}%"))
+                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% eta {format_eta(eta)}"))
             monitor.routing(progress.step, stats, dispatch_stats(engine.module))
             window_start, window_steps = time.perf_counter(), 0
 
