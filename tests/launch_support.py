@@ -1,9 +1,8 @@
 """Shared pieces of the launcher tests: a real Slurm on localhost, the tiny training
-arguments, and skips that say what is missing. Every subprocess has a hard timeout."""
+arguments, and a skip where Slurm cannot be had. Every subprocess has a hard timeout."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import os
 import shutil
@@ -39,23 +38,11 @@ def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def require_trainer() -> None:
-    """Skip until mom-train can train (issue 4): its entry point, session and data."""
-    for module in ("mom_ds.cli.train", "mom_ds.train.session", "mom_ds.data"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is missing: mom-train cannot train yet (issue 4)")
-    if shutil.which("mom-train", path=env()["PATH"]) is None:
-        pytest.skip("mom-train is not installed (pip install -e .)")
-
-
 def prepare_data(out: Path) -> Path:
     """The builtin byte-level corpus from mom-prep (about a second)."""
-    if shutil.which("mom-prep", path=env()["PATH"]) is None:
-        pytest.skip("mom-prep is not installed (data_prep, issue 3)")
     result = run(["mom-prep", "--source", "builtin", "--tokenizer", "bytes", "--out", str(out)],
                  timeout=120)
-    if result.returncode != 0:
-        pytest.skip(f"mom-prep failed: {result.stderr[-500:]}")
+    assert result.returncode == 0, f"mom-prep failed: {result.stderr[-500:]}"
     return out
 
 

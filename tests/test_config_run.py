@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from mom_ds.config import (ConfigError, RunConfig, field_docs, load_run_config,
+from mom_ds.config import (ConfigError, field_docs, load_run_config,
                            parse_overrides, reference_markdown, TrainConfig)
 from mom_ds.train.engine import build_ds_config, param_groups
 from mom_ds.train.loop import lr_factor

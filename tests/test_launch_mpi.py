@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from launch_support import env, free_port, prepare_data, require_trainer, run, tiny_args
+from launch_support import env, free_port, prepare_data, run, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,6 @@ def assert_trained(result, out, steps: int) -> None:
 
 
 def test_mpirun_two_ranks(data, tmp_path):
-    require_trainer()
     require_mpi()
     out = tmp_path / "run"
     result = run(["launch/mpi.sh", "-np", "2", "--", *tiny_args(data, out, steps=2)],
@@ -44,7 +43,6 @@ def test_deepspeed_launcher_with_hostfile(data, tmp_path):
     """The multi-node path of the deepspeed launcher on one host: a hostfile and
     --force_multi (else a one-host hostfile silently runs locally), no ssh check, the
     MPICH runner instead of pdsh."""
-    require_trainer()
     require_mpi()
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")

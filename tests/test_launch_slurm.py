@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import REPO, local_slurm, prepare_data, require_trainer, run, tiny_args
+from launch_support import REPO, local_slurm, prepare_data, run, tiny_args
 
 pytestmark = pytest.mark.slow
 SUBMIT = str(REPO / "launch" / "slurm" / "submit.sh")
@@ -37,7 +37,6 @@ def job_log(logs: Path, job: str) -> str:
 
 
 def test_two_tasks_train_and_report(slurm, data, tmp_path):
-    require_trainer()
     out = tmp_path / "run"
     job = submit(slurm, tmp_path, "--tasks-per-node", "2", "--job-name", "tiny", "--",
                  *tiny_args(data, out, steps=4))
@@ -59,7 +58,6 @@ def test_two_tasks_train_and_report(slurm, data, tmp_path):
 
 
 def test_requeued_job_resumes(slurm, data, tmp_path):
-    require_trainer()
     out = tmp_path / "run"
     job = submit(slurm, tmp_path, "--tasks-per-node", "2", "--",
                  *tiny_args(data, out, steps=6, ckpt_interval=2))
@@ -87,7 +85,6 @@ def test_requeued_job_resumes(slurm, data, tmp_path):
 
 
 def test_allocation_smaller_than_config_needs(slurm, data, tmp_path):
-    require_trainer()
     # A DeepSpeed JSON whose train_batch_size (micro 2 x accum 1 x 2 ranks) pins 2 ranks,
     # submitted with one task.
     ds_json = tmp_path / "ds.json"

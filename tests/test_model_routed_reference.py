@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mom_ds import MoMConfig
 from mom_ds.model.routed_block import RoutedBlock

@@ -1,7 +1,7 @@
 """Router weighting, balancing loss and SKIP/early-exit semantics."""
 import torch
 
-from mom_ds import MoMConfig, MoMForCausalLM
+from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 
 SHAPE = dict(vocab_size=40, n_positions=16, d_model=16, n_heads=2)

@@ -12,7 +12,6 @@ import argparse
 import os
 import socket
 import sys
-from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, load_run_config
