@@ -42,7 +42,7 @@ class RoutedBlock(nn.Module):
         self.attn_router = Router(config, config.attn_router_kind, config.n_attn_modules)
         self.ffn_router = Router(config, config.ffn_router_kind, config.n_ffn_modules)
         self.drop = nn.Dropout(config.dropout)
-        # The seam expert parallelism replaces (parallel/placement.py, issue 5).
+        # The seam expert parallelism replaces (parallel/expert.py: AllToAllDispatcher).
         self.dispatcher = LocalDispatcher(config.capacity_factor, config.top_k)
 
     def forward(self, x: torch.Tensor, *, cache: Optional[dict] = None,

@@ -13,11 +13,7 @@ from .engine import build_ds_config, device_type, world_size_from_env
 def check_data(run: RunConfig, world_size: int) -> None:
     """Both splits open (files present, sizes match meta.json), hold a window for every rank,
     and use no token id the model cannot embed."""
-    try:
-        from ..data import DataError, TokenizedDataset
-    except ImportError as err:  # the data package lands separately (issue 3)
-        raise ImportError(f"mom_ds.data is not available ({err}); it provides the token "
-                          f"files mom-train reads.") from err
+    from ..data import DataError, TokenizedDataset
     data_dir = Path(run.data.data_dir)
     if not data_dir.is_dir():
         raise ConfigError(f"data.data_dir = {str(data_dir)!r} does not exist. Fix: run "
