@@ -172,6 +172,12 @@ def test_expert_parallel_size_that_does_not_divide_is_refused(monkeypatch, capsy
     assert "does not divide model.n_ffn_modules = 3" in err
 
 
+def test_bf16_with_zero0_is_refused_for_routed_blocks(monkeypatch, capsys, data):
+    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
+                          "--train.precision", "bf16", "--deepspeed", "ds_configs/zero0.json")
+    assert "bf16 with ZeRO stage 0 is not supported" in err and "zero1.json" in err
+
+
 def test_recipes_validate_and_their_size_lines_are_fresh():
     from mom_ds.recipes import main as recipes
 

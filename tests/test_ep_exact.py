@@ -10,9 +10,9 @@ from multirank import run_ranks
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.parallel.dispatch import ExpertParallelMismatch
-from mom_ds.parallel.expert import (apply_expert_parallel, full_state_dict, global_grad_norm,
-                                    load_full_state_dict, reduce_expert_gradients,
-                                    use_global_balance_stats)
+from mom_ds.parallel.expert import (apply_expert_parallel, expert_parameters, full_state_dict,
+                                    global_grad_norm, load_full_state_dict,
+                                    reduce_expert_gradients, use_global_balance_stats)
 from mom_ds.parallel.groups import expert_parallel_groups
 from mom_ds.parallel.placement import local_to_global_name
 
@@ -50,14 +50,14 @@ def reference(top_k):
 
 
 def ep_rank_steps(rank, world):
-    return [ep_rank_step(rank, world, top_k, shard) for top_k in (1, 2) for shard in (True, False)]
+    return [ep_rank_step(rank, world, top_k) for top_k in (1, 2)]
 
 
-def ep_rank_step(rank, world, top_k, shard):
-    """shard: pools sharded, expert grads reduced explicitly; else replicated pools whose
-    gradients are plain data-parallel averages (the DeepSpeed-engine mode)."""
+def ep_rank_step(rank, world, top_k):
+    """Pools sharded; dense gradients averaged as the engine does, expert gradients reduced
+    by reduce_expert_gradients (what mom-train's ShardedPools calls)."""
     model = build(top_k)
-    apply_expert_parallel(model, world, shard_parameters=shard)
+    apply_expert_parallel(model, world)
     use_global_balance_stats(model)
     _, edp_group = expert_parallel_groups(world)
     ep_group, _ = expert_parallel_groups(world)
@@ -69,11 +69,11 @@ def ep_rank_step(rank, world, top_k, shard):
         if not getattr(p, "mom_expert", False):
             dist.all_reduce(p.grad)
             p.grad /= world
-    reduce_expert_gradients(model, edp_group, world)
+    reduce_expert_gradients(expert_parameters(model), edp_group, world)
     ep_size, ep_rank = model.expert_parallel
     grads = {local_to_global_name(n, ep_size, ep_rank, model.config): p.grad.clone()
              for n, p in model.named_parameters()}
-    norm = float(global_grad_norm(model, ep_group)) if shard else None
+    norm = float(global_grad_norm(model, ep_group))
     return out.logits.detach(), float(out.loss.detach()), grads, norm
 
 
@@ -81,7 +81,7 @@ def ep_rank_step(rank, world, top_k, shard):
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_one_process(world):
     per_rank = run_ranks(ep_rank_steps, world)
-    for i, (top_k, shard) in enumerate((k, s) for k in (1, 2) for s in (True, False)):
+    for i, top_k in enumerate((1, 2)):
         check_equal_to_reference([r[i] for r in per_rank], world, top_k)
 
 
@@ -92,8 +92,6 @@ def check_equal_to_reference(results, world, top_k):
                                atol=1e-5, rtol=1e-5)
     assert abs(sum(r[1] for r in results) / world - ref_loss) < 1e-5
     for rank, (_, _, grads, norm) in enumerate(results):
-        norm = norm if norm is not None else float(torch.sqrt(sum(
-            g.double().pow(2).sum() for g in grads.values())))
         assert abs(norm - ref_norm) < 1e-5 * max(1.0, ref_norm)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,

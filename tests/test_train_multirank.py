@@ -16,7 +16,8 @@ from test_train_fixtures import REPO, env, metrics, mom_train, tiny_args, write_
 pytestmark = pytest.mark.slow
 STEPS = 6
 # Global batch = 8 windows in every run: 1 rank x 8, or 2 ranks x 4, or 2 ranks x 2 x 2
-# accumulation steps (and 16 val windows: 2 batches x 8 or 2 ranks x 4 batches x 2). The sampler gives rank r windows r, r+2, ... of the one-rank order,
+# accumulation steps, or 4 ranks x 2 (and 16 val windows: 2 batches x 8, or 2 ranks x 4
+# batches x 2, ...). The sampler gives rank r windows r, r + W, ... of the one-rank order,
 # so each step sees the same 8 windows and the mean loss is the same number.
 LAYOUTS = {
     "zero0": ["--train.micro_batch_size", "4"],
@@ -28,6 +29,8 @@ LAYOUTS = {
 # Expert parallelism (E = 2 on the 2 ranks): the same global batch, the module pools'
 # computation split over the ranks by all-to-all; (DeepSpeed JSON, extra arguments).
 EP_LAYOUTS = {
+    "ep2_zero0": ("zero0", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
+                            "--train.eval_batches", "4", "--parallel.expert_parallel_size", "2"]),
     "ep2_zero2": ("zero2", ["--train.micro_batch_size", "4",
                             "--parallel.expert_parallel_size", "2"]),
     "ep2_zero3": ("zero3", ["--train.micro_batch_size", "4",
@@ -69,41 +72,40 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         outs[name] = root / name
         plan.append([*tiny_args(data, outs[name]), *common, *extra,
                      "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")])
-    # saved with E = 2, resumed with E = 1: the checkpoint does not depend on E
-    outs["ep2_to_ep1"] = root / "ep2_to_ep1"
-    reshard = [*tiny_args(data, outs["ep2_to_ep1"]), *common, "--train.micro_batch_size", "4",
-               "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
-    plan += [[*reshard, "--parallel.expert_parallel_size", "2", "--stop-after", "3"],
-             [*reshard, "--parallel.expert_parallel_size", "1", "--resume"]]
     # 2-rank stop + resume: per-rank sampler positions and RNG come back from the checkpoint
     outs["zero1_resume"] = root / "zero1_resume"
     resume = [*tiny_args(data, outs["zero1_resume"]), *common, *LAYOUTS["zero1"],
               "--deepspeed", str(REPO / "ds_configs" / "zero1.json")]
     plan += [[*resume, "--stop-after", "3"], [*resume, "--resume"]]
     # 32 modules per pool and 8 tokens per rank per step: by pigeonhole at least 24 modules
-    # of each half get no token on each rank at every step, yet all must join ZeRO-3's
-    # parameter gathers.
+    # of each half get no token on each rank at every step, yet the step completes (every
+    # module still gets a gradient, zero, for its optimizer step) beside ZeRO-3.
     outs["zero3_empty"] = root / "zero3_empty"
     plan.append([*tiny_args(data, outs["zero3_empty"]), "--train.max_steps", "3",
                  "--train.eval_interval", "3", "--train.ckpt_interval", "0",
                  "--model.n_attn_modules", "32", "--model.n_ffn_modules", "32",
                  "--data.seq_len", "8", "--train.micro_batch_size", "1",
                  "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    launch(plan, root, 2)
+    return outs
+
+
+def launch(plan: list[list[str]], root: Path, n_ranks: int) -> None:
+    """Run the plan's mom-train argument lists in turn, in one deepspeed launch."""
     (root / "plan.json").write_text(json.dumps(plan))
     (root / "driver.py").write_text(DRIVER)
-    cmd = [shutil.which("deepspeed"), "--num_accelerators", "2", "--master_port", "29517",
-           str(root / "driver.py"), str(root / "plan.json")]
+    cmd = [shutil.which("deepspeed"), "--num_accelerators", str(n_ranks), "--master_port",
+           "29517", str(root / "driver.py"), str(root / "plan.json")]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
                               timeout=420)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-rank runs did not finish in 420 s (a hang?):\n{err.stdout}")
+        pytest.fail(f"{n_ranks}-rank runs did not finish in 420 s (a hang?):\n{err.stdout}")
     if proc.returncode != 0:
-        pytest.fail(f"2-rank runs failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return outs
+        pytest.fail(f"{n_ranks}-rank runs failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
 
 
-@pytest.mark.parametrize("stage", sorted(LAYOUTS) + sorted(EP_LAYOUTS) + ["ep2_to_ep1"])
+@pytest.mark.parametrize("stage", sorted(LAYOUTS) + sorted(EP_LAYOUTS))
 def test_two_ranks_follow_one_rank(runs, stage):
     want, got = metrics(runs["reference"]), metrics(runs[stage])
     for step in range(1, STEPS + 1):
@@ -122,6 +124,72 @@ def test_expert_parallel_clips_with_the_one_rank_gradient_norm(runs, stage):
         assert got[step]["train/grad_norm"] == pytest.approx(want[step]["train/grad_norm"],
                                                             rel=RTOL), step
     assert max(want[s]["train/grad_norm"] for s in range(1, STEPS + 1)) > 1.0  # clipping on
+
+
+@pytest.fixture(scope="module")
+def four_ranks(runs) -> dict[str, Path]:
+    """Four ranks (2 windows each: the same global batch of 8): E = 4 from the start, and a
+    checkpoint saved at E = 2 (step 3) resumed at E = 4 and at E = 1 (written twice, the
+    same deterministic run, because a resume writes into its run directory)."""
+    data, root = runs["reference"].parent / "data", runs["reference"].parent / "four"
+    root.mkdir()
+    common = ["--train.max_steps", str(STEPS), "--train.eval_interval", str(STEPS),
+              "--train.ckpt_interval", "0", "--train.micro_batch_size", "2",
+              "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]
+
+    def args(name: str, ep: int, *extra: str) -> list[str]:
+        return [*tiny_args(data, root / name), *common, "--parallel.expert_parallel_size",
+                str(ep), *extra]
+    plan = [args("ep4", 4), args("ep2", 2)]
+    for ep in (4, 1):
+        plan += [args(f"ep2_to_ep{ep}", 2, "--stop-after", "3"),
+                 args(f"ep2_to_ep{ep}", ep, "--resume")]
+    launch(plan, root, 4)
+    return {name: root / name for name in ("ep4", "ep2", "ep2_to_ep4", "ep2_to_ep1")}
+
+
+@pytest.mark.parametrize("name", ["ep4", "ep2"])
+def test_four_ranks_follow_one_rank(runs, four_ranks, name):
+    want, got = metrics(runs["reference"]), metrics(four_ranks[name])
+    for step in range(1, STEPS + 1):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=RTOL), step
+        assert got[step]["train/grad_norm"] == pytest.approx(want[step]["train/grad_norm"],
+                                                            rel=RTOL), step
+    assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
+
+
+@pytest.mark.parametrize("name", ["ep2_to_ep4", "ep2_to_ep1"])
+def test_checkpoint_saved_at_e2_resumes_at_another_e(four_ranks, name):
+    """Module ownership is resharded with weights AND AdamW state: the resumed run equals
+    the uninterrupted E = 2 run, 1e-6 relative (what changes with E is only the order of
+    a few sums: ~1e-7; a lost Adam state moves the step-5 loss by ~1e-3). The step-4 loss
+    is the first forward after the load: equal means every module's weights arrived."""
+    want, got = metrics(four_ranks["ep2"]), metrics(four_ranks[name])
+    for step in range(4, STEPS + 1):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-6), step
+    assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=1e-6)
+    saved = sorted(p.name for p in (four_ranks["ep2"] / "ckpt" / f"step_{STEPS:06d}").glob(
+        "expert_pools_*"))
+    assert saved == ["expert_pools_ep000_of_002.pt", "expert_pools_ep001_of_002.pt"]
+
+
+def test_e2_checkpoint_evaluates_as_one_model(four_ranks):
+    """mom-eval's loader merges the per-rank pool files into one model: on one process it
+    scores the run's 16 val windows (the one-rank sampler order) as the 4-rank E = 2 run did."""
+    import numpy as np
+    import torch
+
+    from mom_ds.data import TokenizedDataset, WindowSampler
+    from mom_ds.train.export import load_model
+
+    run, model, step = load_model(four_ranks["ep2"])
+    assert step == STEPS
+    data = TokenizedDataset(run.data.data_dir, split="val", seq_len=run.data.seq_len)
+    order = iter(WindowSampler(len(data), seed=0))
+    rows = torch.from_numpy(np.stack([data[next(order)] for _ in range(16)]).astype(np.int64))
+    with torch.no_grad():
+        loss = float(model(rows[:, :-1], labels=rows[:, 1:]).lm_loss)
+    assert loss == pytest.approx(metrics(four_ranks["ep2"])[STEPS]["eval/loss"], rel=1e-5)
 
 
 def test_expert_parallel_runs_moved_tokens_between_ranks(runs):

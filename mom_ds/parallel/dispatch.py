@@ -218,14 +218,6 @@ class AllToAllDispatcher(LocalDispatcher):
             torch.arange(L, device=x.device).repeat(E), flat_counts)
         order = torch.argsort(module_of_row, stable=True)
         per_module = [sum(recv_counts[s][m] for s in range(E)) for m in range(L)]
-        if len(fns) == placement.n_modules:
-            # Replicated pools (the DeepSpeed-engine mode): this rank computes the modules it
-            # owns and runs the others on zero rows, so every rank calls every module in the
-            # same order (ZeRO-3's parameter gathers) and every parameter gets a gradient.
-            sizes = [0] * placement.n_modules
-            for i, m in enumerate(placement.owned()):
-                sizes[m] = per_module[i]
-            per_module = sizes
         regrouped = received.index_select(0, order)
         t = self._lap("permute", t)
         y = _compute(fns, regrouped, per_module)

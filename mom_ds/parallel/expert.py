@@ -4,7 +4,7 @@ dispatcher, make the balancing loss global, reduce expert gradients over the rig
 measure the true global gradient norm, and move weights between expert-parallel sizes."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,13 +18,11 @@ from .placement import (global_to_local_name, is_expert_parameter, local_to_glob
                         shard_module_pools)
 
 
-def apply_expert_parallel(model: nn.Module, ep_size: int, *, shard_parameters: bool = True
-                          ) -> nn.Module:
-    """Each rank computes A/E attention and F/E FFN modules of every routed block and
-    reaches the others by all-to-all. shard_parameters keeps only those modules' weights on
-    the rank (see placement.shard_module_pools for both modes). Call after building the
-    full model with the same seed on every rank (every module then starts from the weights
-    a 1-rank run would have)."""
+def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
+    """Each rank keeps and computes A/E attention and F/E FFN modules of every routed block
+    and reaches the others by all-to-all (placement.shard_module_pools). Call after building
+    the full model with the same seed on every rank (every module then starts from the
+    weights a 1-rank run would have)."""
     ep_group, _ = expert_parallel_groups(ep_size)
     config = model.config
 
@@ -33,8 +31,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, *, shard_parameters: b
                                   [attn_placement, ffn_placement], config.capacity_factor,
                                   config.top_k)
 
-    shard_module_pools(model, ep_size, dist.get_rank(ep_group), dispatcher,
-                       keep_all=not shard_parameters)
+    shard_module_pools(model, ep_size, dist.get_rank(ep_group), dispatcher)
     return model
 
 
@@ -55,11 +52,13 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if is_expert_parameter(p)]
 
 
-def reduce_expert_gradients(model: nn.Module, expert_dp_group, dp_size: int) -> None:
+def reduce_expert_gradients(params: Iterable[torch.Tensor], expert_dp_group,
+                            dp_size: int) -> None:
     """Module gradients: sum over the ranks that hold the same modules, divide by the whole
     data-parallel size (each rank's loss is its micro-batch mean; the all-to-all backward
-    already brought every source rank's contribution to the owner)."""
-    for p in expert_parameters(model):
+    already brought every source rank's contribution to the owner). DeepSpeed's engine
+    would average them over every rank as if they were replicas, so this is done here."""
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if dist.get_world_size(expert_dp_group) > 1:
@@ -67,25 +66,29 @@ def reduce_expert_gradients(model: nn.Module, expert_dp_group, dp_size: int) -> 
         p.grad.div_(dp_size)
 
 
+def expert_grad_norm(params: Iterable[torch.Tensor], ep_group) -> torch.Tensor:
+    """L2 norm of the gradient of the whole module pools (fp32): each expert-parallel rank
+    holds different modules, so their squared norms are summed over the expert-parallel
+    group (DeepSpeed #8475 averaged them instead)."""
+    sq = None
+    for p in params:
+        if p.grad is not None:
+            term = p.grad.detach().float().pow(2).sum()
+            sq = term if sq is None else sq + term
+    if sq is None:
+        raise ValueError("expert_grad_norm: no module parameter has a gradient")
+    if dist.get_world_size(ep_group) > 1:
+        dist.all_reduce(sq, group=ep_group)
+    return sq.sqrt()
+
+
 def global_grad_norm(model: nn.Module, ep_group) -> torch.Tensor:
     """The L2 norm of the whole model's gradient: dense gradients are identical on every
-    rank after reduction (count once); each expert-parallel rank holds different modules,
-    so their squared norms are summed over the expert-parallel group (DeepSpeed #8475
-    averaged them instead)."""
-    device = next(model.parameters()).device
-    dense = torch.zeros((), dtype=torch.float64, device=device)
-    expert = torch.zeros((), dtype=torch.float64, device=device)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum()
-        if is_expert_parameter(p):
-            expert += sq
-        else:
-            dense += sq
-    if dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert, group=ep_group)
-    return (dense + expert).sqrt()
+    rank after reduction (count once); expert gradients as in expert_grad_norm."""
+    dense = [p.grad.detach().float().pow(2).sum() for p in model.parameters()
+             if p.grad is not None and not is_expert_parameter(p)]
+    expert = expert_grad_norm(expert_parameters(model), ep_group)
+    return (torch.stack(dense).sum() + expert.pow(2)).sqrt()
 
 
 def full_state_dict(model: nn.Module, ep_group=None) -> Optional[dict[str, torch.Tensor]]:

@@ -63,18 +63,14 @@ def is_expert_parameter(param: torch.Tensor) -> bool:
     return bool(getattr(param, "mom_expert", False))
 
 
-def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int, dispatcher_factory, *,
-                       keep_all: bool = False) -> nn.Module:
-    """Install in every routed block the dispatcher that sends each module's rows to its
-    owner; dispatcher_factory(block_index, attn_placement, ffn_placement) builds it.
-
-    keep_all=False shards the pools: only this rank's modules stay, tagged as expert
-    parameters (DeepSpeed's `allreduce = False` convention and our `mom_expert` flag) whose
-    gradients `expert.reduce_expert_gradients` sums over the expert-data-parallel group.
-    keep_all=True keeps every module on every rank (replicated, plain data-parallel
-    parameters: what the DeepSpeed engine and ZeRO 0-3 handle exactly); computation is
-    sharded all the same, each rank computing only the modules it owns.
-    """
+def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int,
+                       dispatcher_factory) -> nn.Module:
+    """Keep in every routed block only this rank's modules, and install the dispatcher that
+    sends each module's rows to its owner; dispatcher_factory(block_index, attn_placement,
+    ffn_placement) builds it. The kept modules' parameters are tagged as expert parameters
+    (our `mom_expert` flag, and DeepSpeed's `allreduce = False` convention): their
+    gradients are summed over the expert-data-parallel group by
+    `expert.reduce_expert_gradients`, never averaged with other ranks' different modules."""
     config: MoMConfig = model.config
     validate_expert_parallel(config, ep_size, ep_size)
     for b, block in enumerate(model.chunks):
@@ -82,8 +78,6 @@ def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int, dispatcher_
         for pool_name, n in zip(POOLS, (config.n_attn_modules, config.n_ffn_modules)):
             placement = ModulePlacement(n, ep_size, ep_rank)
             placements[pool_name] = placement
-            if keep_all:
-                continue
             pool = getattr(block, pool_name)
             setattr(block, pool_name, nn.ModuleList(pool[i] for i in placement.owned()))
             for p in getattr(block, pool_name).parameters():
@@ -92,7 +86,7 @@ def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int, dispatcher_
                 p.group_name = f"ep_size_{ep_size}"
         block.dispatcher = dispatcher_factory(b, placements["attn_modules"],
                                               placements["ffn_modules"])
-    model.expert_parallel = (1, 0) if keep_all else (ep_size, ep_rank)  # weights' layout
+    model.expert_parallel = (ep_size, ep_rank)  # the weights' layout
     return model
 
 

@@ -3,6 +3,9 @@
 Layout under `<out_dir>/ckpt/`:
   step_000100/            DeepSpeed's files (model, ZeRO optimizer shards, LR scheduler)
                           + run_state_rank{r}.pt (per-rank RNG states and sampler position)
+                          + expert_pools_ep{e}_of_{E}.pt (the routed blocks' module pools:
+                            weights and AdamW state by global module name, one file per
+                            expert-parallel rank; see expert_pools.py)
   latest                  the tag of the newest COMPLETE checkpoint
 
 DeepSpeed writes `latest` itself with a plain open/write; we ask it not to, wait until
@@ -50,13 +53,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
+def save(engine, pools, ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
          rank_state: dict[str, Any], keep: int) -> str:
     """Write checkpoint `step` on every rank, then publish it. Collective: all ranks call it."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
                            save_latest=False)
+    if pools is not None:
+        pools.save(ckpt_dir / tag)
     rank = dist.get_rank()
     torch.save({**rank_state, "rng": rng_state()},
                ckpt_dir / tag / f"run_state_rank{rank}.pt")
@@ -86,9 +91,10 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def load(engine, ckpt_dir: str | Path, pools=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the latest complete checkpoint into the engine (model, optimizer, schedule) and
-    restore this rank's RNG. Returns (client_state, rank_state)."""
+    the expert-parallel pools (ShardedPools, any E), and restore this rank's RNG. Returns
+    (client_state, rank_state)."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -97,6 +103,8 @@ def load(engine, ckpt_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if pools is not None:
+        pools.load(ckpt_dir / tag)
     rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with a "

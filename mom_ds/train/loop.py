@@ -1,6 +1,7 @@
 """The training loop: warmup + cosine schedule, gradient accumulation, evaluation,
 logging and checkpoints. One visible loop; DeepSpeed does the backward, the gradient
-reduction, the clipping and the optimizer step."""
+reduction, the clipping and the optimizer step of the dense parameters, ShardedPools those
+of the module pools."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ from ..config import RunConfig, TrainConfig
 from ..model.flops import flops_per_token
 from . import checkpoint
 from .batches import Batches
+from .expert_pools import ShardedPools
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
 
@@ -64,11 +66,12 @@ class Progress:
     tokens_seen: int = 0   # tokens trained on, all ranks
 
 
-def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batches],
-          progress: Progress, monitor: Monitor, stop_after: Optional[int] = None
-          ) -> dict[str, float]:
+def train(run: RunConfig, engine, pools: Optional[ShardedPools], batches: Batches,
+          make_val: Callable[[], Batches], progress: Progress, monitor: Monitor,
+          stop_after: Optional[int] = None) -> dict[str, float]:
     """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
-    Returns the last evaluation."""
+    `pools`: the routed blocks' module pools, which step beside the engine. Returns the
+    last evaluation."""
     t = run.train
     stop = min(t.max_steps, stop_after) if stop_after else t.max_steps
     world = dist.get_world_size()
@@ -87,15 +90,19 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
         stats = RoutingStats() if logging else None
         loss_sum = lm_sum = 0.0  # tensors after the first micro-batch: no host sync per step
-        for _ in range(t.grad_accum_steps):
+        for micro in range(t.grad_accum_steps):
             x, y = batches.next()
             out = engine(x, labels=y)
             engine.backward(out.loss)
+            if pools is not None and micro == t.grad_accum_steps - 1:
+                pools.reduce_gradients()  # before engine.step(), whose norm includes them
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
             loss_sum = loss_sum + out.loss.detach()
             lm_sum = lm_sum + out.lm_loss.detach()
             if stats is not None:
                 stats.add(out.routing)
+        if pools is not None:
+            pools.step(lr, engine.get_global_grad_norm())
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         window_steps += 1
@@ -135,14 +142,15 @@ def train(run: RunConfig, engine, batches: Batches, make_val: Callable[[], Batch
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))
         if saving:
-            save(run, engine, batches, progress, ckpt_dir)
+            save(run, engine, pools, batches, progress, ckpt_dir)
         if evaluating or saving:  # their time is not training time
             window_start, window_steps = time.perf_counter(), 0
     return last_eval
 
 
-def save(run: RunConfig, engine, batches: Batches, progress: Progress, ckpt_dir: Path) -> str:
+def save(run: RunConfig, engine, pools: Optional[ShardedPools], batches: Batches,
+         progress: Progress, ckpt_dir: Path) -> str:
     client = {"config": run.to_dict(), "step": progress.step,
               "tokens_seen": progress.tokens_seen}
-    return checkpoint.save(engine, ckpt_dir, progress.step, client,
+    return checkpoint.save(engine, pools, ckpt_dir, progress.step, client,
                            {"sampler": batches.state_dict()}, keep=run.train.keep_checkpoints)

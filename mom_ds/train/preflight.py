@@ -35,10 +35,22 @@ def check_data(run: RunConfig, world_size: int) -> None:
                               f"{world_size} ranks. Fix: more data or a shorter data.seq_len.")
 
 
+def check_pool_precision(run: RunConfig, ds_config: dict[str, Any]) -> None:
+    """The module pools step beside the engine (train/expert_pools.py) and need DeepSpeed's
+    norm in a place they can join it; DeepSpeed's bf16 optimizer for ZeRO-0 has none."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if run.model.n_chunks and stage == 0 and ds_config["bf16"]["enabled"]:
+        raise ConfigError(f"{run.parallel.deepspeed}: bf16 with ZeRO stage 0 is not supported "
+                          f"for a model with routed blocks. Fix: use ZeRO stage 1 "
+                          f"(--deepspeed ds_configs/zero1.json) or train.precision fp32.")
+
+
 def preflight(run: RunConfig) -> dict[str, Any]:
     """Every check before DeepSpeed starts; returns the completed DeepSpeed config."""
     world_size = world_size_from_env()
     validate_expert_parallel(run.model, world_size, run.parallel.expert_parallel_size)
     check_data(run, world_size)
-    return build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
-                           device_type())
+    ds_config = build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
+                                device_type())
+    check_pool_precision(run, ds_config)
+    return ds_config

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..config import RunConfig
 from ..model import MoMForCausalLM
@@ -14,6 +15,7 @@ from ..parallel.expert import apply_expert_parallel, use_global_balance_stats
 from . import checkpoint
 from .batches import Batches
 from .engine import build_engine, init_distributed
+from .expert_pools import ShardedPools, detach_pools
 from .loop import Progress, lr_factor, train
 from .monitor import Monitor
 
@@ -32,8 +34,10 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     if run.train.init_from and not resume:
         load_initial_weights(model, run.train.init_from)
     n_params = model.num_params()  # before ZeRO-3 partitions the parameters
-    parallelize(model, run.parallel.expert_parallel_size, world)
+    ep_size = run.parallel.expert_parallel_size
+    pools_holder = parallelize(model, ep_size, world)
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
+    pools = ShardedPools(pools_holder, engine, run, ep_size) if pools_holder is not None else None
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
 
@@ -45,7 +49,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     train_batches = batches("train", run.data.seed)
     progress = Progress()
     if resume:
-        client, rank_state = checkpoint.load(engine, out_dir / "ckpt")
+        client, rank_state = checkpoint.load(engine, out_dir / "ckpt", pools)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(rank_state["sampler"])
         if rank == 0:
@@ -57,24 +61,26 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
     try:
         # val windows: a fixed seed so every evaluation scores the same tokens
-        return train(run, engine, train_batches, lambda: batches("val", 0), progress, monitor,
-                     stop_after)
+        return train(run, engine, pools, train_batches, lambda: batches("val", 0), progress,
+                     monitor, stop_after)
     finally:
         monitor.close()
 
 
-def parallelize(model: MoMForCausalLM, ep_size: int, world: int) -> None:
+def parallelize(model: MoMForCausalLM, ep_size: int, world: int) -> Optional[nn.Module]:
     """The parallel transforms, in order. With several ranks the balancing loss uses the
     global batch's routing statistics (so any world size trains the same model as one
-    process). With expert parallelism the pools stay replicated as plain data-parallel
-    parameters (ZeRO 0-3 shard and reduce them exactly) while each rank computes only the
-    modules it owns, reached by all-to-all (README, "Expert parallelism")."""
+    process). With expert parallelism each rank keeps only the modules it owns, reached by
+    all-to-all. The module pools then leave the module tree DeepSpeed will see, whatever E
+    (one code path, and checkpoints that move between any E); returned for ShardedPools
+    (README, "Expert parallelism"). None for a model without routed blocks."""
     if world > 1:
         use_global_balance_stats(model)
     if ep_size > 1:
-        apply_expert_parallel(model, ep_size, shard_parameters=False)
+        apply_expert_parallel(model, ep_size)
         for block in model.chunks:
             block.dispatcher.timings = {}  # the monitor logs all-to-all time per step
+    return detach_pools(model) if len(model.chunks) else None
 
 
 def load_initial_weights(model: MoMForCausalLM, path: str) -> None:
