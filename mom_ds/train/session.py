@@ -59,6 +59,10 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     if rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters; run dir {out_dir}; "
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
+        if pools is not None:
+            held = sum(p.numel() for p in pools.holder.parameters())
+            print(f"module pools: {held / 1e6:.2f}M parameters held by each rank "
+                  f"(expert_parallel_size {ep_size}: 1/{ep_size} of every pool)", flush=True)
     try:
         # val windows: a fixed seed so every evaluation scores the same tokens
         return train(run, engine, pools, train_batches, lambda: batches("val", 0), progress,
