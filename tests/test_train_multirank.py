@@ -162,9 +162,9 @@ def test_four_ranks_follow_one_rank(runs, four_ranks, name):
 def test_checkpoint_resumes_at_another_expert_parallel_size(four_ranks, name):
     """Module ownership is resharded with weights AND AdamW state: the resumed run equals
     the uninterrupted E = 2 run to 1e-6 relative (what changes with E is only the order of
-    a few sums: ~1e-7; dropping the pools' Adam state on load moved the step-4 loss by
-    1.4e-4, measured). The step-4 loss
-    is the first forward after the load: equal means every module's weights arrived."""
+    a few sums: ~1e-7; dropping the pools' Adam state on load moved the following losses
+    by 1.4e-4, measured). The step-4 loss is the first forward after the load: equal means
+    every module's weights arrived."""
     want, got = metrics(four_ranks["ep2"]), metrics(four_ranks[name])
     for step in range(4, STEPS + 1):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-6), step
