@@ -100,11 +100,11 @@ def load(engine, ckpt_dir: str | Path, pools=None) -> tuple[dict[str, Any], dict
     if tag is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir} (no "
                                 f"'{LATEST}' file). Fix: drop --resume to start fresh.")
+    if pools is not None:  # first: it names an old-format checkpoint before DeepSpeed fails
+        pools.load(ckpt_dir / tag)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    if pools is not None:
-        pools.load(ckpt_dir / tag)
     rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with a "

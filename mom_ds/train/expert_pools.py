@@ -194,17 +194,18 @@ class ShardedPools:
 
     @torch.no_grad()
     def load(self, tag_dir: Path) -> None:
-        """Take this rank's modules from a checkpoint saved with any expert-parallel size."""
+        """Take this rank's modules from a checkpoint saved with any expert-parallel size
+        (the files are memory-mapped: a rank reads only the tensors it keeps)."""
         files = pool_files(tag_dir)
         if not files:
             raise FileNotFoundError(
-                f"{tag_dir} has no {FILE_PREFIX}*.pt: it was saved without expert "
-                f"parallelism, whose module pools live in DeepSpeed's files. Fix: resume "
-                f"with parallel.expert_parallel_size 1.")
+                f"{tag_dir} has no {FILE_PREFIX}*.pt: it was written by an older mom-ds that "
+                f"kept the module pools in DeepSpeed's files. Fix: `mom-convert fp32 "
+                f"{tag_dir} model.pt` and start a new run with --train.init_from model.pt.")
         weights: dict[str, torch.Tensor] = {}
         states: dict[str, dict[str, Any]] = {}
         for path in files:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             weights.update(saved["weights"])
             states.update(saved["optimizer"])
         for p, master in self.master.items():
@@ -217,8 +218,8 @@ class ShardedPools:
                 p.copy_(master)
             if name in states:
                 self.optimizer.state[master] = {
-                    k: v.to(master.device) if torch.is_tensor(v) and v.dim() else v
-                    for k, v in states[name].items()}
+                    k: (v.to(master.device, copy=True) if v.dim() else v.clone())
+                    if torch.is_tensor(v) else v for k, v in states[name].items()}
 
 
 def clip_coef(norm, grad_clip: float) -> float:
