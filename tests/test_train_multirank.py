@@ -31,6 +31,8 @@ LAYOUTS = {
 EP_LAYOUTS = {
     "ep2_zero0": ("zero0", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
                             "--train.eval_batches", "4", "--parallel.expert_parallel_size", "2"]),
+    "ep2_zero1": ("zero1", ["--train.micro_batch_size", "4",
+                            "--parallel.expert_parallel_size", "2"]),
     "ep2_zero2": ("zero2", ["--train.micro_batch_size", "4",
                             "--parallel.expert_parallel_size", "2"]),
     "ep2_zero3": ("zero3", ["--train.micro_batch_size", "4",

@@ -95,7 +95,8 @@ class ShardedPools:
         self.optimizer = torch.optim.AdamW(
             [{**g, "params": [self.master[p] for p in g["params"]]}
              for g in param_groups(holder, t.weight_decay)],
-            lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+            lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+            foreach=True)  # many small tensors (a few per module): one kernel per group
         self.pool_norm: Optional[torch.Tensor] = None  # this step's, set by reduce_gradients
         self._install_global_norm(engine)
 
