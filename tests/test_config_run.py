@@ -178,6 +178,15 @@ def test_bf16_with_zero0_is_refused_for_routed_blocks(monkeypatch, capsys, data)
     assert "bf16 with ZeRO stage 0 is not supported" in err and "zero1.json" in err
 
 
+def test_bf16_with_fp32_accumulation_at_zero1_is_refused(monkeypatch, capsys, data, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1},
+                              "data_types": {"grad_accum_dtype": "fp32"}}))
+    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
+                          "--train.precision", "bf16", "--deepspeed", str(ds))
+    assert "ZeRO stage 1 and fp32 gradient accumulation is not supported" in err
+
+
 def test_recipes_validate_and_their_size_lines_are_fresh():
     from mom_ds.recipes import main as recipes
 

@@ -55,7 +55,7 @@ def ep_rank_steps(rank, world):
 
 def ep_rank_step(rank, world, top_k):
     """Pools sharded; dense gradients averaged as the engine does, expert gradients reduced
-    by reduce_expert_gradients (what mom-train's ShardedPools calls)."""
+    by reduce_expert_gradients (what mom-train's ModulePools calls)."""
     model = build(top_k)
     apply_expert_parallel(model, world)
     use_global_balance_stats(model)

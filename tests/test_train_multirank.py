@@ -172,8 +172,8 @@ def test_checkpoint_resumes_at_another_expert_parallel_size(four_ranks, name):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-6), step
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=1e-6)
     saved = sorted(p.name for p in (four_ranks["ep2"] / "ckpt" / f"step_{STEPS:06d}").glob(
-        "expert_pools_*"))
-    assert saved == ["expert_pools_ep000_of_002.pt", "expert_pools_ep001_of_002.pt"]
+        "module_pools_*"))
+    assert saved == ["module_pools_ep000_of_002.pt", "module_pools_ep001_of_002.pt"]
 
 
 def test_e2_checkpoint_evaluates_as_one_model(four_ranks):

@@ -58,12 +58,19 @@ def reduce_expert_gradients(params: Iterable[torch.Tensor], expert_dp_group,
     data-parallel size (each rank's loss is its micro-batch mean; the all-to-all backward
     already brought every source rank's contribution to the owner). DeepSpeed's engine
     would average them over every rank as if they were replicas, so this is done here."""
+    params = list(params)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if dist.get_world_size(expert_dp_group) > 1:
-            dist.all_reduce(p.grad, group=expert_dp_group)
-        p.grad.div_(dp_size)
+    grads = [p.grad for p in params]
+    if grads and dist.get_world_size(expert_dp_group) > 1:
+        # one collective for all of them, not one per tensor (a few per module)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=expert_dp_group)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+    for g in grads:
+        g.div_(dp_size)
 
 
 def expert_grad_norm(params: Iterable[torch.Tensor], ep_group) -> torch.Tensor:

@@ -67,8 +67,7 @@ def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int,
                        dispatcher_factory) -> nn.Module:
     """Keep in every routed block only this rank's modules, and install the dispatcher that
     sends each module's rows to its owner; dispatcher_factory(block_index, attn_placement,
-    ffn_placement) builds it. The kept modules' parameters are tagged as expert parameters
-    (our `mom_expert` flag, and DeepSpeed's `allreduce = False` convention): their
+    ffn_placement) builds it. The kept modules' parameters are tagged (`mom_expert`): their
     gradients are summed over the expert-data-parallel group by
     `expert.reduce_expert_gradients`, never averaged with other ranks' different modules."""
     config: MoMConfig = model.config
@@ -82,8 +81,6 @@ def shard_module_pools(model: nn.Module, ep_size: int, ep_rank: int,
             setattr(block, pool_name, nn.ModuleList(pool[i] for i in placement.owned()))
             for p in getattr(block, pool_name).parameters():
                 p.mom_expert = True
-                p.allreduce = False
-                p.group_name = f"ep_size_{ep_size}"
         block.dispatcher = dispatcher_factory(b, placements["attn_modules"],
                                               placements["ffn_modules"])
     model.expert_parallel = (ep_size, ep_rank)  # the weights' layout

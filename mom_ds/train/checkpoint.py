@@ -3,9 +3,9 @@
 Layout under `<out_dir>/ckpt/`:
   step_000100/            DeepSpeed's files (model, ZeRO optimizer shards, LR scheduler)
                           + run_state_rank{r}.pt (per-rank RNG states and sampler position)
-                          + expert_pools_ep{e}_of_{E}.pt (the routed blocks' module pools:
+                          + module_pools_ep{e}_of_{E}.pt (the routed blocks' module pools:
                             weights and AdamW state by global module name, one file per
-                            expert-parallel rank; see expert_pools.py)
+                            expert-parallel rank; see pool_files.py)
   latest                  the tag of the newest COMPLETE checkpoint
 
 DeepSpeed writes `latest` itself with a plain open/write; we ask it not to, wait until
@@ -93,7 +93,7 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 def load(engine, ckpt_dir: str | Path, pools=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load the latest complete checkpoint into the engine (model, optimizer, schedule) and
-    the expert-parallel pools (ShardedPools, any E), and restore this rank's RNG. Returns
+    the expert-parallel pools (ModulePools, any E), and restore this rank's RNG. Returns
     (client_state, rank_state)."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)

@@ -4,7 +4,7 @@ engine: used by mom-eval, mom-generate and mom-convert.
 Accepts a run directory (`<out_dir>`), its `ckpt/` directory (latest complete tag) or one
 tag directory. ZeRO shards (stages 1 to 3) are merged by DeepSpeed's own zero_to_fp32 into
 the fp32 master weights (stage 0 checkpoints hold them already); the routed blocks' module
-pools come from their own files (expert_pools.py), whatever the expert-parallel size.
+pools come from their own files (pool_files.py), whatever the expert-parallel size.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from ..config import RunConfig
 from ..model import MoMForCausalLM
 from .checkpoint import latest_tag
-from .expert_pools import load_pool_weights
+from . import pool_files
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -55,7 +55,7 @@ def consolidated_state_dict(path: str | Path) -> tuple[RunConfig, dict[str, torc
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:
         weights = states["module"]
-    weights = {**weights, **load_pool_weights(ckpt_dir / tag)}  # the module pools' own files
+    weights = {**weights, **pool_files.read_weights(ckpt_dir / tag)}  # the module pools' own files
     weights = {k: v.float() for k, v in weights.items()}
     return run, weights, int(states["step"])
 

@@ -1,6 +1,6 @@
 """The training loop: warmup + cosine schedule, gradient accumulation, evaluation,
 logging and checkpoints. One visible loop; DeepSpeed does the backward, the gradient
-reduction, the clipping and the optimizer step of the dense parameters, ShardedPools those
+reduction, the clipping and the optimizer step of the dense parameters, ModulePools those
 of the module pools."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..config import RunConfig, TrainConfig
 from ..model.flops import flops_per_token
 from . import checkpoint
 from .batches import Batches
-from .expert_pools import ShardedPools
+from .module_pools import ModulePools
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
 
@@ -66,7 +66,7 @@ class Progress:
     tokens_seen: int = 0   # tokens trained on, all ranks
 
 
-def train(run: RunConfig, engine, pools: Optional[ShardedPools], batches: Batches,
+def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches,
           make_val: Callable[[], Batches], progress: Progress, monitor: Monitor,
           stop_after: Optional[int] = None) -> dict[str, float]:
     """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
@@ -148,7 +148,7 @@ def train(run: RunConfig, engine, pools: Optional[ShardedPools], batches: Batche
     return last_eval
 
 
-def save(run: RunConfig, engine, pools: Optional[ShardedPools], batches: Batches,
+def save(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches,
          progress: Progress, ckpt_dir: Path) -> str:
     client = {"config": run.to_dict(), "step": progress.step,
               "tokens_seen": progress.tokens_seen}

@@ -36,13 +36,23 @@ def check_data(run: RunConfig, world_size: int) -> None:
 
 
 def check_pool_precision(run: RunConfig, ds_config: dict[str, Any]) -> None:
-    """The module pools step beside the engine (train/expert_pools.py) and need DeepSpeed's
-    norm in a place they can join it; DeepSpeed's bf16 optimizer for ZeRO-0 has none."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if run.model.n_chunks and stage == 0 and ds_config["bf16"]["enabled"]:
-        raise ConfigError(f"{run.parallel.deepspeed}: bf16 with ZeRO stage 0 is not supported "
-                          f"for a model with routed blocks. Fix: use ZeRO stage 1 "
-                          f"(--deepspeed ds_configs/zero1.json) or train.precision fp32.")
+    """The module pools step beside the engine (train/module_pools.py) and join DeepSpeed's
+    gradient norm where its ZeRO optimizer computes it. With bf16, DeepSpeed picks its
+    BF16_Optimizer instead (which has no such place) at ZeRO-0, and at ZeRO-1 with fp32
+    gradient accumulation (engine.py, _do_optimizer_sanity_check)."""
+    if not run.model.n_chunks or not ds_config["bf16"]["enabled"]:
+        return
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    offload = zero.get("offload_optimizer", {}).get("device") not in (None, "none")
+    fp32_accum = ds_config.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
+    if stage == 0 or (stage == 1 and fp32_accum and not offload):
+        raise ConfigError(f"{run.parallel.deepspeed}: bf16 with ZeRO stage {stage}"
+                          f"{' and fp32 gradient accumulation' if stage else ''} is not "
+                          f"supported for a model with routed blocks (DeepSpeed's bf16 optimizer "
+                          f"then runs it). Fix: use ZeRO stage 1 or 2 without "
+                          f"data_types.grad_accum_dtype (--deepspeed ds_configs/zero1.json), "
+                          f"or train.precision fp32.")
 
 
 def preflight(run: RunConfig) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from ..parallel.expert import apply_expert_parallel, use_global_balance_stats
 from . import checkpoint
 from .batches import Batches
 from .engine import build_engine, init_distributed
-from .expert_pools import ShardedPools, detach_pools
+from .module_pools import ModulePools, detach_pools
 from .loop import Progress, lr_factor, train
 from .monitor import Monitor
 
@@ -37,7 +37,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     ep_size = run.parallel.expert_parallel_size
     pools_holder = parallelize(model, ep_size, world)
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
-    pools = ShardedPools(pools_holder, engine, run, ep_size) if pools_holder is not None else None
+    pools = ModulePools(pools_holder, engine, run, ep_size) if pools_holder is not None else None
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
 
@@ -76,7 +76,7 @@ def parallelize(model: MoMForCausalLM, ep_size: int, world: int) -> Optional[nn.
     global batch's routing statistics (so any world size trains the same model as one
     process). With expert parallelism each rank keeps only the modules it owns, reached by
     all-to-all. The module pools then leave the module tree DeepSpeed will see, whatever E
-    (one code path, and checkpoints that move between any E); returned for ShardedPools
+    (one code path, and checkpoints that move between any E); returned for ModulePools
     (README, "Expert parallelism"). None for a model without routed blocks."""
     if world > 1:
         use_global_balance_stats(model)
