@@ -10,11 +10,11 @@ from multirank import run_ranks
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.parallel.dispatch import ExpertParallelMismatch
-from mom_ds.parallel.expert import (apply_expert_parallel, expert_parameters, full_state_dict,
-                                    global_grad_norm, load_full_state_dict,
-                                    reduce_expert_gradients, use_global_balance_stats)
+from mom_ds.parallel.expert import (apply_expert_parallel, expert_grad_norm, full_state_dict,
+                                    load_full_state_dict, reduce_expert_gradients,
+                                    use_global_balance_stats)
 from mom_ds.parallel.groups import expert_parallel_groups
-from mom_ds.parallel.placement import local_to_global_name
+from mom_ds.parallel.placement import is_expert_parameter, local_to_global_name
 
 SHAPE = dict(vocab_size=48, n_positions=16, d_model=16, n_heads=2)
 GLOBAL_BATCH = 8
@@ -47,6 +47,19 @@ def reference(top_k):
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
     skips = sum(int(r.attn_counts[:, -1].sum() + r.ffn_counts[:, -1].sum()) for r in out.routing)
     return out.logits.detach(), float(out.loss.detach()), grads, float(norm), skips
+
+
+def expert_parameters(model):
+    return [p for p in model.parameters() if is_expert_parameter(p)]
+
+
+def global_grad_norm(model, ep_group):
+    """Dense gradients are identical on every rank after reduction (counted once); the
+    module pools' norm is expert_grad_norm's (what mom-train joins to DeepSpeed's norm)."""
+    dense = [p.grad.float().pow(2).sum() for p in model.parameters()
+             if not is_expert_parameter(p)]
+    return (torch.stack(dense).sum() + expert_grad_norm(expert_parameters(model),
+                                                        ep_group).pow(2)).sqrt()
 
 
 def ep_rank_steps(rank, world):

@@ -1,7 +1,7 @@
 """Expert parallelism applied to a MoMForCausalLM, as a transform (the model is written
 once; this file is our `parallelize.py`): shard the module pools, install the all-to-all
 dispatcher, make the balancing loss global, reduce expert gradients over the right group,
-measure the true global gradient norm, and move weights between expert-parallel sizes."""
+measure the pools' gradient norm, and move weights between expert-parallel sizes."""
 from __future__ import annotations
 
 from typing import Iterable, Optional
@@ -48,10 +48,6 @@ def use_global_balance_stats(model: nn.Module, group=None) -> None:
             module.stat_mean = mean
 
 
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if is_expert_parameter(p)]
-
-
 def reduce_expert_gradients(params: Iterable[torch.Tensor], expert_dp_group,
                             dp_size: int) -> None:
     """Module gradients: sum over the ranks that hold the same modules, divide by the whole
@@ -87,15 +83,6 @@ def expert_grad_norm(params: Iterable[torch.Tensor], ep_group) -> torch.Tensor:
     if dist.get_world_size(ep_group) > 1:
         dist.all_reduce(sq, group=ep_group)
     return sq.sqrt()
-
-
-def global_grad_norm(model: nn.Module, ep_group) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient: dense gradients are identical on every
-    rank after reduction (count once); expert gradients as in expert_grad_norm."""
-    dense = [p.grad.detach().float().pow(2).sum() for p in model.parameters()
-             if p.grad is not None and not is_expert_parameter(p)]
-    expert = expert_grad_norm(expert_parameters(model), ep_group)
-    return (torch.stack(dense).sum() + expert.pow(2)).sqrt()
 
 
 def full_state_dict(model: nn.Module, ep_group=None) -> Optional[dict[str, torch.Tensor]]:
