@@ -102,7 +102,7 @@ def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches
             if stats is not None:
                 stats.add(out.routing)
         if pools is not None:
-            pools.step(lr, engine.get_global_grad_norm())
+            pools.step(lr, engine)
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         window_steps += 1

@@ -20,7 +20,6 @@ every ZeRO stage, 0 to 3, since DeepSpeed never sees a pool.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -135,14 +134,14 @@ class ModulePools:
         self.norm = expert_grad_norm(self.masters(), self.ep_group)
 
     @torch.no_grad()
-    def step(self, lr: float, global_norm: Optional[float]) -> None:
-        """After engine.step(): clip with the global norm the engine computed (None: no
-        clipping) and run AdamW at the engine's rate `lr`. A non-finite norm skips the
-        pools' step (their gradients carry no usable direction)."""
-        if global_norm is None or math.isfinite(float(global_norm)):
-            if global_norm is not None and self.grad_clip > 0:
-                clip_grads_with_norm_(self.masters(), self.grad_clip,
-                                      torch.tensor(float(global_norm)))
+    def step(self, lr: float, engine) -> None:
+        """After engine.step(): when the engine applied its step (it skips one on a
+        non-finite norm), clip with the global norm it computed (None: clipping off) and
+        run AdamW at the engine's rate `lr`. No host sync: the norm stays a tensor."""
+        if engine.was_step_applied():
+            norm = engine.get_global_grad_norm()
+            if norm is not None and self.grad_clip > 0:
+                clip_grads_with_norm_(self.masters(), self.grad_clip, torch.as_tensor(norm))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
