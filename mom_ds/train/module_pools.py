@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import clip_grads_with_norm_
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import ConfigError, RunConfig
 from ..parallel.expert import expert_grad_norm, reduce_expert_gradients
@@ -117,8 +117,7 @@ class ModulePools:
         elif stage == 0 and not engine.bfloat16_enabled():
             def clip_fp32_gradients():
                 dense = [p for p in engine.module.parameters() if p.grad is not None]
-                engine._global_grad_norm = with_pools(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(p.grad.float()) for p in dense])))
+                engine._global_grad_norm = with_pools(get_total_norm([p.grad for p in dense]))
                 clip_grads_with_norm_(dense, self.grad_clip, engine._global_grad_norm)
             engine.clip_fp32_gradients = clip_fp32_gradients
         else:
