@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from mom_ds.train.engine import release_shm_buffer_names
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -33,6 +35,7 @@ def _entry(rank, world_size, port, out_dir, fn, args, collective_timeout):
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", verbose=False,
                                    timeout=timedelta(seconds=collective_timeout))
+        release_shm_buffer_names()
         torch.save({"ok": fn(rank, world_size, *args)}, result_path)
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank named
         torch.save({"error": traceback.format_exc()}, result_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -102,6 +103,23 @@ def init_distributed(run: RunConfig) -> None:
         backend = "nccl" if device_type() == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend,
                                timeout=timedelta(minutes=run.parallel.timeout_minutes))
+    release_shm_buffer_names()
+
+
+def release_shm_buffer_names() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB) for every rank
+    and never unlinks it, so each run leaves its buffers behind until /dev/shm is full and
+    later runs fail. Every rank maps all its peers' buffers inside init_distributed; after
+    the barrier the names can go (the mappings live on until the processes exit). Nothing
+    to do on GPUs. Call right after deepspeed.init_distributed, on every rank."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    pattern = (f"deepspeed_allreduce_buffer_{os.getuid()}_*_{os.environ.get('MASTER_PORT')}_"
+               f"{dist.get_rank()}")
+    for path in Path("/dev/shm").glob(pattern):
+        path.unlink(missing_ok=True)
 
 
 def build_engine(run: RunConfig, model: nn.Module, ds_config: dict[str, Any],
