@@ -5,7 +5,8 @@
 (a) bytes a rank exchanges per forward vs the theoretical minimum for the routing taken
     (every (token, module) row whose module lives on the other rank goes out once and its
     result comes back once; target <= 1.1);
-(b) tokens/s of a MoM FFN-only routed layer (sort-based plan + AllToAllDispatcher) vs
+(b) tokens/s of a MoM FFN-only routed layer (sorted plan + AllToAllDispatcher + the
+    stacked pool on grouped GEMM) vs
     `deepspeed.moe.layer.MoE` with the same experts, K, hidden size and ep_size on the same
     tokens, forward + backward (target >= 1.0), DeepSpeed both dropless and at its default
     capacity factor 1.0;
@@ -28,34 +29,38 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from multirank import run_ranks  # noqa: E402
 
-from mom_ds.model.modules import FFNModule  # noqa: E402
-from mom_ds.parallel.dispatch import AllToAllDispatcher, make_plan  # noqa: E402
+from mom_ds.model.dispatch import make_plan  # noqa: E402
+from mom_ds.model.modules import FFNModule, init_gpt2_  # noqa: E402
+from mom_ds.model.pools import FFNPool  # noqa: E402
+from mom_ds.parallel.dispatch import AllToAllDispatcher  # noqa: E402
 from mom_ds.parallel.groups import expert_parallel_groups  # noqa: E402
 from mom_ds.parallel.placement import ModulePlacement  # noqa: E402
 
 
 class MoMFFNLayer(nn.Module):
     """Token-choice top-K over a sharded FFN pool: linear gate (as DeepSpeed's), sorted
-    plan, all-to-all dispatch. Holds only this rank's experts."""
+    plan, all-to-all dispatch. Holds only this rank's experts, stacked."""
 
     def __init__(self, width, n_experts, top_k, ep_size, ep_rank, group, capacity_factor=0.0):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.capacity_factor = top_k, capacity_factor
         self.gate = nn.Linear(width, n_experts, bias=False)
         placement = ModulePlacement(n_experts, ep_size, ep_rank)
-        self.experts = nn.ModuleList(FFNModule(width) for _ in placement.owned())
-        self.dispatcher = AllToAllDispatcher(group, 0, 1, [placement], capacity_factor, top_k)
+        self.experts = FFNPool(placement.per_rank, width)
+        init_gpt2_(self.experts, 0.02, 1)
+        self.dispatcher = AllToAllDispatcher(group, 0, "FFN", placement)
         self.n_experts = n_experts
 
     def forward(self, x):
         t0 = time.perf_counter()
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         top_p, ids = probs.topk(self.top_k, dim=-1)
-        plan = make_plan(ids, top_p / top_p.sum(-1, keepdim=True), self.n_experts)
+        plan = make_plan(ids, top_p / top_p.sum(-1, keepdim=True), self.n_experts,
+                         self.capacity_factor)
         if self.dispatcher.timings is not None:
             self.dispatcher.timings["routing"] = self.dispatcher.timings.get("routing", 0.0) \
                 + time.perf_counter() - t0
-        return self.dispatcher.run(x, plan, list(self.experts)), plan
+        return self.dispatcher.run(self.experts.normalize(x), plan, self.experts), plan
 
 
 def interleaved_median(layers: dict, step, steps: int, warmup: int = 2) -> dict:
@@ -107,11 +112,12 @@ def rank_main(rank, world, args):
     d.bytes_sent = d.header_bytes = 0
     d.timings = {}
     remote_rows = 0
-    placement = ModulePlacement(args.experts, world, rank)
+    mine = ModulePlacement(args.experts, world, rank).owned()
     with torch.no_grad():
         for _ in range(args.steps):
             _, plan = mom(x)
-            remote_rows += sum(n for m, n in enumerate(plan.sizes) if placement.owner(m) != rank)
+            chosen = plan.counts[:args.experts]
+            remote_rows += int(chosen.sum() - chosen[mine].sum())
     results["bytes"] = (d.bytes_sent, d.header_bytes, remote_rows * args.width * x.element_size())
     results["timings"] = {k: v / args.steps for k, v in d.timings.items()}
     return results

@@ -1,6 +1,7 @@
-"""Model speed on CPU, fp32, forward + backward, ratios measured in one run.
+"""Model speed, forward + backward, ratios measured in one run (CPU fp32 by default).
 
     python bench/model_speed.py [--width 512 --heads 8 --seq 256 --batch 8 --vocab 8192]
+                                [--device cuda --dtype bf16]
 
 1. vanilla preset vs transformers.GPT2LMHeadModel (same shape): tokens/s ratio (target >= 1.0)
 2. MoM (one block, A = F = 4, H = 4) at K = 1 and K = 2 vs a vanilla 4-layer model:
@@ -31,6 +32,11 @@ def step_fn(model, ids, labels, hf: bool):
     return step
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
     """Median seconds per call; the candidates take turns so machine noise hits all alike."""
     for fn in fns.values():
@@ -39,8 +45,10 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -53,11 +61,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
     shape = dict(vocab_size=args.vocab, n_positions=args.seq, d_model=args.width,
                  n_heads=args.heads)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     tokens = ids.numel()
 
@@ -68,12 +80,15 @@ def main() -> None:
     vanilla = MoMForCausalLM(presets.vanilla(4, **shape))
     moms = {k: MoMForCausalLM(presets.mom(n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=k,
                                           **shape)) for k in (1, 2)}
+    for model in (hf, vanilla, *moms.values()):
+        model.to(device=device, dtype=dtype)
     fns = {"hf": step_fn(hf, ids, labels, True), "vanilla": step_fn(vanilla, ids, labels, False)}
     fns.update({f"mom_k{k}": step_fn(m, ids, labels, False) for k, m in moms.items()})
     secs = time_interleaved(fns, args.repeats)
 
     flops_v = flops_per_token(vanilla.config, args.seq)
-    print(f"CPU fp32, torch {torch.__version__}, {torch.get_num_threads()} threads; width "
+    print(f"{args.device} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads; width "
           f"{args.width}, {args.heads} heads, seq {args.seq}, batch {args.batch}, vocab "
           f"{args.vocab}; median of {args.repeats} forward+backward steps\n")
     print("| model | tokens/s | step s | GFLOPs/token | vs baseline |")
@@ -96,7 +111,7 @@ def main() -> None:
 
     cfg = moms[1].config
     block = moms[1].chunks[0]
-    x = torch.randn(tokens, args.width, requires_grad=True)
+    x = torch.randn(tokens, args.width, device=device, dtype=dtype, requires_grad=True)
 
     def routers_only():
         g_a = g_f = None

@@ -104,8 +104,9 @@ class ParallelConfig:
     """A collective that waits longer than this fails instead of hanging."""
     expert_parallel_size: int = 1
     """E: ranks that share the routed blocks' module pools. Each rank of an expert-parallel
-    group computes A/E attention and F/E FFN modules of every block; tokens reach them by
-    all-to-all. Must divide the world size and both pool sizes."""
+    group holds and computes A/E attention and F/E FFN modules of every block; tokens reach
+    them by all-to-all. Must divide the world size; a pool E does not divide, of one module,
+    or behind a fixed router stays dense (data-parallel)."""
 
 
 @dataclass
@@ -164,11 +165,8 @@ class RunConfig:
         if not p.timeout_minutes > 0:
             fail("parallel.timeout_minutes", p.timeout_minutes, "must be positive",
                  "use e.g. 10")
-        if p.expert_parallel_size > 1:
-            from .parallel.placement import validate_expert_parallel
-            # the world size is checked in preflight, once the launcher has told it
-            validate_expert_parallel(self.model, p.expert_parallel_size, p.expert_parallel_size)
-        elif p.expert_parallel_size < 1:
+        # the world size is checked in preflight, once the launcher has told it
+        if p.expert_parallel_size < 1:
             fail("parallel.expert_parallel_size", p.expert_parallel_size, "must be >= 1",
                  "use 1 (no expert parallelism) or a divisor of the pool sizes")
 

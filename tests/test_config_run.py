@@ -11,7 +11,8 @@ import yaml
 
 from mom_ds.config import (ConfigError, field_docs, load_run_config,
                            parse_overrides, reference_markdown, TrainConfig)
-from mom_ds.train.engine import build_ds_config, param_groups
+from mom_ds.parallel.parallelize import engine_param_groups
+from mom_ds.train.engine import build_ds_config
 from mom_ds.train.loop import lr_factor
 from test_train_fixtures import REPO, TINY, write_byte_data
 
@@ -100,12 +101,13 @@ def test_weight_decay_groups():
     from mom_ds import MoMForCausalLM
 
     model = MoMForCausalLM(load_run_config(TINY).model)
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = engine_param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert "wte.weight" not in decayed and "wpe.weight" not in decayed
-    assert not any(n.endswith(".bias") or ".ln" in n for n in decayed)
-    assert any(n.endswith("qkv.weight") for n in decayed)
+    assert not any(n.endswith(("bias", "ln_weight")) or ".ln" in n for n in decayed)
+    assert any(n.endswith("attn_pool.qkv.weight") for n in decayed)
+    assert any(n.endswith("ffn_pool.fc.weight") for n in decayed)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
@@ -162,29 +164,19 @@ def test_missing_deepspeed_json(monkeypatch, capsys, data):
     assert "file not found" in err
 
 
-def test_expert_parallel_size_that_does_not_divide_is_refused(monkeypatch, capsys, data):
+def test_expert_parallel_size_that_does_not_divide_the_ranks_is_refused(monkeypatch, capsys,
+                                                                        data):
     # tiny: A = F = 4 modules per pool, 2 ranks (WORLD_SIZE)
     err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
                           "--parallel.expert_parallel_size", "4")
     assert "expert_parallel_size = 4 does not divide the data-parallel size 2" in err
+
+
+def test_zero0_clipping_with_sharded_pools_is_refused(monkeypatch, capsys, data):
     err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
-                          "--parallel.expert_parallel_size", "2", "--model.n_ffn_modules", "3")
-    assert "does not divide model.n_ffn_modules = 3" in err
-
-
-def test_bf16_with_zero0_is_refused_for_routed_blocks(monkeypatch, capsys, data):
-    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
-                          "--train.precision", "bf16", "--deepspeed", "ds_configs/zero0.json")
-    assert "bf16 with ZeRO stage 0 is not supported" in err and "zero1.json" in err
-
-
-def test_bf16_with_fp32_accumulation_at_zero1_is_refused(monkeypatch, capsys, data, tmp_path):
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 1},
-                              "data_types": {"grad_accum_dtype": "fp32"}}))
-    err = mom_train_error(monkeypatch, capsys, "--data.data_dir", str(data),
-                          "--train.precision", "bf16", "--deepspeed", str(ds))
-    assert "ZeRO stage 1 and fp32 gradient accumulation is not supported" in err
+                          "--parallel.expert_parallel_size", "2",
+                          "--deepspeed", "ds_configs/zero0.json")
+    assert "ZeRO stage 0 with parallel.expert_parallel_size 2" in err and "zero1.json" in err
 
 
 def test_recipes_validate_and_their_size_lines_are_fresh():

@@ -15,7 +15,7 @@ def test_each_epoch_is_a_permutation_without_repeats():
     first, second = take(s, 101), take(s, 101)
     assert sorted(first) == sorted(second) == list(range(101))
     assert first != second  # a fresh permutation per epoch
-    assert s.state_dict() == {"epoch": 1, "cursor": 101}
+    assert s.state_dict() == {"epoch": 1, "cursor": 101, "world_size": 1}
 
 
 @pytest.mark.parametrize("world_size", [1, 3, 4])
@@ -51,3 +51,23 @@ def test_bad_arguments_and_state():
         WindowSampler(3, seed=0, rank=0, world_size=4)
     with pytest.raises(DataError, match="does not fit"):
         WindowSampler(10, seed=0).load_state_dict({"epoch": 0, "cursor": 11})
+
+
+def test_a_position_saved_with_two_ranks_continues_with_one_and_four():
+    """The windows after the resume are those the two ranks would have taken next."""
+    n = 64
+    two = [WindowSampler(n, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):
+        for s in two:
+            next(s)
+    state = two[0].state_dict()  # cursor 4 of 2 ranks = 8 windows taken
+    taken_next = sorted(next(s) for s in two for _ in range(2))  # the next 4 windows
+    for world in (1, 4):
+        ranks = [WindowSampler(n, seed=3, rank=r, world_size=world) for r in range(world)]
+        for s in ranks:
+            s.load_state_dict(state)
+        got = sorted(next(s) for s in ranks for _ in range(4 // world))
+        assert got == taken_next
+    with pytest.raises(DataError, match="not a multiple of 3 ranks"):
+        WindowSampler(n, seed=3, rank=0, world_size=3).load_state_dict(
+            {"epoch": 0, "cursor": 1, "world_size": 2})

@@ -1,7 +1,8 @@
 """Expert parallelism is exact: E = 2 and E = 4 ranks (module pools sharded, tokens moved by
 all-to-all) give the outputs, loss and every parameter's gradient of one process on the same
-global batch; the clipping norm is the single-process norm; ranks out of step get a named
-error, not a hang."""
+global batch; through DeepSpeed's engine (ZeRO 0 to 3) the clipping norm is the
+single-process norm and one AdamW step lands where one process's does; ranks out of step
+get a named error, not a hang."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,11 +11,8 @@ from multirank import run_ranks
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.parallel.dispatch import ExpertParallelMismatch
-from mom_ds.parallel.expert import (apply_expert_parallel, expert_grad_norm, full_state_dict,
-                                    load_full_state_dict, reduce_expert_gradients,
-                                    use_global_balance_stats)
-from mom_ds.parallel.groups import expert_parallel_groups
-from mom_ds.parallel.placement import is_expert_parameter, local_to_global_name
+from mom_ds.parallel.parallelize import engine_param_groups, is_expert_parameter, parallelize
+from mom_ds.parallel.placement import ModulePlacement
 
 SHAPE = dict(vocab_size=48, n_positions=16, d_model=16, n_heads=2)
 GLOBAL_BATCH = 8
@@ -27,7 +25,7 @@ def build(top_k, seed=0, **extra):
     model = MoMForCausalLM(cfg)
     with torch.no_grad():  # routers that spread tokens over modules and SKIP
         for name, p in model.named_parameters():
-            if "router" in name and name.endswith("weight"):
+            if "router" in name and "bias" not in name:
                 p.normal_(0, 0.5)
     return model
 
@@ -49,17 +47,11 @@ def reference(top_k):
     return out.logits.detach(), float(out.loss.detach()), grads, float(norm), skips
 
 
-def expert_parameters(model):
-    return [p for p in model.parameters() if is_expert_parameter(p)]
-
-
-def global_grad_norm(model, ep_group):
-    """Dense gradients are identical on every rank after reduction (counted once); the
-    module pools' norm is expert_grad_norm's (what mom-train joins to DeepSpeed's norm)."""
-    dense = [p.grad.float().pow(2).sum() for p in model.parameters()
-             if not is_expert_parameter(p)]
-    return (torch.stack(dense).sum() + expert_grad_norm(expert_parameters(model),
-                                                        ep_group).pow(2)).sqrt()
+def owned(name, world, ep_rank, n_modules=4):
+    """The global modules of a sharded pool tensor this rank holds (None: dense)."""
+    if "_pool." not in name:
+        return None
+    return ModulePlacement(n_modules, world, ep_rank).owned()
 
 
 def ep_rank_steps(rank, world):
@@ -67,27 +59,24 @@ def ep_rank_steps(rank, world):
 
 
 def ep_rank_step(rank, world, top_k):
-    """Pools sharded; dense gradients averaged as the engine does, expert gradients reduced
-    by reduce_expert_gradients (what mom-train's ModulePools calls)."""
+    """Pools sharded; gradients reduced as DeepSpeed reduces them: dense ones averaged over
+    every rank, expert ones summed over the expert-data-parallel group (each rank's loss is
+    its micro-batch mean; the all-to-all backward already brought every source rank's
+    contribution to the owner) and divided by the data-parallel size."""
     model = build(top_k)
-    apply_expert_parallel(model, world)
-    use_global_balance_stats(model)
-    _, edp_group = expert_parallel_groups(world)
-    ep_group, _ = expert_parallel_groups(world)
+    layout = parallelize(model, world)
     ids, labels = batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     out = model(ids[rows], labels=labels[rows])
     out.loss.backward()
-    for p in model.parameters():  # dense: average over data parallel (what the engine does)
-        if not getattr(p, "mom_expert", False):
+    for p in model.parameters():
+        if not is_expert_parameter(p):
             dist.all_reduce(p.grad)
-            p.grad /= world
-    reduce_expert_gradients(expert_parameters(model), edp_group, world)
-    ep_size, ep_rank = model.expert_parallel
-    grads = {local_to_global_name(n, ep_size, ep_rank, model.config): p.grad.clone()
-             for n, p in model.named_parameters()}
-    norm = float(global_grad_norm(model, ep_group))
-    return out.logits.detach(), float(out.loss.detach()), grads, norm
+        elif dist.get_world_size(layout.expert_dp_group) > 1:
+            dist.all_reduce(p.grad, group=layout.expert_dp_group)
+        p.grad /= world
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out.logits.detach(), float(out.loss.detach()), grads, layout.ep_rank
 
 
 @pytest.mark.slow
@@ -104,13 +93,68 @@ def check_equal_to_reference(results, world, top_k):
     torch.testing.assert_close(torch.cat([r[0] for r in results]), ref_logits,
                                atol=1e-5, rtol=1e-5)
     assert abs(sum(r[1] for r in results) / world - ref_loss) < 1e-5
-    for rank, (_, _, grads, norm) in enumerate(results):
-        assert abs(norm - ref_norm) < 1e-5 * max(1.0, ref_norm)
+    for rank, (_, _, grads, ep_rank) in enumerate(results):
+        assert set(grads) == set(ref_grads)
         for name, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,
+            cut = owned(name, world, ep_rank)
+            want = ref_grads[name] if cut is None else ref_grads[name][cut]
+            torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+
+
+CLIP = 0.05
+
+
+def engine_rank_step(rank, world, stage):
+    """One optimizer step through DeepSpeed's engine, clipping active: the norm DeepSpeed
+    clips with and the weights it lands on, against one process on the global batch."""
+    import deepspeed
+
+    model = build(2)
+    parallelize(model, world)
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95],
+                                                        "eps": 1e-8, "weight_decay": 0.1,
+                                                        "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      model_parameters=engine_param_groups(model, 0.1))
+    ids, labels = batch()
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    engine.backward(engine(ids[rows], labels=labels[rows]).loss)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    from deepspeed.utils import safe_get_full_fp32_param
+    weights = {}
+    for name, p in model.named_parameters():
+        value = safe_get_full_fp32_param(p)
+        weights[name] = (p.detach() if value is None else value).float().clone()
+    ep_rank = dist.get_rank(engine.module.expert_parallel_marker.ep_group)
+    return norm, weights, ep_rank
+
+
+def engine_reference():
+    model = build(2)
+    ids, labels = batch()
+    opt = torch.optim.AdamW(engine_param_groups(model, 0.1), lr=0.01, betas=(0.9, 0.95),
+                            eps=1e-8)
+    model(ids, labels=labels).loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
+    opt.step()
+    return norm, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_steps_sharded_pools_as_one_process(stage):
+    ref_norm, ref_weights = engine_reference()
+    for rank, (norm, weights, ep_rank) in enumerate(run_ranks(engine_rank_step, 2, stage)):
+        assert abs(float(norm) - ref_norm) < 1e-5 * ref_norm, (norm, ref_norm)
+        for name, w in weights.items():
+            cut = owned(name, 2, ep_rank)
+            want = ref_weights[name] if cut is None else ref_weights[name][cut]
+            torch.testing.assert_close(w, want, atol=1e-6, rtol=1e-5,
                                        msg=f"rank {rank} {name}")
-    covered = set().union(*(r[2].keys() for r in results))
-    assert covered == set(ref_grads)  # every module of the pool lives on some rank
 
 
 def lopsided_rank_step(rank, world):
@@ -122,7 +166,7 @@ def lopsided_rank_step(rank, world):
                 router.head.weight.zero_()
                 router.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, -50.0] if rank == 0
                                                     else [0.0, 0.0, 5.0, -50.0]))
-    apply_expert_parallel(model, world)
+    parallelize(model, world)
     ids, labels = batch()
     out = model(ids[rank * 4:(rank + 1) * 4], labels=labels[rank * 4:(rank + 1) * 4])
     out.loss.backward()
@@ -150,9 +194,9 @@ def test_idle_rank_and_idle_module_complete_the_step(edge_results):
 
 def out_of_step_rank(rank, world):
     model = build(1)
-    apply_expert_parallel(model, world)
+    parallelize(model, world)
     if rank == 1:  # rank 1 believes it is one exchange ahead (a skipped forward call)
-        model.chunks[0].dispatcher.calls += 1
+        model.chunks[0].attn_dispatcher.calls += 1
     ids, labels = batch()
     try:
         model(ids[rank * 4:(rank + 1) * 4])
@@ -168,31 +212,38 @@ def test_out_of_step_ranks_raise_a_named_error(edge_results):
     assert "rank 0" in messages[0] and "rank 1" in messages[0] and "exchange #" in messages[0]
 
 
-def reshard_rank(rank, world, full):
-    model = build(2, seed=7)  # different init: the loaded weights must win
-    if world > 1:
-        apply_expert_parallel(model, world)
-    load_full_state_dict(model, full)
-    ids, _ = batch()
-    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    with torch.no_grad():
-        logits = model(ids[rows]).logits
-    return logits, full_state_dict(model, expert_parallel_groups(world)[0] if world > 1 else None)
+READS = ("item", "tolist", "cpu", "nonzero", "__bool__", "__int__", "__float__", "numpy")
+
+
+def host_reads_rank(rank, world):
+    """Host reads (device-to-host syncs) in one forward + backward with E = world: each
+    exchange needs its split sizes on the host, once; nothing else reads."""
+    model = build(1)
+    parallelize(model, world)
+    ids, labels = batch()
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+    reads = []
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return saved[name](self, *args, **kwargs)
+        return read
+    try:
+        for name in READS:
+            setattr(torch.Tensor, name, counting(name))
+        out = model(ids[rank * 4:(rank + 1) * 4], labels=labels[rank * 4:(rank + 1) * 4])
+        out.loss.backward()
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+    exchanges = sum(b.attn_dispatcher.calls + b.ffn_dispatcher.calls for b in model.chunks)
+    return reads, exchanges
 
 
 @pytest.mark.slow
-def test_weights_saved_at_one_size_load_at_another():
-    saved = run_ranks(reshard_rank, 2, {k: v for k, v in build(2).state_dict().items()})
-    full_e2 = saved[0][1]
-    ref = build(2)
-    ids, _ = batch()
-    with torch.no_grad():
-        expected = ref(ids).logits
-    one_rank = build(2, seed=7)
-    load_full_state_dict(one_rank, full_e2)
-    with torch.no_grad():
-        torch.testing.assert_close(one_rank(ids).logits, expected, atol=1e-5, rtol=1e-5)
-    results = run_ranks(reshard_rank, 4, full_e2)
-    torch.testing.assert_close(torch.cat([r[0] for r in results]), expected,
-                               atol=1e-5, rtol=1e-5)
-    assert set(full_e2) == set(ref.state_dict())
+def test_one_host_sync_per_exchange():
+    cfg = build(1).config  # 2 blocks x 2 steps x (QKV, output projection, FFN)
+    for reads, exchanges in run_ranks(host_reads_rank, 2):
+        assert exchanges == cfg.n_chunks * cfg.depth * 3 == 12
+        assert reads == ["tolist"] * exchanges

@@ -145,7 +145,7 @@ def test_two_stage_import_places_every_donor_tensor_and_keeps_routers_fresh():
     torch.manual_seed(7)
     fresh = MoMForCausalLM(layout)  # same seed: what every parameter was before the copy
 
-    hf_state, our_params = donor.state_dict(), dict(ours.named_parameters())
+    hf_state, our_params = donor.state_dict(), ours.per_module_tensors()
     placed = set()
     for hf_name, mom_name, conv in expected_pairs(EXPECTED_12):
         want = hf_state[hf_name].t() if conv else hf_state[hf_name]
@@ -154,7 +154,7 @@ def test_two_stage_import_places_every_donor_tensor_and_keeps_routers_fresh():
 
     unplaced = set(our_params) - placed
     assert unplaced and all("_router." in name for name in unplaced), sorted(unplaced)
-    fresh_params = dict(fresh.named_parameters())
+    fresh_params = fresh.per_module_tensors()
     for name in unplaced:
         assert torch.equal(our_params[name], fresh_params[name]), f"{name} was overwritten"
     dropped = [hf_state[f"transformer.h.{i}.attn.c_attn.weight"].t() for i in (4, 9)]

@@ -1,33 +1,49 @@
-"""The sorted dispatch (RoutePlan + LocalDispatcher) against a naive per-token loop."""
+"""The sorted dispatch (RoutePlan + LocalDispatcher + stacked pools on grouped GEMM) against
+a naive per-token loop over plain per-module nn.Modules, forward and backward, with modules
+that receive no token; torch's grouped_mm path and the per-module fallback alike."""
+import pytest
 import torch
-from torch import nn
 
-from mom_ds.parallel.dispatch import LocalDispatcher, make_plan
+from mom_ds.model import pools
+from mom_ds.model.dispatch import LocalDispatcher, make_plan
+from mom_ds.model.pools import FFNPool, RowGroups, grouped_linear
+from pool_modules import _modules
+from mom_ds.model.modules import FFNModule
+
+# Modules 1 and 3 receive no token; ids 5 and 6 (>= pool) act as SKIP.
+IDS = torch.tensor([[0, 2], [2, 4], [4, 5], [6, 0], [0, 0], [2, 6],
+                    [4, 2], [5, 6], [0, 4], [2, 2], [6, 5], [4, 0]])
 
 
-def test_sorted_dispatch_equals_per_token_loop_forward_and_backward():
+@pytest.fixture(params=["grouped_mm", "loop"])
+def path(request, monkeypatch):
+    if request.param == "loop":
+        monkeypatch.setattr(pools, "grouped_mm_available", lambda x, w: False)
+    return request.param
+
+
+def test_sorted_dispatch_equals_per_token_loop_forward_and_backward(path):
     torch.manual_seed(0)
-    n_modules, d, N, K = 5, 8, 12, 2
-    mods = nn.ModuleList(nn.Linear(d, 3) for _ in range(n_modules))
-    # Modules 1 and 3 receive no token; id 5 and 6 (>= pool) act as SKIP.
-    ids = torch.tensor([[0, 2], [2, 4], [4, 5], [6, 0], [0, 0], [2, 6],
-                        [4, 2], [5, 6], [0, 4], [2, 2], [6, 5], [4, 0]])
+    n_modules, d, (N, K) = 5, 8, IDS.shape
+    pool = FFNPool(n_modules, d)
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.normal_(0, 0.3)
+    mods = _modules(pool, FFNModule)
     weights = torch.rand(N, K, requires_grad=True)
     x = torch.randn(N, d, requires_grad=True)
 
-    plan = make_plan(ids, weights, n_modules)
-    fast = LocalDispatcher().run(x, plan, list(mods))
+    plan = make_plan(IDS, weights, n_modules)
+    fast = LocalDispatcher().run(pool.normalize(x), plan, pool)
     fast.square().sum().backward()
-    fast_grads = [p.grad.clone() for p in mods.parameters()]
     fast_dx, fast_dw = x.grad.clone(), weights.grad.clone()
 
-    for p in list(mods.parameters()) + [x, weights]:
-        p.grad = None
+    x.grad = weights.grad = None
     rows = []
     for t in range(N):
-        acc = torch.zeros(3)
+        acc = torch.zeros(d)
         for k in range(K):
-            m = int(ids[t, k])
+            m = int(IDS[t, k])
             if m < n_modules:
                 acc = acc + weights[t, k] * mods[m](x[t])
         rows.append(acc)
@@ -35,25 +51,66 @@ def test_sorted_dispatch_equals_per_token_loop_forward_and_backward():
     slow.square().sum().backward()
 
     torch.testing.assert_close(fast, slow)
-    torch.testing.assert_close(x.grad, fast_dx)
-    torch.testing.assert_close(weights.grad, fast_dw)
-    for (name, p), g in zip(mods.named_parameters(), fast_grads):
-        expected = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(g, expected, msg=name)
-    # Idle modules still get a gradient tensor (zeros), never None: ZeRO and DDP need it.
-    for m in (1, 3):
-        assert all(torch.count_nonzero(p.grad if p.grad is not None else torch.zeros(1)) == 0
-                   for p in mods[m].parameters())
-    assert plan.sizes == [6, 0, 6, 0, 5]
+    torch.testing.assert_close(fast_dx, x.grad)
+    torch.testing.assert_close(fast_dw, weights.grad)
+    views = pool.module_views("m")
+    for j, mod in enumerate(mods):
+        for name, p in mod.named_parameters():
+            expected = p.grad if p.grad is not None else torch.zeros_like(p)
+            got = views[f"m.{j}.{name}"]
+            projection, param = _stack_of(name)
+            grad = getattr(getattr(pool, projection), param).grad[j]
+            torch.testing.assert_close(grad.t() if grad.dim() == 2 else grad, expected,
+                                       msg=f"module {j} {name}")
+            assert got.shape == p.shape
+    # Idle modules get zero gradients (the stack has one gradient tensor for all).
+    assert all(float(pool.fc.weight.grad[m].abs().max()) == 0 for m in (1, 3))
     assert plan.counts.tolist() == [6, 0, 6, 0, 5, 7]
+    assert plan.groups.offsets.tolist() == [6, 6, 12, 12, 17]
     assert plan.chosen.tolist() == [True] * 7 + [False] + [True] * 2 + [False, True]
 
 
+def _stack_of(name: str) -> str:
+    return {v: k for k, v in FFNPool.VIEW_NAMES.items()}[name]
+
+
+def test_rows_past_the_last_offset_give_zero_and_pass_no_gradient(path):
+    """torch leaves uninitialised memory there (forward and backward); the SKIP rows must
+    come out 0 and send no gradient back to their tokens."""
+    torch.manual_seed(1)
+    weight = torch.randn(3, 8, 16, requires_grad=True)
+    bias = torch.randn(3, 16, requires_grad=True)
+    x = torch.randn(10, 8, requires_grad=True)
+    module = torch.tensor([1, 1, 1, 1, 2, 2, 2, 3, 3, 3])  # group 0 empty, 3 rows in none
+    groups = RowGroups.from_sorted(module, torch.tensor([0, 4, 3]))
+    y = grouped_linear(x, weight, bias, groups)
+    (y * torch.randn_like(y)).sum().backward(retain_graph=True)
+    assert float(y.detach()[7:].abs().max()) == 0
+    assert float(x.grad[7:].abs().max()) == 0
+    assert float(weight.grad[0].abs().max()) == 0 and float(bias.grad[0].abs().max()) == 0
+    with torch.no_grad():
+        ref = torch.cat([x[:4] @ weight[1] + bias[1], x[4:7] @ weight[2] + bias[2]])
+        torch.testing.assert_close(y[:7], ref)
+    y.sum().backward()  # a gradient with zero strides (torch's own autograd rejects it)
+
+
 def test_unweighted_dispatch_sums_module_outputs():
-    mods = [lambda r: r * 2, lambda r: r + 1]
     x = torch.arange(6.0).view(3, 2)
     ids = torch.tensor([[0, 1], [1, 2], [2, 2]])
     plan = make_plan(ids, torch.ones(3, 2), 2)
-    out = LocalDispatcher().run(x, plan, mods, weighted=False)
+
+    def fn(rows, groups):  # module 0 doubles, module 1 adds 1; rows in no module are 0
+        y = torch.where(groups.module.unsqueeze(1) == 0, rows * 2, rows + 1)
+        return torch.where(groups.valid.unsqueeze(1), y, 0)
+    out = LocalDispatcher().run(x, plan, fn, weighted=False)
     expected = torch.stack([x[0] * 2 + x[0] + 1, x[1] + 1, torch.zeros(2)])
     torch.testing.assert_close(out, expected)
+
+
+def test_capacity_keeps_the_earliest_tokens_of_each_module():
+    ids = torch.tensor([[0], [0], [1], [0], [2], [0]])  # module 0 chosen 4 times
+    plan = make_plan(ids, torch.ones(6, 1), 2, capacity_factor=1.0)  # cap = 3
+    assert int(plan.dropped) == 1
+    kept = plan.token[plan.groups.valid].tolist()
+    assert kept == [0, 1, 3, 2]  # module 0: tokens 0, 1, 3 (token 5 dropped); module 1: 2
+    assert plan.groups.offsets.tolist() == [3, 4]

@@ -8,6 +8,7 @@ import torch
 
 from mom_ds import MoMConfig
 from mom_ds.model.routed_block import RoutedBlock
+from pool_modules import attention_modules, ffn_modules
 
 
 def ref_router(router, x, g, step, cfg):
@@ -30,6 +31,7 @@ def ref_block(block, x, cfg):
     T, d = x.shape
     nh, hd = cfg.n_heads, d // cfg.n_heads
     A, Fn = cfg.n_attn_modules, cfg.n_ffn_modules
+    attn_mods, ffn_mods = attention_modules(block), ffn_modules(block)
     h = [x[t].clone() for t in range(T)]
     g_a = [None] * T
     g_f = [None] * T
@@ -43,7 +45,7 @@ def ref_block(block, x, cfg):
         for t in range(T):
             acc = torch.zeros(3 * d)
             for m, w in picks[t]:
-                mod = block.attn_modules[m]
+                mod = attn_mods[m]
                 out = mod.qkv(mod.ln(h[t]))
                 acc = acc + (w * out if cfg.weighted_qkv else out)
             qkv.append(acc)
@@ -63,13 +65,13 @@ def ref_block(block, x, cfg):
             att.append(out)
         for t in range(T):
             for m, w in picks[t]:
-                h[t] = h[t] + w * block.attn_modules[m].proj(att[t])
+                h[t] = h[t] + w * attn_mods[m].proj(att[t])
         for t in range(T):
             pk, g_f[t] = ref_router(block.ffn_router, h[t][None], g_f[t], step, cfg)
             delta = torch.zeros(d)
             for m, w in pk:
                 if m < Fn:
-                    delta = delta + w * block.ffn_modules[m](h[t])
+                    delta = delta + w * ffn_mods[m](h[t])
             h[t] = h[t] + delta
     return torch.stack([v.reshape(d) for v in h]), skipped_any, chosen_any
 

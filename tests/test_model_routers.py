@@ -76,18 +76,18 @@ def test_vanilla_routed_and_shared_layers_equal_their_plain_forms():
     routed = MoMForCausalLM(presets.vanilla_routed(3, **SHAPE))
     shared = MoMForCausalLM(presets.shared_layers(3, **SHAPE))
     sd = plain.state_dict()
-    mapped, shared_sd = {}, {}
-    for key, value in sd.items():
-        if key.startswith("bottom."):
-            _, i, kind, rest = key.split(".", 3)  # bottom.{i}.{attn|ffn}.{rest}
-            pool = "attn_modules" if kind == "attn" else "ffn_modules"
-            mapped[f"chunks.0.{pool}.{i}.{rest}"] = value
-            if i == "0":
-                shared_sd[f"chunks.0.{pool}.0.{rest}"] = value
-        else:
-            mapped[key] = shared_sd[key] = value
-    routed.load_state_dict(mapped)
-    shared.load_state_dict(shared_sd)
+    with torch.no_grad():  # per-module views: writing one writes the stacked pool
+        routed_views, shared_views = routed.per_module_tensors(), shared.per_module_tensors()
+        for key, value in sd.items():
+            if key.startswith("bottom."):
+                _, i, kind, rest = key.split(".", 3)  # bottom.{i}.{attn|ffn}.{rest}
+                pool = "attn_modules" if kind == "attn" else "ffn_modules"
+                routed_views[f"chunks.0.{pool}.{i}.{rest}"].copy_(value)
+                if i == "0":
+                    shared_views[f"chunks.0.{pool}.0.{rest}"].copy_(value)
+            else:
+                routed_views[key].copy_(value)
+                shared_views[key].copy_(value)
     ids = torch.randint(0, 40, (2, 10))
     torch.testing.assert_close(routed(ids).logits, plain(ids).logits, atol=1e-5, rtol=1e-5)
     once = MoMForCausalLM(presets.vanilla(3, **SHAPE))

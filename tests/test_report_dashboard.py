@@ -48,11 +48,13 @@ def test_dashboard_read_back(tmp_path):
         skip = events.Scalars(f"{tag}/attn_skip_rate")[0].value
         counts = block.attn_counts.double()
         assert skip == pytest.approx(float(counts[:, -1].sum() / counts.sum()), rel=1e-6)
-        assert events.Scalars(f"{tag}/mean_depth")[0].value == pytest.approx(
-            float(block.depth.float().mean()), rel=1e-6)
+        levels = torch.arange(2 * config.depth + 1) / 2  # depth 0, 0.5, ... H
+        mean_depth = float((levels * block.depth_hist).sum() / block.depth_hist.sum())
+        assert events.Scalars(f"{tag}/mean_depth")[0].value == pytest.approx(mean_depth,
+                                                                            rel=1e-6)
         # one histogram entry per token, within [0, depth]
         histogram = events.Histograms(f"{tag}/depth")[-1].histogram_value
-        assert histogram.num == block.depth.numel() == 2 * 16
+        assert histogram.num == int(block.depth_hist.sum()) == 2 * 16
         assert 0 <= histogram.min and histogram.max <= config.depth
         # heat map: H rows; attention (A + SKIP) | gap | FFN (F + SKIP) columns
         image = events.Images(f"{tag}/usage")[-1]

@@ -29,10 +29,8 @@ LAYOUTS = {
 # Expert parallelism (E = 2 on the 2 ranks): the same global batch, the module pools'
 # computation split over the ranks by all-to-all; (DeepSpeed JSON, extra arguments).
 EP_LAYOUTS = {
-    "ep2_zero0": ("zero0", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
+    "ep2_zero1": ("zero1", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
                             "--train.eval_batches", "4", "--parallel.expert_parallel_size", "2"]),
-    "ep2_zero1": ("zero1", ["--train.micro_batch_size", "4",
-                            "--parallel.expert_parallel_size", "2"]),
     "ep2_zero2": ("zero2", ["--train.micro_batch_size", "4",
                             "--parallel.expert_parallel_size", "2"]),
     "ep2_zero3": ("zero3", ["--train.micro_batch_size", "4",
@@ -44,6 +42,22 @@ EP_LAYOUTS = {
 # far below what a real fault gives (a wrong or missing window, a gradient averaged twice
 # or not at all, a stale parameter shard all move the loss by 1e-2 or more in 6 steps).
 RTOL = 1e-4
+
+
+
+def moe_args(data: Path, out: Path, micro: int) -> list[str]:
+    """configs/moe-small.yaml shrunk to a tiny width (2 layers, 8 FFN experts, top-2, fixed
+    attention): its attention pools (one module) stay dense, its FFN pools shard. 1 rank x 8
+    or 4 ranks x 2 windows per step, and 2 eval batches: the same 16 val windows."""
+    return ["--config", str(REPO / "configs" / "moe-small.yaml"), "--data.data_dir", str(data),
+            "--train.out_dir", str(out), "--model.vocab_size", "257", "--model.n_positions", "64",
+            "--model.d_model", "32", "--model.n_heads", "2", "--model.n_chunks", "2",
+            "--model.router_width", "16", "--data.seq_len", "64", "--train.max_steps", "4",
+            "--train.warmup_steps", "2", "--train.log_interval", "1", "--train.eval_interval",
+            "4", "--train.eval_batches", "2", "--train.ckpt_interval",
+            "0", "--train.precision", "fp32", "--train.micro_batch_size", str(micro),
+            "--train.grad_accum_steps", "1"]
+
 
 DRIVER = """
 import json, sys
@@ -65,6 +79,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     common = ["--train.max_steps", str(STEPS), "--train.eval_interval", str(STEPS),
               "--train.ckpt_interval", "0"]
     mom_train(*tiny_args(data, outs["reference"]), *common)
+    outs["moe_reference"] = root / "moe_reference"
+    mom_train(*moe_args(data, outs["moe_reference"], 8))
     plan = []
     for stage, extra in LAYOUTS.items():
         outs[stage] = root / stage
@@ -79,6 +95,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     resume = [*tiny_args(data, outs["zero1_resume"]), *common, *LAYOUTS["zero1"],
               "--deepspeed", str(REPO / "ds_configs" / "zero1.json")]
     plan += [[*resume, "--stop-after", "3"], [*resume, "--resume"]]
+    # saved on 2 ranks with E = 2 at step 3, resumed on 1 and 4 ranks by the tests below
+    outs["w2_saved"] = root / "w2_saved"
+    plan.append([*tiny_args(data, outs["w2_saved"]), *common, "--train.micro_batch_size", "4",
+                 "--parallel.expert_parallel_size", "2", "--stop-after", "3",
+                 "--deepspeed", str(REPO / "ds_configs" / "zero2.json")])
     # 32 modules per pool and 8 tokens per rank per step: by pigeonhole at least 24 modules
     # of each half get no token on each rank at every step, yet the step completes (every
     # module still gets a gradient, zero, for its optimizer step) beside ZeRO-3.
@@ -154,8 +175,30 @@ def four_ranks(runs) -> dict[str, Path]:
     resharded = {"ep2_to_ep4": (2, 4), "ep2_to_ep1": (2, 1), "ep1_to_ep2": (1, 2)}
     for name, (saved_at, resumed_at) in resharded.items():
         plan += [args(name, saved_at, "--stop-after", "3"), args(name, resumed_at, "--resume")]
+    # the 2-rank E = 2 checkpoint of step 3, continued on 4 ranks at E = 2 and E = 4
+    for name, ep in (("w2_to_w4_ep2", 2), ("w2_to_w4_ep4", 4)):
+        shutil.copytree(runs["w2_saved"], root / name)
+        plan.append(args(name, ep, "--resume"))
+    plan += [[*moe_args(data, root / f"moe_ep{ep}", 2), "--parallel.expert_parallel_size", str(ep)]
+             for ep in (2, 4)]
     launch(plan, root, 4)
-    return {name: root / name for name in ("ep4", "ep2", *resharded)}
+    # ... and on 1 rank (8 windows per micro-batch: the same global batch)
+    shutil.copytree(runs["w2_saved"], root / "w2_to_w1")
+    mom_train(*tiny_args(data, root / "w2_to_w1"), *common, "--train.micro_batch_size", "8",
+              "--deepspeed", str(REPO / "ds_configs" / "zero1.json"), "--resume")
+    return {name: root / name for name in ("ep4", "ep2", *resharded, "w2_to_w4_ep2",
+                                           "w2_to_w4_ep4", "w2_to_w1", "moe_ep2", "moe_ep4")}
+
+
+@pytest.mark.parametrize("name", ["moe_ep2", "moe_ep4"])
+def test_moe_recipe_trains_with_expert_parallelism(runs, four_ranks, name):
+    """configs/moe-small.yaml (shrunk) on 4 ranks at E = 2 and E = 4 follows one process."""
+    want, got = metrics(runs["moe_reference"]), metrics(four_ranks[name])
+    for step in range(1, 5):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=RTOL), step
+        assert got[step]["train/grad_norm"] == pytest.approx(want[step]["train/grad_norm"],
+                                                            rel=RTOL), step
+    assert got[4]["eval/loss"] == pytest.approx(want[4]["eval/loss"], rel=RTOL)
 
 
 @pytest.mark.parametrize("name", ["ep4", "ep2"])
@@ -180,8 +223,20 @@ def test_checkpoint_resumes_at_another_expert_parallel_size(four_ranks, name):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-6), step
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=1e-6)
     saved = sorted(p.name for p in (four_ranks["ep2"] / "ckpt" / f"step_{STEPS:06d}").glob(
-        "module_pools_*"))
-    assert saved == ["module_pools_ep000_of_002.pt", "module_pools_ep001_of_002.pt"]
+        "experts_*"))
+    assert saved == ["experts_ep000_of_002.pt", "experts_ep001_of_002.pt"]
+
+
+@pytest.mark.parametrize("name", ["w2_to_w1", "w2_to_w4_ep2", "w2_to_w4_ep4"])
+def test_checkpoint_resumes_on_another_world_size(runs, four_ranks, name):
+    """Saved on 2 ranks (E = 2, ZeRO-2) at step 3; continued on 1 rank (ZeRO-1) and on 4
+    ranks (E = 2 and E = 4, ZeRO-2), the same global batch: the same windows and the
+    uninterrupted run's losses (1e-5 relative; the sums change order with the layout)."""
+    want, got = metrics(runs["ep2_zero2"]), metrics(four_ranks[name])
+    for step in range(4, STEPS + 1):
+        assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-5), step
+    assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=1e-5)
+    assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
 
 
 def test_e2_checkpoint_evaluates_as_one_model(four_ranks):

@@ -30,8 +30,8 @@ def reference(data, tmp_path_factory) -> Path:
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     tag = (out / "ckpt" / "latest").read_text().strip()
     assert tag == f"step_{STEPS:06d}"
-    states = torch.load(out / "ckpt" / tag / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["module"]
+    states = torch.load(out / "ckpt" / tag / "dense.pt", weights_only=True)
+    return {name: entry["weight"] for name, entry in states["params"].items()}
 
 
 def assert_same_run(resumed: Path, reference: Path, first_step: int) -> None:

@@ -1,6 +1,6 @@
 """mom-convert: move weights between mom-train checkpoints, plain PyTorch files and HF GPT-2.
 
-  mom-convert fp32 CKPT OUT.pt               ZeRO checkpoint -> one fp32 state dict
+  mom-convert fp32 CKPT OUT.pt               mom-train checkpoint -> one fp32 state dict
                                              ({"model_config", "state_dict", "step"})
   mom-convert to-hf CKPT OUT_DIR             vanilla-preset checkpoint -> GPT2LMHeadModel dir
   mom-convert from-hf HF_DIR OUT.pt [--config configs/X.yaml]
@@ -30,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fp32", help="ZeRO checkpoint -> consolidated fp32 state dict")
+    p = sub.add_parser("fp32", help="mom-train checkpoint -> one fp32 state dict")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p = sub.add_parser("to-hf", help="vanilla-preset checkpoint -> HF GPT-2 directory")

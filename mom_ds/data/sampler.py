@@ -59,10 +59,23 @@ class WindowSampler:
         return index
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        """The position of all ranks together: every rank has taken `cursor` windows of
+        epoch `epoch`, the first cursor * world_size of its permutation."""
+        return {"epoch": self.epoch, "cursor": self.cursor, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved with any number of ranks: the windows taken so
+        far are a prefix of the epoch's permutation, which this rank's share continues."""
         epoch, cursor = int(state["epoch"]), int(state["cursor"])
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            consumed = cursor * saved_world
+            if consumed % self.world_size:
+                raise DataError(f"the checkpoint's data position ({consumed} windows of epoch "
+                                f"{epoch}, taken by {saved_world} ranks) is not a multiple of "
+                                f"{self.world_size} ranks; keep the global batch (micro_batch_size "
+                                f"x grad_accum_steps x ranks) the run had")
+            cursor = consumed // self.world_size
         if epoch < 0 or not 0 <= cursor <= self.per_rank:
             raise DataError(f"sampler state {state} does not fit {self.per_rank} windows per rank per epoch; "
                             f"was the checkpoint made with a different dataset, seq_len or world size?")

@@ -225,7 +225,7 @@ def from_hf_gpt2(path_or_model: Union[str, Path, PreTrainedModel],
     state = donor.state_dict()
     _check_tied_head(state)
     model = MoMForCausalLM(layout)
-    _transfer(pairs, state, dict(model.named_parameters()))
+    _transfer(pairs, state, model.per_module_tensors())
     return model
 
 

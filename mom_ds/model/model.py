@@ -53,6 +53,16 @@ class MoMForCausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions else n
 
+    def per_module_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter by name, each routed block's stacked pools as one view per module
+        (chunks.<c>.attn_modules.<j>.qkv.weight, in nn.Linear layout): the names the
+        two-stage map and per-module tools use. Writing into a view writes the stack."""
+        tensors = {n: p for n, p in self.named_parameters() if "_pool." not in n}
+        for c, block in enumerate(self.chunks):
+            tensors.update(block.attn_pool.module_views(f"chunks.{c}.attn_modules"))
+            tensors.update(block.ffn_pool.module_views(f"chunks.{c}.ffn_modules"))
+        return tensors
+
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 cache: Optional[dict] = None, mod_routing: str = "topk") -> MoMOutput:

@@ -121,9 +121,9 @@ def init_gpt2_(module: nn.Module, std: float, n_layer: int) -> None:
     for name, p in module.named_parameters():
         if name.endswith("bias"):
             nn.init.zeros_(p)
-        elif ".ln" in f".{name}" and name.endswith("weight") and p.dim() == 1:
+        elif name.endswith(("ln.weight", "ln_weight", "ln_f.weight")):
             nn.init.ones_(p)
-        elif name.endswith("proj.weight"):
+        elif name.endswith(("proj.weight", "proj_weight")):
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * n_layer))
         else:
             nn.init.normal_(p, 0.0, std)

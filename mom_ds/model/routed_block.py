@@ -8,26 +8,45 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..parallel.dispatch import LocalDispatcher, make_plan
 from .config import MoMConfig
-from .modules import AttentionModule, FFNModule, causal_attention
+from .dispatch import LocalDispatcher, make_plan
+from .modules import causal_attention
+from .pools import AttentionPool, FFNPool
 from .routers import Router
 
 
 @dataclass
 class BlockRouting:
-    """What one call of a routed block chose (for logs, FLOPs and tests).
+    """What a routed block chose, in one forward or summed over many (micro-batches, ranks):
+    the one record that goes from the block to FLOPs, the monitor and the dashboard.
 
     attn_counts / ffn_counts: (H, pool + 1) choices per module at each step, last = SKIP.
-    depth: (N,) per token, modules-executing steps averaged over the two halves.
-    aux_loss: (H,) balancing loss of attention + FFN router at each step (with grad; the
-    rest is detached).
+    depth_hist: (2H + 1,) tokens per assembled depth 0, 0.5, ... H (the modules-executing
+    steps of a token, averaged over the two halves).
+    aux_loss: (H,) balancing loss of attention + FFN router at each step (with grad in a
+    forward's record; a sum is detached).
+    calls: how many forwards the record sums.
     """
 
     attn_counts: torch.Tensor
     ffn_counts: torch.Tensor
-    depth: torch.Tensor
+    depth_hist: torch.Tensor
     aux_loss: torch.Tensor
+    calls: int = 1
+
+    def __add__(self, other: "BlockRouting") -> "BlockRouting":
+        fields = [a.detach().double() + b.detach().double()
+                  for a, b in zip(self.tensors(), other.tensors())]
+        return BlockRouting(*fields, calls=self.calls + other.calls)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.attn_counts, self.ffn_counts, self.depth_hist, self.aux_loss]
+
+    @property
+    def mean_depth(self) -> float:
+        levels = torch.arange(len(self.depth_hist), dtype=torch.float64,
+                              device=self.depth_hist.device) / 2
+        return float((levels * self.depth_hist).sum() / self.depth_hist.sum().clamp_min(1))
 
 
 class RoutedBlock(nn.Module):
@@ -35,54 +54,55 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.attn_modules = nn.ModuleList(AttentionModule(d, config.layer_norm_eps)
-                                          for _ in range(config.n_attn_modules))
-        self.ffn_modules = nn.ModuleList(FFNModule(d, config.layer_norm_eps)
-                                         for _ in range(config.n_ffn_modules))
+        self.attn_pool = AttentionPool(config.n_attn_modules, d, config.layer_norm_eps)
+        self.ffn_pool = FFNPool(config.n_ffn_modules, d, config.layer_norm_eps)
         self.attn_router = Router(config, config.attn_router_kind, config.n_attn_modules)
         self.ffn_router = Router(config, config.ffn_router_kind, config.n_ffn_modules)
         self.drop = nn.Dropout(config.dropout)
-        # The seam expert parallelism replaces (parallel/expert.py: AllToAllDispatcher).
-        self.dispatcher = LocalDispatcher(config.capacity_factor, config.top_k)
+        # The seams expert parallelism replaces, one per pool (mom_ds/parallel/parallelize.py)
+        self.attn_dispatcher = LocalDispatcher()
+        self.ffn_dispatcher = LocalDispatcher()
 
     def forward(self, x: torch.Tensor, *, cache: Optional[dict] = None,
                 cache_key: object = None) -> tuple[torch.Tensor, BlockRouting]:
         cfg = self.config
         B, T, d = x.shape
         h = x.reshape(B * T, d)
-        A, Fn = cfg.n_attn_modules, cfg.n_ffn_modules
-        qkv_fns = [m.project_qkv for m in self.attn_modules]
-        out_fns = [m.project_out for m in self.attn_modules]
-        ffn_fns = list(self.ffn_modules)
+        A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
+        attn, ffn = self.attn_pool, self.ffn_pool
         g_attn = g_ffn = None  # router states, reset at every block call
         exited = torch.zeros(B * T, dtype=torch.bool, device=x.device) if cfg.early_exit else None
-        depth = torch.zeros(B * T, device=x.device)
+        halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
         attn_counts, ffn_counts, aux = [], [], []
         for step in range(cfg.depth):
             # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
             route, g_attn = self.attn_router(h, g_attn, step, exited)
-            plan = make_plan(route.ids, route.weights, A)
+            plan = make_plan(route.ids, route.weights, A, cap)
             if exited is not None:
                 exited = exited | ~plan.chosen
-            qkv = self.dispatcher.run(h, plan, qkv_fns, weighted=cfg.weighted_qkv)
+            qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
+                                      weighted=cfg.weighted_qkv)
             q, k, v = qkv.view(B, T, 3 * d).split(d, dim=-1)
             keep = plan.chosen.view(B, T) if cfg.skip_in_attention == "mask" else None
             a = causal_attention(q, k, v, cfg.n_heads, keep=keep, cache=cache,
                                  cache_key=(cache_key, step),
                                  dropout=cfg.dropout if self.training else 0.0)
-            h = h + self.drop(self.dispatcher.run(a.reshape(B * T, d), plan, out_fns))
-            depth = depth + plan.chosen
+            h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
+            halves = halves + plan.chosen
             attn_counts.append(plan.counts)
             step_aux = route.aux_loss
             # --- FFN half ----------------------------------------------------------------
             route, g_ffn = self.ffn_router(h, g_ffn, step, exited)
-            plan = make_plan(route.ids, route.weights, Fn)
+            plan = make_plan(route.ids, route.weights, Fn, cap)
             if exited is not None:
                 exited = exited | ~plan.chosen
-            h = h + self.drop(self.dispatcher.run(h, plan, ffn_fns))
-            depth = depth + plan.chosen
+            h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
+            halves = halves + plan.chosen
             ffn_counts.append(plan.counts)
             aux.append(step_aux + route.aux_loss)
-        routing = BlockRouting(torch.stack(attn_counts).detach(), torch.stack(ffn_counts).detach(),
-                               (depth / 2).detach(), torch.stack(aux))
+        # scatter_add, not bincount: bincount reads its input's max on the host
+        depth_hist = torch.zeros(2 * cfg.depth + 1, dtype=torch.long, device=x.device)
+        depth_hist.scatter_add_(0, halves, torch.ones_like(halves))
+        routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
+                               torch.stack(aux))
         return h.view(B, T, d), routing

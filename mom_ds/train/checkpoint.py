@@ -1,22 +1,35 @@
-"""Checkpoints: DeepSpeed's save/load plus our client state, published atomically.
+"""Checkpoints that resume on any world size and any expert-parallel size, published
+atomically.
 
 Layout under `<out_dir>/ckpt/`:
-  step_000100/            DeepSpeed's files (model, ZeRO optimizer shards, LR scheduler)
-                          + run_state_rank{r}.pt (per-rank RNG states and sampler position)
-                          + module_pools_ep{e}_of_{E}.pt (the routed blocks' module pools:
-                            weights and AdamW state by global module name, one file per
-                            expert-parallel rank; see pool_files.py)
-  latest                  the tag of the newest COMPLETE checkpoint
+  step_000100/
+    dense.pt                   every dense parameter's fp32 weight and AdamW moments, whole
+                               (written by rank 0), and the client state: config, step,
+                               tokens seen, the data position, the LR schedule, the world
+    experts_ep{e}_of_{E}.pt    the expert-parallel pools' slices held by expert-parallel rank
+                               e (written by the first of its replicas), same contents, keyed
+                               by the same names, with the global modules each slice holds
+    run_state_rank{r}.pt       rank r's RNG states
+  latest                       the tag of the newest COMPLETE checkpoint
 
-DeepSpeed writes `latest` itself with a plain open/write; we ask it not to, wait until
-every rank has finished writing, then replace `latest` with os.replace (atomic on POSIX).
-A process killed mid-write therefore leaves `latest` on the previous checkpoint, and the
-half-written directory is ignored (and overwritten when that step is saved again).
+Every tensor is stored whole (a pool: whole, or as E contiguous module slices), by its
+parameter name, the way DeepSpeed's universal checkpoints store them: the values come from
+and go back to the engine through DeepSpeed's own accessors (deepspeed.utils
+safe_get/set_full_fp32_param and _optimizer_state, which gather and scatter ZeRO's
+partitions at every stage), so the files do not depend on how the run was partitioned. A
+run resumes with another number of ranks or another expert_parallel_size; with the same
+layout it continues bit for bit.
+
+A checkpoint is written under its tag, every rank waits for every file, then rank 0
+replaces `latest` with os.replace (atomic on POSIX): a process killed mid-write leaves
+`latest` on the previous checkpoint, and the half-written directory is ignored (and
+overwritten when that step is saved again).
 """
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -25,11 +38,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..parallel.parallelize import ParallelLayout
+from ..parallel.placement import ModulePlacement
+
 LATEST = "latest"
+DENSE = "dense.pt"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+_EXPERTS = re.compile(r"^experts_ep(\d+)_of_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed; the message names the file and the fix."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def experts_file(ep_rank: int, ep_size: int) -> str:
+    return f"experts_ep{ep_rank:03d}_of_{ep_size:03d}.pt"
 
 
 def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
@@ -53,18 +80,136 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, pools, ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
-         rank_state: dict[str, Any], keep: int) -> str:
-    """Write checkpoint `step` on every rank, then publish it. Collective: all ranks call it."""
+# --- the engine's state, whole tensors by name ----------------------------------------------
+def _base_optimizer(engine):
+    """The torch optimizer under DeepSpeed's wrapper (ZeRO, bf16), or the optimizer itself."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _whole(engine, param: torch.Tensor, key: Optional[str]) -> torch.Tensor:
+    """The fp32 weight (key None) or AdamW moment of one parameter, unpartitioned, on CPU.
+    Collective under ZeRO (every rank calls it for the same parameters in the same order)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    value = safe_get_full_fp32_param(param) if key is None else \
+        safe_get_full_optimizer_state(param, key)
+    if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the parameter itself
+        state = _base_optimizer(engine).state.get(param, {})
+        value = param.detach() if key is None else state.get(key, torch.zeros_like(param))
+    return value.detach().float().cpu().clone()
+
+
+def _prepare_optimizer_state(engine) -> None:
+    """Make every AdamW moment reachable through DeepSpeed's accessors. A fresh engine has
+    none yet (torch creates them at the first step), so they are created as that step
+    would, at zero; and DeepSpeed 0.19's ZeRO-1/2 and bf16 optimizers link the moments of
+    all parameter groups once, right after the first group's first step, while the other
+    groups have none (stage_1_and_2.py, _optimizer_step), so the link is made again."""
+    base = _base_optimizer(engine)
+    for group in base.param_groups:
+        for p in group["params"]:
+            state = base.state[p]
+            if "exp_avg" not in state:
+                state.update(step=torch.zeros((), dtype=torch.float32),
+                             exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _adam_step(engine) -> int:
+    for state in _base_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def engine_state(engine, model) -> dict[str, dict[str, torch.Tensor]]:
+    """{parameter name: {"weight", "exp_avg", "exp_avg_sq"}} of this rank's parameters."""
+    _prepare_optimizer_state(engine)
+    return {name: {"weight": _whole(engine, p, None),
+                   **{key: _whole(engine, p, key) for key in MOMENTS}}
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_engine_state(engine, model, state: dict[str, dict[str, torch.Tensor]],
+                      adam_step: int) -> None:
+    """Put whole tensors (already cut to this rank's modules) back into the engine: its
+    fp32 masters and moments through DeepSpeed's setters, then the low-precision copies the
+    forward uses from the masters."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    _prepare_optimizer_state(engine)
+    base = _base_optimizer(engine)
+    partitioned = False
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        entry = state[name]
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            partitioned = True
+            device = engine.device
+            safe_set_full_fp32_param(p, entry["weight"].to(device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(p, entry[key].to(device), key)
+        else:  # ZeRO-0 in fp32: the optimizer's state is keyed by the parameter itself
+            with torch.no_grad():
+                p.copy_(entry["weight"])
+                for key in MOMENTS:
+                    base.state[p][key].copy_(entry[key])
+    for slot in base.state.values():
+        if "step" in slot:
+            slot["step"] = torch.full_like(torch.as_tensor(slot["step"]), float(adam_step)) \
+                if torch.is_tensor(slot["step"]) else adam_step
+    if partitioned:
+        _refresh_low_precision(engine)
+
+
+def _refresh_low_precision(engine) -> None:
+    """Copy the fp32 masters into the weights the forward reads: the step DeepSpeed runs
+    after an optimizer step, here after loading the masters (ZeRO-1/2 and the bf16 optimizer
+    expose it as update_lp_params; ZeRO-3 per partitioned sub-group)."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "update_lp_params"):
+        optimizer.update_lp_params()
+    elif hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        for i in range(len(optimizer.fp32_partitioned_groups_flat)):
+            optimizer._reassign_or_swap_out_partitioned_parameters(i)
+
+
+# --- save -----------------------------------------------------------------------------------
+def _write(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
+         client_state: dict[str, Any], keep: int) -> str:
+    """Write checkpoint `step`, then publish it. Collective: all ranks call it."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state,
-                           save_latest=False)
-    if pools is not None:
-        pools.save(ckpt_dir / tag)
+    tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
-    torch.save({**rank_state, "rng": rng_state()},
-               ckpt_dir / tag / f"run_state_rank{rank}.pt")
+    if rank == 0:
+        if tag_dir.exists():  # an unpublished earlier attempt at this step
+            shutil.rmtree(tag_dir)
+        tag_dir.mkdir(parents=True)
+    dist.barrier()
+    state = engine_state(engine, model)
+    experts = {n for n in state if _is_sharded(n, layout)}
+    client = {**client_state, "adam_step": _adam_step(engine),
+              "world_size": layout.world_size, "expert_parallel_size": layout.ep_size}
+    if rank == 0:
+        _write({"client": client, "params": {n: v for n, v in state.items() if n not in experts}},
+               tag_dir / DENSE)
+    if experts and dist.get_rank(layout.expert_dp_group) == 0:
+        owned = {n: _owned(n, layout, model) for n in experts}
+        _write({"params": {n: state[n] for n in experts},
+                "modules": {n: (s.start, s.stop) for n, s in owned.items()}},
+               tag_dir / experts_file(layout.ep_rank, layout.ep_size))
+    _write({"rng": rng_state()}, tag_dir / f"run_state_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint is published
     if rank == 0:
         _publish(ckpt_dir, tag)
@@ -72,6 +217,18 @@ def save(engine, pools, ckpt_dir: str | Path, step: int, client_state: dict[str,
             _prune(ckpt_dir, keep)
     dist.barrier()
     return tag
+
+
+def _is_sharded(name: str, layout: ParallelLayout) -> bool:
+    return any(f".{pool}." in f".{name}" for pool in layout.sharded)
+
+
+def _pool_size(name: str, config) -> int:
+    return config.n_attn_modules if ".attn_pool." in name else config.n_ffn_modules
+
+
+def _owned(name: str, layout: ParallelLayout, model) -> slice:
+    return ModulePlacement(_pool_size(name, model.config), layout.ep_size, layout.ep_rank).owned()
 
 
 def _publish(ckpt_dir: Path, tag: str) -> None:
@@ -91,25 +248,101 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str | Path, pools=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load the latest complete checkpoint into the engine (model, optimizer, schedule) and
-    the expert-parallel pools (ModulePools, any E), and restore this rank's RNG. Returns
-    (client_state, rank_state)."""
+# --- read -----------------------------------------------------------------------------------
+def read_tag(tag_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """(client state, {name: whole tensors}) of a checkpoint tag: the dense file and the
+    expert slices joined along the module dimension. Memory-mapped: a caller reads only
+    the tensors it touches. Refuses a tag whose files are not one complete set."""
+    tag_dir = Path(tag_dir)
+    dense_path = tag_dir / DENSE
+    if not dense_path.is_file():
+        raise CheckpointError(f"{dense_path} is missing: {tag_dir} is not a complete mom-ds "
+                              f"checkpoint. Fix: resume from another tag (write its name "
+                              f"into {tag_dir.parent / LATEST}) or start a new run.")
+    dense = torch.load(dense_path, map_location="cpu", weights_only=True, mmap=True)
+    client, params = dense["client"], dict(dense["params"])
+    ep_size = client["expert_parallel_size"]
+    found = sorted(p.name for p in tag_dir.glob("experts_*.pt"))
+    if ep_size > 1 and found:
+        wanted = [experts_file(e, ep_size) for e in range(ep_size)]
+        if found != wanted:
+            raise CheckpointError(f"{tag_dir}: the expert files {found} are not the complete "
+                                  f"set {wanted[0]} .. {wanted[-1]}; the checkpoint is damaged. "
+                                  f"Fix: resume from an earlier tag.")
+        slices = [torch.load(tag_dir / name, map_location="cpu", weights_only=True, mmap=True)
+                  for name in wanted]
+        for name in slices[0]["params"]:
+            params[name] = {key: torch.cat([s["params"][name][key] for s in slices])
+                            for key in slices[0]["params"][name]}
+    return client, params
+
+
+def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path
+         ) -> dict[str, Any]:
+    """Resume from the latest complete checkpoint, whatever world size and expert-parallel
+    size wrote it: weights, AdamW state and schedule into the engine, RNG restored (or,
+    on another world size, re-derived). Returns the client state. Every rank checks the
+    checkpoint before any rank enters a collective of the load."""
     ckpt_dir = Path(ckpt_dir)
     tag = latest_tag(ckpt_dir)
+    problem, client, params = "", {}, {}
     if tag is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir} (no "
-                                f"'{LATEST}' file). Fix: drop --resume to start fresh.")
-    if pools is not None:  # first: it names an old-format checkpoint before DeepSpeed fails
-        pools.load(ckpt_dir / tag)
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        problem = (f"--resume: no complete checkpoint in {ckpt_dir} (no '{LATEST}' file). "
+                   f"Fix: drop --resume to start fresh.")
+    else:
+        try:
+            client, params = read_tag(ckpt_dir / tag)
+            local = _cut_to_this_rank(params, model, layout)
+        except (CheckpointError, KeyError, ValueError) as err:
+            problem = str(err)
+    failed = torch.tensor(float(bool(problem)))
+    dist.all_reduce(failed)
+    if problem or float(failed):
+        raise CheckpointError(problem or "another rank could not read the checkpoint (its "
+                              "message names the cause)")
+    load_engine_state(engine, model, local, client["adam_step"])
+    _set_schedule_step(engine.lr_scheduler, int(client["step"]))
+    same_layout = client["world_size"] == layout.world_size
     rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
-    if not rank_file.is_file():
-        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with a "
-                                f"different number of ranks. Fix: resume with the same world "
-                                f"size.")
-    rank_state = torch.load(rank_file, weights_only=False)
-    set_rng_state(rank_state.pop("rng"))
-    return client_state, rank_state
+    if same_layout and rank_file.is_file():
+        set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+    else:  # another world size: each rank's stream is re-derived from the seed and step
+        seed = int(client["config"]["train"]["seed"])
+        torch.manual_seed(hash((seed, dist.get_rank(), int(client["step"]))) % 2 ** 63)
+    return client
+
+
+def _set_schedule_step(scheduler, step: int) -> None:
+    """The LambdaLR the engine steps is a pure function of the step (loop.lr_factor); its
+    state is that step, whatever parameter groups this layout has."""
+    scheduler.last_epoch = step
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates
+
+
+def _cut_to_this_rank(params: dict[str, dict[str, torch.Tensor]], model,
+                      layout: ParallelLayout) -> dict[str, dict[str, torch.Tensor]]:
+    """The whole tensors cut to the modules this rank holds, each checked against the
+    model, so a checkpoint of another model is named before any collective."""
+    local = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name not in params:
+            raise CheckpointError(f"the checkpoint has no parameter {name}: it was written "
+                                  f"for another model. Fix: resume with the run's own config "
+                                  f"(config.yaml in the run directory).")
+        entry = params[name]
+        if _is_sharded(name, layout):
+            cut = _owned(name, layout, model)
+            entry = {k: v[cut] for k, v in entry.items()}
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tuple(entry["weight"].shape) != shape:
+            raise CheckpointError(f"the checkpoint's {name} has shape "
+                                  f"{tuple(entry['weight'].shape)}, this model's {shape}: it "
+                                  f"was written for another model. Fix: resume with the run's "
+                                  f"own config (config.yaml in the run directory).")
+        local[name] = entry
+    return local

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine: the completed DeepSpeed config, AdamW parameter groups, and
-`deepspeed.initialize`.
+"""The DeepSpeed engine: the completed DeepSpeed config and `deepspeed.initialize` over the
+parameter groups of parallel/parallelize.py.
 
 `build_ds_config` runs before any process group exists: it fills the batch sizes, the
 gradient clipping, the optimizer and the precision from the RunConfig, and refuses a JSON
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig
+from ..parallel.parallelize import engine_param_groups
 
 
 def world_size_from_env() -> int:
@@ -81,20 +82,6 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
     return cfg
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """GPT-2-style AdamW groups: decay weight matrices; no decay on biases, LayerNorms and
-    embeddings (the head is tied to the token embedding, so it is not decayed either)."""
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
-                        for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embedding_params else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-
-
 def init_distributed(run: RunConfig) -> None:
     import deepspeed
 
@@ -132,6 +119,6 @@ def build_engine(run: RunConfig, model: nn.Module, ds_config: dict[str, Any],
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, run.train.weight_decay),
+        model=model, model_parameters=engine_param_groups(model, run.train.weight_decay),
         config=ds_config, lr_scheduler=scheduler)
     return engine

@@ -1,14 +1,13 @@
 """The training loop: warmup + cosine schedule, gradient accumulation, evaluation,
 logging and checkpoints. One visible loop; DeepSpeed does the backward, the gradient
-reduction, the clipping and the optimizer step of the dense parameters, ModulePools those
-of the module pools."""
+reduction (expert parameters over their expert-data-parallel group), the clipping and the
+optimizer step of every parameter."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +17,7 @@ from ..config import RunConfig, TrainConfig
 from ..model.flops import flops_per_token
 from . import checkpoint
 from .batches import Batches
-from .module_pools import ModulePools
+from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
 
@@ -66,12 +65,11 @@ class Progress:
     tokens_seen: int = 0   # tokens trained on, all ranks
 
 
-def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches,
+def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
           make_val: Callable[[], Batches], progress: Progress, monitor: Monitor,
           stop_after: Optional[int] = None) -> dict[str, float]:
     """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
-    `pools`: the routed blocks' module pools, which step beside the engine. Returns the
-    last evaluation."""
+    Returns the last evaluation."""
     t = run.train
     stop = min(t.max_steps, stop_after) if stop_after else t.max_steps
     world = dist.get_world_size()
@@ -90,19 +88,15 @@ def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
         stats = RoutingStats() if logging else None
         loss_sum = lm_sum = 0.0  # tensors after the first micro-batch: no host sync per step
-        for micro in range(t.grad_accum_steps):
+        for _ in range(t.grad_accum_steps):
             x, y = batches.next()
             out = engine(x, labels=y)
             engine.backward(out.loss)
-            if pools is not None and micro == t.grad_accum_steps - 1:
-                pools.reduce_gradients()  # before engine.step(), whose norm includes them
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
             loss_sum = loss_sum + out.loss.detach()
             lm_sum = lm_sum + out.lm_loss.detach()
             if stats is not None:
                 stats.add(out.routing)
-        if pools is not None:
-            pools.step(lr, engine)
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         window_steps += 1
@@ -113,9 +107,7 @@ def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches
             stats.all_reduce()
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
-            executed = [SimpleNamespace(attn_counts=b["attn"], ffn_counts=b["ffn"])
-                        for b in stats.blocks]
-            fpt = flops_per_token(run.model, run.data.seq_len, executed or None,
+            fpt = flops_per_token(run.model, run.data.seq_len, stats.blocks or None,
                                   out.mod_routing or None)
             grad_norm = engine.get_global_grad_norm()
             values = {"train/loss": loss, "train/lm_loss": lm_loss,
@@ -142,15 +134,15 @@ def train(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))
         if saving:
-            save(run, engine, pools, batches, progress, ckpt_dir)
+            save(run, engine, model, layout, batches, progress, ckpt_dir)
         if evaluating or saving:  # their time is not training time
             window_start, window_steps = time.perf_counter(), 0
     return last_eval
 
 
-def save(run: RunConfig, engine, pools: Optional[ModulePools], batches: Batches,
+def save(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
          progress: Progress, ckpt_dir: Path) -> str:
     client = {"config": run.to_dict(), "step": progress.step,
-              "tokens_seen": progress.tokens_seen}
-    return checkpoint.save(engine, pools, ckpt_dir, progress.step, client,
-                           {"sampler": batches.state_dict()}, keep=run.train.keep_checkpoints)
+              "tokens_seen": progress.tokens_seen, "sampler": batches.state_dict()}
+    return checkpoint.save(engine, model, layout, ckpt_dir, progress.step, client,
+                           keep=run.train.keep_checkpoints)

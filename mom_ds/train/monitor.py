@@ -10,12 +10,12 @@ import json
 import resource
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from ..model.routed_block import BlockRouting
 from .routing_dashboard import log_routing
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity).
@@ -48,45 +48,28 @@ def memory_gb() -> float:
 
 
 class RoutingStats:
-    """Routing of one optimizer step, summed over micro-batches (and later over ranks).
-
-    Per routed block: attn / ffn counts (H, pool + 1) with last column = SKIP, tokens per
-    assembled depth 0, 0.5, ... H (depth_hist), and the balancing loss per step.
-    """
+    """The routing of one optimizer step: each routed block's BlockRouting summed over
+    micro-batches, then over ranks (the global batch)."""
 
     def __init__(self) -> None:
-        self.blocks: list[dict[str, torch.Tensor]] = []
-        self.micro_batches = 0
+        self.blocks: list[BlockRouting] = []
 
-    def add(self, routing: list) -> None:
-        if not self.blocks:
-            self.blocks = [{"attn": torch.zeros_like(r.attn_counts, dtype=torch.float64),
-                            "ffn": torch.zeros_like(r.ffn_counts, dtype=torch.float64),
-                            "depth_hist": torch.zeros(2 * len(r.attn_counts) + 1,
-                                                      dtype=torch.float64, device=r.depth.device),
-                            "aux": torch.zeros_like(r.aux_loss, dtype=torch.float64)}
-                           for r in routing]
-        for acc, r in zip(self.blocks, routing):
-            acc["attn"] += r.attn_counts.double()
-            acc["ffn"] += r.ffn_counts.double()
-            halves = torch.round(2 * r.depth.double()).long()
-            acc["depth_hist"] += torch.bincount(halves, minlength=len(acc["depth_hist"])).double()
-            acc["aux"] += r.aux_loss.detach().double()
-        self.micro_batches += 1
+    def add(self, routing: list[BlockRouting]) -> None:
+        self.blocks = [b + r for b, r in zip(self.blocks, routing)] if self.blocks else \
+            [BlockRouting(*(t.detach().double() for t in r.tensors()), calls=r.calls)
+             for r in routing]
 
     def all_reduce(self) -> None:
-        """Sum over ranks (every rank must call this at the same step)."""
-        for acc in self.blocks:
-            for value in acc.values():
-                dist.all_reduce(value)
-        self.micro_batches *= dist.get_world_size()
-
-    def as_routing(self) -> list[SimpleNamespace]:
-        """The summed statistics in the shape routing_dashboard.log_routing reads."""
-        return [SimpleNamespace(attn_counts=acc["attn"], ffn_counts=acc["ffn"],
-                                depth_hist=acc["depth_hist"],
-                                aux_loss=acc["aux"] / self.micro_batches)
-                for acc in self.blocks]
+        """Sum over ranks (every rank must call this at the same step): one collective."""
+        if not self.blocks:
+            return
+        tensors = [t for b in self.blocks for t in b.tensors()]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+        for b in self.blocks:
+            b.calls *= dist.get_world_size()
 
 
 def dispatch_stats(model) -> dict[str, Any]:
@@ -96,10 +79,15 @@ def dispatch_stats(model) -> dict[str, Any]:
     blocks = getattr(model, "chunks", [])
     if not blocks:
         return {}
-    taken = [block.dispatcher.take_stats() for block in blocks]
-    values = torch.tensor([t[0] for t in taken] + [sum(t[1] for t in taken),
-                                                   sum(t[2] for t in taken)],
-                          dtype=torch.float64, device=next(model.parameters()).device)
+    taken = [[a + f for a, f in zip(block.attn_dispatcher.take_stats(),
+                                    block.ffn_dispatcher.take_stats())] for block in blocks]
+    device = next(model.parameters()).device
+    values = torch.stack([torch.as_tensor(t[0], dtype=torch.float64, device=device)
+                          for t in taken] +
+                         [torch.tensor(float(sum(t[1] for t in taken)), dtype=torch.float64,
+                                       device=device),
+                          torch.tensor(sum(t[2] for t in taken), dtype=torch.float64,
+                                       device=device)])
     if dist.is_initialized():
         dist.all_reduce(values)
         values[-1] /= dist.get_world_size()
@@ -134,7 +122,7 @@ class Monitor:
         """The routing dashboard (routing_dashboard.py) of the global batch."""
         if not self.enabled or not stats.blocks:
             return
-        log_routing(self.writer, step, stats.as_routing(), **(comm or {}))
+        log_routing(self.writer, step, stats.blocks, **(comm or {}))
 
     def close(self) -> None:
         if self.enabled:

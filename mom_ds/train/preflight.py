@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, RunConfig, load_deepspeed_json
-from ..parallel.placement import validate_expert_parallel
+from ..parallel.placement import sharded_pools, validate_expert_parallel
 from .engine import build_ds_config, device_type, world_size_from_env
 
 
@@ -35,32 +35,27 @@ def check_data(run: RunConfig, world_size: int) -> None:
                               f"{world_size} ranks. Fix: more data or a shorter data.seq_len.")
 
 
-def check_pool_precision(run: RunConfig, ds_config: dict[str, Any]) -> None:
-    """The module pools step beside the engine (train/module_pools.py) and join DeepSpeed's
-    gradient norm where its ZeRO optimizer computes it. With bf16, DeepSpeed picks its
-    BF16_Optimizer instead (which has no such place) at ZeRO-0, and at ZeRO-1 with fp32
-    gradient accumulation (engine.py, _do_optimizer_sanity_check)."""
-    if not run.model.n_chunks or not ds_config["bf16"]["enabled"]:
-        return
-    zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    offload = zero.get("offload_optimizer", {}).get("device") not in (None, "none")
-    fp32_accum = ds_config.get("data_types", {}).get("grad_accum_dtype") in ("fp32", "float32")
-    if stage == 0 or (stage == 1 and fp32_accum and not offload):
-        raise ConfigError(f"{run.parallel.deepspeed}: bf16 with ZeRO stage {stage}"
-                          f"{' and fp32 gradient accumulation' if stage else ''} is not "
-                          f"supported for a model with routed blocks (DeepSpeed's bf16 optimizer "
-                          f"then runs it). Fix: use ZeRO stage 1 or 2 without "
-                          f"data_types.grad_accum_dtype (--deepspeed ds_configs/zero1.json), "
-                          f"or train.precision fp32.")
+def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
+    """DeepSpeed 0.19 clips at ZeRO stage 0 with the mean of the ranks' gradient norms
+    (runtime/utils.py, clip_grad_norm_), which is not the global norm when the ranks hold
+    different modules; ZeRO stages 1 to 3 compute it right (README, "Expert parallelism")."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    ep_size = run.parallel.expert_parallel_size
+    if stage == 0 and run.train.grad_clip > 0 and sharded_pools(run.model, ep_size):
+        raise ConfigError(
+            f"{run.parallel.deepspeed}: ZeRO stage 0 with parallel.expert_parallel_size "
+            f"{ep_size} and train.grad_clip {run.train.grad_clip}: DeepSpeed clips at stage 0 "
+            f"with the mean of the ranks' gradient norms, not the global norm of the sharded "
+            f"module pools. Fix: use ZeRO stage 1, 2 or 3 (--deepspeed ds_configs/zero1.json), "
+            f"or train.grad_clip 0.")
 
 
 def preflight(run: RunConfig) -> dict[str, Any]:
     """Every check before DeepSpeed starts; returns the completed DeepSpeed config."""
     world_size = world_size_from_env()
-    validate_expert_parallel(run.model, world_size, run.parallel.expert_parallel_size)
+    validate_expert_parallel(world_size, run.parallel.expert_parallel_size)
     check_data(run, world_size)
     ds_config = build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
                                 device_type())
-    check_pool_precision(run, ds_config)
+    check_expert_clipping(run, ds_config)
     return ds_config

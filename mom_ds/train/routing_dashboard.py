@@ -17,9 +17,8 @@ Optional, when the caller has them (expert parallelism):
   routing/block{c}/dropped_tokens, routing/block{c}/capacity (tokens a module accepts)
   comm/all_to_all_bytes, comm/all_to_all_ms
 
-`log_routing` takes `MoMOutput.routing` (or anything with attn_counts (H, A+1),
-ffn_counts (H, F+1), depth (N,) or depth_hist (2H+1,), aux_loss (H,)) and a SummaryWriter;
-numpy renders the images, so matplotlib is not needed here.
+`log_routing` takes BlockRouting records (one forward's `MoMOutput.routing`, or sums of
+them) and a SummaryWriter; numpy renders the images, so matplotlib is not needed here.
 """
 from __future__ import annotations
 
@@ -27,6 +26,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..model.routed_block import BlockRouting
 
 CELL_PX = 12   # heat-map cell size in pixels
 GAP_PX = 4     # blank columns between the attention and the FFN half
@@ -73,15 +74,6 @@ def load_balance(counts: torch.Tensor) -> tuple[float, float]:
     return float(max_over_mean), float(cv)
 
 
-def depth_counts(block) -> torch.Tensor:
-    """Tokens per assembled depth 0, 0.5, 1, ... H (depth averages the two halves): a
-    block's `depth_hist` when the caller summed it over ranks, else counted from `depth`."""
-    if hasattr(block, "depth_hist"):
-        return block.depth_hist.detach().double().cpu()
-    halves = torch.round(2 * block.depth.detach().double().cpu()).long()
-    return torch.bincount(halves, minlength=2 * len(block.attn_counts) + 1).double()
-
-
 def write_count_histogram(writer, name: str, values: torch.Tensor, counts: torch.Tensor,
                           step: int) -> None:
     """A TensorBoard histogram from counts per value (bucket i holds value i's count)."""
@@ -93,7 +85,7 @@ def write_count_histogram(writer, name: str, values: torch.Tensor, counts: torch
         bucket_limits=edges.tolist(), bucket_counts=counts.tolist(), global_step=step)
 
 
-def log_routing(writer, step: int, routing: Sequence, *,
+def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
                 dropped_tokens: Optional[Sequence[float]] = None,
                 capacity: Optional[Sequence[float]] = None,
                 all_to_all_bytes: Optional[float] = None,
@@ -113,13 +105,13 @@ def log_routing(writer, step: int, routing: Sequence, *,
             for h, row in enumerate(counts.detach().double().cpu()):  # bucket = module id
                 write_count_histogram(writer, f"{tag}/{half}_usage_step{h}",
                                       torch.arange(len(row)), row, step)
-        depth = depth_counts(block)
+        depth = block.depth_hist.detach().double().cpu()
         if depth.sum() > 0:
             levels = torch.arange(len(depth), dtype=torch.float64) / 2
             write_count_histogram(writer, f"{tag}/depth", levels, depth, step)
-            writer.add_scalar(f"{tag}/mean_depth", float((levels * depth).sum() / depth.sum()),
-                              step)
-        writer.add_scalar(f"{tag}/balance_loss", float(block.aux_loss.detach().mean()), step)
+            writer.add_scalar(f"{tag}/mean_depth", block.mean_depth, step)
+        writer.add_scalar(f"{tag}/balance_loss",
+                          float(block.aux_loss.detach().mean()) / block.calls, step)
         if dropped_tokens is not None:
             writer.add_scalar(f"{tag}/dropped_tokens", float(dropped_tokens[c]), step)
         if capacity is not None:

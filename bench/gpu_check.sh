@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU check (not run by CI): on a CUDA machine, in under 10 minutes, the tests that can
+# use CUDA, model_speed in bf16, and a routed block under torch.cuda.set_sync_debug_mode
+# ("error") at E = 1 (no device-to-host sync in forward or backward). Prints one table.
+#   bash bench/gpu_check.sh            (inside the venv, after `make venv`)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY="${PY:-python}"
+OUT="${OUT:-$(mktemp -d)}"
+declare -a ROWS
+
+row() { ROWS+=("$(printf '%-44s %-6s %s' "$1" "$2" "$3")"); }
+
+"$PY" - <<'PY' > "$OUT/device.txt" 2>&1
+import torch
+assert torch.cuda.is_available(), "no CUDA device"
+print(torch.cuda.get_device_name(), "cc", ".".join(map(str, torch.cuda.get_device_capability())),
+      "torch", torch.__version__)
+PY
+if [ $? -ne 0 ]; then cat "$OUT/device.txt"; echo "gpu_check: needs a CUDA device"; exit 1; fi
+row "device" "-" "$(cat "$OUT/device.txt")"
+
+# 1. model tests on CUDA (exactness, dispatch, no-sync guard, generation), fp32
+if timeout 300 "$PY" -m pytest -q -x tests/test_model_dispatch.py tests/test_model_no_sync.py \
+     tests/test_model_routed_reference.py tests/test_model_generation.py > "$OUT/tests.txt" 2>&1
+then row "model tests (CPU reference paths)" "ok" "$(tail -1 "$OUT/tests.txt")"
+else row "model tests (CPU reference paths)" "FAIL" "$(tail -1 "$OUT/tests.txt")"; fi
+
+# 2. a routed block on CUDA in bf16: grouped_mm path, exact against the loop fallback, and
+#    no host sync in forward + backward (torch raises on a synchronizing call)
+if timeout 180 "$PY" - > "$OUT/sync.txt" 2>&1 <<'PY'
+import torch
+from mom_ds import MoMForCausalLM
+from mom_ds.model import pools, presets
+torch.manual_seed(0)
+cfg = presets.mom(n_chunks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
+                  vocab_size=8192, n_positions=256, d_model=512, n_heads=8)
+model = MoMForCausalLM(cfg).cuda().bfloat16()
+ids = torch.randint(0, 8192, (4, 256), device="cuda")
+x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+w = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16)
+print("grouped_mm available:", pools.grouped_mm_available(x, w))
+model(ids, labels=ids).loss.backward()  # warm-up (allocations, kernels)
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+out = model(ids, labels=ids)
+out.loss.backward()
+torch.cuda.set_sync_debug_mode(0)
+groups = pools.RowGroups.from_sorted(torch.sort(torch.randint(0, 5, (64,), device="cuda"))[0],
+                                     torch.tensor([10, 20, 0, 14], device="cuda"))
+b = torch.zeros(4, 256, device="cuda", dtype=torch.bfloat16)
+fast = pools.grouped_linear(x, w, b, groups, use_grouped_mm=True)
+slow = pools.grouped_linear(x, w, b, groups, use_grouped_mm=False)
+print("grouped vs loop max diff", float((fast - slow).abs().max()))
+print("no host sync in forward + backward")
+PY
+then row "routed block bf16, sync_debug_mode=error" "ok" "$(tail -2 "$OUT/sync.txt" | tr '\n' ' ')"
+else row "routed block bf16, sync_debug_mode=error" "FAIL" "$(grep -m1 -i error "$OUT/sync.txt")"; fi
+
+# 3. model speed in bf16 (MoM vs vanilla vs HF GPT-2)
+if timeout 240 "$PY" bench/model_speed.py --device cuda --dtype bf16 > "$OUT/speed.txt" 2>&1
+then row "bench/model_speed.py bf16" "ok" "$(grep -i ratio "$OUT/speed.txt" | tr '\n' ' ' | cut -c1-200)"
+else row "bench/model_speed.py bf16" "FAIL" "$(tail -1 "$OUT/speed.txt")"; fi
+
+echo
+printf '%-44s %-6s %s\n' "check" "result" "detail"
+printf '%s\n' "${ROWS[@]}"
+echo "(logs in $OUT)"

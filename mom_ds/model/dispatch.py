@@ -1,0 +1,104 @@
+"""The dispatcher seam, local side: a routing decision becomes a `RoutePlan` (the (token,
+module) assignments sorted by module), and `LocalDispatcher` computes every module of the
+pool on its rows in this process.
+
+Shapes are static: a plan always has N * K rows, the choices of SKIP (and, with a capacity
+limit, the assignments over capacity) sorted after the last module's rows and zeroed, so a
+routed step on one rank makes no device-to-host sync. Expert parallelism hands the block
+another dispatcher with the same `run` (mom_ds/parallel/dispatch.py: AllToAllDispatcher).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .pools import RowGroups
+
+# A pool's computation of one half-step: rows sorted by module -> their outputs.
+ModuleFn = Callable[[torch.Tensor, RowGroups], torch.Tensor]
+
+
+@dataclass
+class RoutePlan:
+    """The assignments of one half-step, sorted by module (all device tensors).
+
+    token, weight: (N * K,) token row and routing weight of each sorted assignment.
+    groups: which rows belong to which module (rows past its last offset: none).
+    counts: (n_modules + 1,) choices per module before any capacity limit, last = SKIP.
+    chosen: (N,) bool, the token chose at least one real module.
+    dropped: () assignments removed by the capacity limit.
+    """
+
+    token: torch.Tensor
+    weight: torch.Tensor
+    groups: RowGroups
+    counts: torch.Tensor
+    chosen: torch.Tensor
+    dropped: torch.Tensor
+    n_tokens: int
+
+    @property
+    def n_modules(self) -> int:
+        return len(self.counts) - 1
+
+
+def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
+              capacity_factor: float = 0.0) -> RoutePlan:
+    """ids, weights: (N, K); an id >= n_modules means SKIP (no module runs). With
+    capacity_factor > 0 each module keeps at most ceil(capacity_factor * N * K / n_modules)
+    rows, the earliest tokens in sequence order (the stable sort keeps that order)."""
+    N, K = ids.shape
+    flat = ids.reshape(-1).clamp_max(n_modules)  # every SKIP-acting slot -> one bucket
+    # scatter_add, not bincount: bincount reads its input's max on the host
+    counts = torch.zeros(n_modules + 1, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    order = torch.argsort(flat, stable=True)
+    module = flat[order]
+    kept = counts[:n_modules]
+    dropped = counts.new_zeros(())
+    if capacity_factor > 0:
+        cap = math.ceil(capacity_factor * N * K / n_modules)
+        start = torch.cumsum(counts, 0) - counts
+        rank_in_module = torch.arange(len(flat), device=ids.device) - start[module]
+        over = (module < n_modules) & (rank_in_module >= cap)
+        module = torch.where(over, n_modules, module)
+        resort = torch.argsort(module, stable=True)  # the dropped join SKIP after the kept
+        order, module = order[resort], module[resort]
+        kept = kept.clamp_max(cap)
+        dropped = (counts[:n_modules] - kept).sum()
+    return RoutePlan(token=torch.div(order, K, rounding_mode="floor"),
+                     weight=weights.reshape(-1)[order], groups=RowGroups.from_sorted(module, kept),
+                     counts=counts, chosen=(ids < n_modules).any(dim=1), dropped=dropped,
+                     n_tokens=N)
+
+
+def combine(y: torch.Tensor, plan: RoutePlan, weighted: bool) -> torch.Tensor:
+    """Sum each token's rows (times its routing weights when weighted) -> (N, d_out). Rows
+    in no module are 0 (pools.grouped_linear), so they add nothing."""
+    if weighted:
+        y = y * plan.weight.unsqueeze(1).to(y.dtype)
+    return y.new_zeros(plan.n_tokens, y.shape[1]).index_add_(0, plan.token, y)
+
+
+class LocalDispatcher:
+    """All modules live in this process: gather the rows, one grouped computation, combine."""
+
+    def __init__(self) -> None:
+        self.dropped: torch.Tensor | int = 0  # assignments over capacity since the last take
+
+    def take_stats(self) -> tuple[torch.Tensor | int, int, float]:
+        """(assignments dropped by a capacity limit, as a device tensor the monitor reads when
+        it logs; bytes sent to other ranks; seconds exchanging) since the last call; the
+        counters restart."""
+        dropped, self.dropped = self.dropped, 0
+        return dropped, 0, 0.0
+
+    def run(self, x: torch.Tensor, plan: RoutePlan, fn: ModuleFn,
+            weighted: bool = True) -> torch.Tensor:
+        """x: (N, d_in) -> (N, d_out) = sum over each token's assignments of
+        weight * module(x[token]) (plain sum when not weighted)."""
+        self.dropped = self.dropped + plan.dropped
+        return combine(fn(x.index_select(0, plan.token), plan.groups), plan, weighted)

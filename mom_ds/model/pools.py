@@ -1,0 +1,198 @@
+"""A routed block's module pools, stored stacked: one tensor per role with a leading module
+dimension, so a half-step computes all its modules with one grouped GEMM per projection.
+
+An attention module is its own pre-LayerNorm + QKV projection (d -> 3d) + output projection
+(d -> d); an FFN module its own pre-LayerNorm + d -> 4d -> d MLP (mom-spec section 1). Here
+module j of a pool is row j of every tensor. Weights are stored (in, out), the layout
+`grouped_mm` multiplies by (and Hugging Face's Conv1D keeps).
+
+The rows a pool computes arrive sorted by module (dispatch.py: RoutePlan) and described by
+`RowGroups`. Each module's LayerNorm affine is folded into the projection after it
+(diag(gamma) W and beta W + b, exact algebra), so the caller normalises each token once,
+without affine, and the rows need a single gather whatever module they go to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RowGroups:
+    """Rows sorted by module: module j's rows are [offsets[j-1], offsets[j]); rows past the
+    last offset (SKIP choices, assignments over capacity) belong to no module.
+
+    offsets: (G,) int32 cumulative ends, on the device (no host sync to pass them).
+    module: (M,) int64 module of each row, clamped to G - 1 past the last offset (so a bias
+    gather stays in range; those rows are zeroed).
+    valid: (M,) bool, the row belongs to a module.
+    """
+
+    offsets: torch.Tensor
+    module: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def from_sorted(cls, module: torch.Tensor, counts: torch.Tensor) -> "RowGroups":
+        """module: (M,) sorted module id of each row, G or more for rows in no module;
+        counts: (G,) rows per module. All on the device."""
+        n = len(counts)
+        return cls(torch.cumsum(counts, 0).to(torch.int32), module.clamp_max(n - 1), module < n)
+
+
+def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands: torch >= 2.8 (public in 2.13);
+    on CUDA only the CUTLASS path (bf16, compute capability 9.x/10.x) avoids a host sync,
+    elsewhere on CUDA torch itself loops after reading the offsets, as our fallback does;
+    every stride 16-byte aligned."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        major = torch.cuda.get_device_capability(x.device)[0]
+        if x.dtype != torch.bfloat16 or major not in (9, 10):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    return all(n * size % 16 == 0 for n in weight.shape[1:])
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """y = x @ weight[module of row], for rows sorted by module; rows past the last offset
+    give 0 and get no gradient. A Function of our own because torch 2.13's grouped_mm
+    autograd (a) leaves uninitialised memory in the rows past the last offset, forward and
+    backward (x's gradient there would be garbage, flowing into the tokens that chose SKIP),
+    and (b) rejects a gradient with zero strides ("Invalid strides/sizes", e.g. from
+    y.sum()). Empty groups are fine (checked on CPU: forward and both gradients exact)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, valid):
+        ctx.save_for_backward(x, weight, offsets, valid)
+        y = F.grouped_mm(x, weight, offs=offsets)
+        return y.masked_fill_(~valid.unsqueeze(1), 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, offsets, valid = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)
+            grad_x.masked_fill_(~valid.unsqueeze(1), 0)
+        if ctx.needs_input_grad[1]:
+            grad_w = F.grouped_mm(x.t(), grad, offs=offsets)  # (G, in, out); rows past ignored
+        return grad_x, grad_w, None, None
+
+
+def _loop_matmul(x: torch.Tensor, weight: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+    """The fallback: one matmul per module after one host sync (the offsets)."""
+    ends = groups.offsets.tolist()
+    parts, start = [], 0
+    for j, end in enumerate(ends):
+        parts.append(x[start:end] @ weight[j])
+        start = end
+    parts.append(x.new_zeros(x.shape[0] - start, weight.shape[2]))
+    return torch.cat(parts)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   groups: RowGroups, use_grouped_mm: bool | None = None) -> torch.Tensor:
+    """x (M, in) rows sorted by module -> (M, out) = x @ weight[m] + bias[m] for each row's
+    module m, 0 for rows in no module. use_grouped_mm None: whenever torch can."""
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_available(x, weight)
+    if use_grouped_mm:
+        y = _GroupedMatmul.apply(x, weight, groups.offsets, groups.valid)
+    else:
+        y = _loop_matmul(x, weight, groups)
+    return torch.where(groups.valid.unsqueeze(1), y + bias.index_select(0, groups.module), 0)
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A LayerNorm without its affine: once per token, before the rows are gathered (each
+    module's affine is folded into the projection after it)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+class GroupedProjection(nn.Module):
+    """One projection of every module of a pool: weight (G, in, out), bias (G, out), and,
+    when it follows the module's LayerNorm, that LayerNorm's affine (G, in), folded in:
+    gamma * x W + ... = x (diag(gamma) W) + (beta W + b). Its own module, so ZeRO-3 gathers
+    its parameters when it is called."""
+
+    def __init__(self, n_modules: int, d_in: int, d_out: int, layer_norm: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_modules, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(n_modules, d_out))
+        if layer_norm:
+            self.ln_weight = nn.Parameter(torch.ones(n_modules, d_in))
+            self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_in))
+        self.layer_norm = layer_norm
+
+    def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.layer_norm:
+            weight = self.ln_weight.unsqueeze(2) * self.weight
+            bias = torch.baddbmm(bias.unsqueeze(1), self.ln_bias.unsqueeze(1),
+                                 self.weight).squeeze(1)
+        return grouped_linear(rows, weight, bias, groups)
+
+
+class ModulePool(nn.Module):
+    """Shared by both pool kinds: the size, and how one module is viewed."""
+
+    # (projection, its parameter) -> the tensor's name inside one module, as a per-module
+    # nn.Module (modules.AttentionModule / FFNModule) names it
+    VIEW_NAMES: dict[tuple[str, str], str] = {}
+
+    def __init__(self, n_modules: int, d_model: int, eps: float):
+        super().__init__()
+        self.n_modules, self.d_model, self.eps = n_modules, d_model, eps
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.eps)
+
+    def module_views(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every module's tensors as views into the stacks, in nn.Linear layout (out, in),
+        named <prefix>.<j>.<name> as a per-module nn.Module would name them (writing into
+        a view writes the stack): the names Hugging Face import and per-module tools use."""
+        views = {}
+        for j in range(self.n_modules):
+            for (projection, param), name in self.VIEW_NAMES.items():
+                tensor = getattr(getattr(self, projection), param)[j]
+                views[f"{prefix}.{j}.{name}"] = tensor.t() if tensor.dim() == 2 else tensor
+        return views
+
+
+class AttentionPool(ModulePool):
+    """A modules: LayerNorm + QKV projection (d -> 3d) + output projection (d -> d). The
+    block calls `qkv` and `proj` separately, with the one attention between them."""
+
+    VIEW_NAMES = {("qkv", "ln_weight"): "ln.weight", ("qkv", "ln_bias"): "ln.bias",
+                  ("qkv", "weight"): "qkv.weight", ("qkv", "bias"): "qkv.bias",
+                  ("proj", "weight"): "proj.weight", ("proj", "bias"): "proj.bias"}
+
+    def __init__(self, n_modules: int, d_model: int, eps: float = 1e-5):
+        super().__init__(n_modules, d_model, eps)
+        self.qkv = GroupedProjection(n_modules, d_model, 3 * d_model, layer_norm=True)
+        self.proj = GroupedProjection(n_modules, d_model, d_model)
+
+
+class FFNPool(ModulePool):
+    """F modules: LayerNorm + d -> 4d -> d MLP with GPT-2's tanh GELU."""
+
+    VIEW_NAMES = {("fc", "ln_weight"): "ln.weight", ("fc", "ln_bias"): "ln.bias",
+                  ("fc", "weight"): "fc.weight", ("fc", "bias"): "fc.bias",
+                  ("proj", "weight"): "proj.weight", ("proj", "bias"): "proj.bias"}
+
+    def __init__(self, n_modules: int, d_model: int, eps: float = 1e-5):
+        super().__init__(n_modules, d_model, eps)
+        self.fc = GroupedProjection(n_modules, d_model, 4 * d_model, layer_norm=True)
+        self.proj = GroupedProjection(n_modules, 4 * d_model, d_model)
+
+    def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
+        """Normalised rows (M, d) -> (M, d)."""
+        return self.proj(F.gelu(self.fc(rows, groups), approximate="tanh"), groups)

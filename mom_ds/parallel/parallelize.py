@@ -1,0 +1,164 @@
+"""The one place parallelism enters a built model (torchtitan's `parallelize.py`): training,
+evaluation and benchmarks all call `parallelize`; the model package imports nothing
+distributed.
+
+With several ranks the routers' balancing loss uses the global batch's statistics (any world
+size trains the model one process would). With expert parallelism of size E, every pool
+that can be sharded (placement.sharded_pools) keeps only this rank's A/E or F/E modules,
+its rows reach their owners through an AllToAllDispatcher, and its parameters become
+DeepSpeed expert parameters of group `ep_size_E`: the engine then reduces their gradients
+over the expert-data-parallel group only, partitions them (ZeRO-3) and their optimizer
+state (ZeRO-1/2/3) over that group, and clips with the true global norm. Everything else is
+dense: data-parallel over all ranks, partitioned by ZeRO like any parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+from ..model.routers import Router
+from .dispatch import AllToAllDispatcher
+from .groups import expert_parallel_groups
+from .placement import POOLS, ModulePlacement, sharded_pools
+
+
+@dataclass
+class ParallelLayout:
+    """How a parallelized model's weights are laid out (what checkpoints must know)."""
+
+    world_size: int
+    ep_size: int
+    ep_rank: int
+    sharded: tuple[str, ...]  # the pools (attn_pool / ffn_pool) sharded over the EP group
+    ep_group: Any = None
+    expert_dp_group: Any = None
+
+    @property
+    def group_name(self) -> str:
+        return f"ep_size_{self.ep_size}"
+
+
+def _expert_marker_class():
+    """DeepSpeed turns its expert machinery on only when it finds a module of its own MoE
+    types (runtime/engine.py, by isinstance). Of the two, AutoEPMoELayer is the one ZeRO-3
+    accepts, so the marker is one: it holds no parameter and computes nothing. (DeepSpeed's
+    own checkpoint code would look for AutoEP's w1/w2/w3 experts in it; mom-ds's
+    checkpoints are written by train/checkpoint.py, by global parameter name.)"""
+    from deepspeed.checkpoint.autoep_affine import legacy_uniform_autoep_placement_descriptor
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    class ExpertParallelMarker(AutoEPMoELayer):
+        def __init__(self, ep_size: int, n_modules: int):
+            nn.Module.__init__(self)  # not AutoEPMoELayer's: no gate, no experts
+            self.ep_size, self.ep_rank = ep_size, None
+            self.num_experts, self.num_local_experts = n_modules, n_modules // ep_size
+            self.ep_group_name, self.ep_group = f"ep_size_{ep_size}", None
+            self.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(
+                n_modules, self.num_local_experts, ep_size)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                      folding_group_handles=None) -> None:
+            self.ep_group = expert_parallel_groups(self.ep_size)[0]
+            self.ep_rank = dist.get_rank(self.ep_group)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertParallelMarker only marks the model for DeepSpeed")
+
+    return ExpertParallelMarker
+
+
+def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
+    """Apply data and expert parallelism to a model built with the same seed on every rank
+    (every module then starts from the weights a one-rank run would have). Call after
+    torch.distributed is initialised when there are several ranks; a single process without
+    a process group is left as it is."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = model.config
+    sharded = sharded_pools(config, ep_size)
+    layout = ParallelLayout(world, ep_size, 0, sharded)
+    if world > 1:
+        use_global_balance_stats(model)
+    if not sharded:
+        return layout
+    layout.ep_group, layout.expert_dp_group = expert_parallel_groups(ep_size)
+    layout.ep_rank = dist.get_rank(layout.ep_group)
+    for b, block in enumerate(model.chunks):
+        for name in sharded:
+            pool = getattr(block, name)
+            placement = ModulePlacement(pool.n_modules, ep_size, layout.ep_rank)
+            shard_pool(pool, placement, layout.group_name)
+            dispatcher = AllToAllDispatcher(layout.ep_group, b, "attention" if name == "attn_pool"
+                                            else "FFN", placement)
+            dispatcher.timings = {}  # the monitor logs all-to-all time per step
+            setattr(block, "attn_dispatcher" if name == "attn_pool" else "ffn_dispatcher",
+                    dispatcher)
+    n_modules = config.n_ffn_modules if "ffn_pool" in sharded else config.n_attn_modules
+    model.expert_parallel_marker = _expert_marker_class()(ep_size, n_modules)
+    return layout
+
+
+def shard_pool(pool: nn.Module, placement: ModulePlacement, group_name: str) -> None:
+    """Keep this rank's rows of every stacked tensor of the pool, tagged as DeepSpeed expert
+    parameters of `group_name` (deepspeed.moe.utils.is_moe_param; ZeRO-3 partitions them
+    over that group's expert-data-parallel group)."""
+    for projection in pool.children():
+        for name, param in list(projection.named_parameters(recurse=False)):
+            local = nn.Parameter(param.detach()[placement.owned()].clone())
+            local.allreduce = False
+            local.group_name = group_name
+            local.ds_zero_placement_family = "autoep_expert"
+            local.ds_zero_partition_group_name = group_name
+            setattr(projection, name, local)
+    pool.n_modules = placement.per_rank
+    pool.placement = placement
+
+
+def is_expert_parameter(param: torch.Tensor) -> bool:
+    return getattr(param, "allreduce", True) is False
+
+
+def use_global_balance_stats(model: nn.Module, group=None) -> None:
+    """Average the balancing loss' statistics (f, P) over the data-parallel group, so the
+    loss is that of the global batch whatever the number of ranks (differentiable)."""
+    size = dist.get_world_size(group)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return dist_fn.all_reduce(t, group=group) / size
+
+    for module in model.modules():
+        if isinstance(module, Router) and module.learned:
+            module.stat_mean = mean
+
+
+def engine_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """GPT-2-style AdamW groups, each split by DeepSpeed into its dense and expert parts
+    (split_params_into_different_moe_groups_for_optimizer): the groups ZeRO reduces and
+    partitions over the right process groups. Weight matrices decay; biases, LayerNorms
+    and the embeddings do not (the head is tied to the token embedding). A pool's stacked
+    biases and LayerNorms are 2-D (modules x width) but vectors of their modules."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                  for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        in_pool = any(f".{pool}." in f".{name}" for pool in POOLS)
+        matrix = p.dim() == 3 if in_pool else p.dim() >= 2 and id(p) not in embeddings
+        (decay if matrix else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def local_modules(layout: ParallelLayout, pool: str, n_modules: int) -> Optional[slice]:
+    """The global module indices of `pool` this rank holds (None: all, the pool is dense)."""
+    if pool not in layout.sharded:
+        return None
+    return ModulePlacement(n_modules, layout.ep_size, layout.ep_rank).owned()
