@@ -41,7 +41,7 @@ class Router(nn.Module):
         self.fixed_cycle = config.fixed_route == "cycle"
         self.early_exit = config.early_exit
         self.count_skip = config.aux_loss_count_skip
-        # Data-parallel training sets this to a (differentiable) mean over the group, so the
+        # parallelize() hands in a (differentiable) mean over the data-parallel group, so the
         # balancing loss sees the global batch's statistics whatever the number of ranks.
         self.stat_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         d, r = config.d_model, config.router_width
