@@ -13,7 +13,9 @@ without affine, and the rows need a single gather whatever module they go to.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +31,30 @@ class RowGroups:
     module: (M,) int64 module of each row, clamped to G - 1 past the last offset (so a bias
     gather stays in range; those rows are zeroed).
     valid: (M,) bool, the row belongs to a module.
+    host_ends: the offsets on the host, when the caller has them (the all-to-all dispatcher
+    does) or once the per-module loop has read them: one read for every projection that
+    shares these rows.
     """
 
     offsets: torch.Tensor
     module: torch.Tensor
     valid: torch.Tensor
+    host_ends: Optional[list[int]] = None
 
     @classmethod
-    def from_sorted(cls, module: torch.Tensor, counts: torch.Tensor) -> "RowGroups":
+    def from_sorted(cls, module: torch.Tensor, counts: torch.Tensor,
+                    host_counts: Optional[list[int]] = None) -> "RowGroups":
         """module: (M,) sorted module id of each row, G or more for rows in no module;
-        counts: (G,) rows per module. All on the device."""
+        counts: (G,) rows per module. All on the device; host_counts: counts on the host."""
         n = len(counts)
-        return cls(torch.cumsum(counts, 0).to(torch.int32), module.clamp_max(n - 1), module < n)
+        ends = list(itertools.accumulate(host_counts)) if host_counts is not None else None
+        return cls(torch.cumsum(counts, 0).to(torch.int32), module.clamp_max(n - 1), module < n,
+                   ends)
+
+    def ends(self) -> list[int]:
+        if self.host_ends is None:
+            self.host_ends = self.offsets.tolist()
+        return self.host_ends
 
 
 def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -86,11 +100,11 @@ class _GroupedMatmul(torch.autograd.Function):
 
 def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                  groups: RowGroups) -> torch.Tensor:
-    """The fallback: one matmul per module (bias fused) after one host read of the offsets;
+    """The fallback: one matmul per module (bias fused), the offsets read once per plan;
     the rows past the last offset are zeros and get no gradient. split and unbind, not
     indexing: their backward joins the pieces once instead of adding a zero-filled
     full-size gradient per module."""
-    ends = [0, *groups.offsets.tolist()]
+    ends = [0, *groups.ends()]
     sizes = [b - a for a, b in zip(ends, ends[1:])]
     *parts, rest = x.split([*sizes, x.shape[0] - ends[-1]])
     outs = [torch.addmm(b, part, w) for part, w, b in zip(parts, weight.unbind(0), bias.unbind(0))]

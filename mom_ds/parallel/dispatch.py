@@ -128,11 +128,12 @@ class AllToAllDispatcher(LocalDispatcher):
             torch.arange(L, device=x.device).repeat(E), flat_counts,
             output_size=sum(recv_sizes))
         order = torch.argsort(module_of_row, stable=True)
-        per_module = torch.tensor([sum(recv_counts[s][m] for s in range(E)) for m in range(L)],
-                                  device=x.device)
+        per_module = [sum(recv_counts[s][m] for s in range(E)) for m in range(L)]
         regrouped = received.index_select(0, order)
         t = self._lap("permute", t)
-        y = fn(regrouped, RowGroups.from_sorted(module_of_row[order], per_module))
+        y = fn(regrouped, RowGroups.from_sorted(module_of_row[order],
+                                                torch.tensor(per_module, device=x.device),
+                                                per_module))
         t = self._lap("compute", t)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=x.device)

@@ -106,12 +106,14 @@ def _prepare_optimizer_state(engine) -> None:
     all parameter groups once, right after the first group's first step, while the other
     groups have none (stage_1_and_2.py, _optimizer_step), so the link is made again."""
     base = _base_optimizer(engine)
-    for group in base.param_groups:
-        for p in group["params"]:
-            state = base.state[p]
-            if "exp_avg" not in state:
-                state.update(step=torch.zeros((), dtype=torch.float32),
-                             exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    # ZeRO-3 steps its fp32 sub-group partitions, which it puts in the param groups only
+    # for the duration of a step
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
+    for p in [*(p for group in base.param_groups for p in group["params"]), *flats]:
+        state = base.state[p]
+        if "exp_avg" not in state:
+            state.update(step=torch.zeros((), dtype=torch.float32),
+                         exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     optimizer = engine.optimizer
     if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
         optimizer._hp_optimizer_states_linked = False
@@ -147,7 +149,11 @@ def load_engine_state(engine, model, state: dict[str, dict[str, torch.Tensor]],
         if not p.requires_grad:
             continue
         entry = state[name]
-        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+        if hasattr(p, "ds_id"):
+            partitioned = True
+            for key in (None, *MOMENTS):
+                _set_zero3_partition(p, entry["weight" if key is None else key], key)
+        elif hasattr(p, "_hp_mapping"):
             partitioned = True
             device = engine.device
             safe_set_full_fp32_param(p, entry["weight"].to(device))
@@ -164,6 +170,19 @@ def load_engine_state(engine, model, state: dict[str, dict[str, torch.Tensor]],
                 if torch.is_tensor(slot["step"]) else adam_step
     if partitioned:
         _refresh_low_precision(engine)
+
+
+def _set_zero3_partition(param, value: torch.Tensor, key: Optional[str]) -> None:
+    """This rank's ZeRO-3 partition of a whole fp32 tensor (weight, key None, or moment).
+    DeepSpeed 0.19's safe_set_full_* reads past the end of a tensor whose size the
+    partition count does not divide (stage3.py set_full_hp_param: "start + length exceeds
+    dimension size"), so the partition is written here, its padding left as it is."""
+    optimizer = param._z3_optimizer
+    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                      optim_state_key=key)
+    start = part.numel() * optimizer._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data[:piece.numel()].copy_(piece)
 
 
 def _refresh_low_precision(engine) -> None:
