@@ -7,9 +7,9 @@ module j of a pool is row j of every tensor. Weights are stored (in, out), the l
 `grouped_mm` multiplies by (and Hugging Face's Conv1D keeps).
 
 The rows a pool computes arrive sorted by module (dispatch.py: RoutePlan) and described by
-`RowGroups`. Each module's LayerNorm affine is folded into the projection after it
-(diag(gamma) W and beta W + b, exact algebra), so the caller normalises each token once,
-without affine, and the rows need a single gather whatever module they go to.
+`RowGroups`. The caller normalises each token once, without affine, so the rows need a single
+gather whatever module they go to; each module's LayerNorm affine is applied with the
+projection after it (grouped_linear).
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ class _GroupedMatmul(torch.autograd.Function):
 
 
 def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 groups: RowGroups) -> torch.Tensor:
+                 groups: RowGroups, layer_norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                 ) -> torch.Tensor:
     """The fallback: one matmul per module (bias fused), the offsets read once per plan;
     the rows past the last offset are zeros and get no gradient. split and unbind, not
     indexing: their backward joins the pieces once instead of adding a zero-filled
@@ -107,33 +108,46 @@ def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     ends = [0, *groups.ends()]
     sizes = [b - a for a, b in zip(ends, ends[1:])]
     *parts, rest = x.split([*sizes, x.shape[0] - ends[-1]])
+    if layer_norm is not None:  # each module's affine on its own rows: one pass over them
+        parts = [torch.addcmul(beta, part, gamma)
+                 for part, gamma, beta in zip(parts, *(t.unbind(0) for t in layer_norm))]
     outs = [torch.addmm(b, part, w) for part, w, b in zip(parts, weight.unbind(0), bias.unbind(0))]
     return torch.cat([*outs, rest.new_zeros(rest.shape[0], weight.shape[2])])
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   groups: RowGroups, use_grouped_mm: bool | None = None) -> torch.Tensor:
-    """x (M, in) rows sorted by module -> (M, out) = x @ weight[m] + bias[m] for each row's
-    module m, 0 for rows in no module. use_grouped_mm None: whenever torch can."""
+                   groups: RowGroups, use_grouped_mm: bool | None = None,
+                   layer_norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> torch.Tensor:
+    """x (M, in) rows sorted by module -> (M, out) = x' @ weight[m] + bias[m] for each row's
+    module m, 0 for rows in no module; x' = x * gamma[m] + beta[m] when layer_norm gives a
+    module LayerNorm's affine (gamma, beta), each (G, in). use_grouped_mm None: whenever it
+    is the fast path. The grouped GEMM takes the affine folded into the weights
+    (diag(gamma) W and beta W + b, exact algebra: one gather for any module); the loop
+    applies it to each module's rows, which moves less memory than folding."""
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_available(x, weight)
     if not use_grouped_mm:
-        return _loop_linear(x, weight, bias, groups)
+        return _loop_linear(x, weight, bias, groups, layer_norm)
+    if layer_norm is not None:
+        gamma, beta = layer_norm
+        weight, bias = gamma.unsqueeze(2) * weight, \
+            torch.baddbmm(bias.unsqueeze(1), beta.unsqueeze(1), weight).squeeze(1)
     y = _GroupedMatmul.apply(x, weight, groups.offsets, groups.valid)
     return torch.where(groups.valid.unsqueeze(1), y + bias.index_select(0, groups.module), 0)
 
 
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """A LayerNorm without its affine: once per token, before the rows are gathered (each
-    module's affine is folded into the projection after it)."""
+    module's affine comes with the projection after it)."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
 
 class GroupedProjection(nn.Module):
     """One projection of every module of a pool: weight (G, in, out), bias (G, out), and,
-    when it follows the module's LayerNorm, that LayerNorm's affine (G, in), folded in:
-    gamma * x W + ... = x (diag(gamma) W) + (beta W + b). Its own module, so ZeRO-3 gathers
-    its parameters when it is called."""
+    when it follows the module's LayerNorm, that LayerNorm's affine (G, in) (the rows come
+    normalised without it). Its own module, so ZeRO-3 gathers its parameters when it is
+    called."""
 
     def __init__(self, n_modules: int, d_in: int, d_out: int, layer_norm: bool = False):
         super().__init__()
@@ -145,12 +159,8 @@ class GroupedProjection(nn.Module):
         self.layer_norm = layer_norm
 
     def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-        weight, bias = self.weight, self.bias
-        if self.layer_norm:
-            weight = self.ln_weight.unsqueeze(2) * self.weight
-            bias = torch.baddbmm(bias.unsqueeze(1), self.ln_bias.unsqueeze(1),
-                                 self.weight).squeeze(1)
-        return grouped_linear(rows, weight, bias, groups)
+        affine = (self.ln_weight, self.ln_bias) if self.layer_norm else None
+        return grouped_linear(rows, self.weight, self.bias, groups, layer_norm=affine)
 
 
 class ModulePool(nn.Module):
