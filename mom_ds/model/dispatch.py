@@ -40,10 +40,6 @@ class RoutePlan:
     dropped: torch.Tensor
     n_tokens: int
 
-    @property
-    def n_modules(self) -> int:
-        return len(self.counts) - 1
-
 
 def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
               capacity_factor: float = 0.0) -> RoutePlan:

@@ -14,7 +14,7 @@ dense: data-parallel over all ranks, partitioned by ZeRO like any parameter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -155,10 +155,3 @@ def engine_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def local_modules(layout: ParallelLayout, pool: str, n_modules: int) -> Optional[slice]:
-    """The global module indices of `pool` this rank holds (None: all, the pool is dense)."""
-    if pool not in layout.sharded:
-        return None
-    return ModulePlacement(n_modules, layout.ep_size, layout.ep_rank).owned()
