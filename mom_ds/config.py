@@ -1,7 +1,7 @@
 """RunConfig: everything one `mom-train` run needs, as typed dataclasses.
 
-A recipe is a YAML file with four sections, `model:` (MoMConfig), `data:`, `train:` and
-`parallel:`. Command-line overrides `--section.key value` are converted to the field's type
+A recipe is a YAML file with up to five sections, `model:` (MoMConfig), `data:`, `train:`,
+`parallel:` and `modular:` (a Modular Transformers run, mom_ds/modular). Command-line overrides `--section.key value` are converted to the field's type
 (a wrong type is an error, not a silently kept string). Every value is validated when the
 config is built, so a bad run fails here, before DeepSpeed starts any process group.
 The engine's side (ZeRO stage, precision, offload) lives in the DeepSpeed JSON that
@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from .model import ConfigError, MoMConfig
+from .modular.config import ModularConfig
 
 ModelConfig = MoMConfig
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -115,6 +116,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    modular: ModularConfig = field(default_factory=ModularConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,6 +125,7 @@ class RunConfig:
     def validate(self) -> None:
         """Value checks that need no files and no processes (the model checks itself)."""
         self.model.validate()
+        self.modular.validate()
         d, t, p = self.data, self.train, self.parallel
 
         def fail(name: str, value: Any, why: str, fix: str) -> None:
@@ -169,6 +172,9 @@ class RunConfig:
         if p.expert_parallel_size < 1:
             fail("parallel.expert_parallel_size", p.expert_parallel_size, "must be >= 1",
                  "use 1 (no expert parallelism) or a divisor of the pool sizes")
+        if self.modular.enabled and t.init_from:
+            fail("train.init_from", t.init_from, "a modular run starts from modular.teacher",
+                 "drop train.init_from (the modules are initialised from the teacher)")
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -201,7 +207,7 @@ class RunConfig:
 
 def _section_classes() -> dict[str, type]:
     return {"model": MoMConfig, "data": DataConfig, "train": TrainConfig,
-            "parallel": ParallelConfig}
+            "parallel": ParallelConfig, "modular": ModularConfig}
 
 
 def _field_type(klass: type, key: str) -> Any:
@@ -217,6 +223,18 @@ def _coerce(section: str, key: str, value: Any, klass: type) -> Any:
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     where = f"{section}.{key}"
+    if typing.get_origin(kind) is list:  # a YAML list, or 2,3,4 / [2,3,4] on the command line
+        items = value.strip("[] ").split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            item_kind = typing.get_args(kind)[0]
+            return [_coerce_value(f"{where}[{i}]", item_kind, v) for i, v in enumerate(items)
+                    if not (isinstance(v, str) and not v.strip())]
+        raise ConfigError(f"{where} = {value!r}: expected a list. Fix: give e.g. [2, 3] in "
+                          f"YAML or 2,3 on the command line.")
+    return _coerce_value(where, kind, value)
+
+
+def _coerce_value(where: str, kind: Any, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -313,8 +331,8 @@ def field_docs(klass: type) -> dict[str, str]:
     return docs
 
 
-def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "parallel")
-                       ) -> str:
+def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "parallel",
+                                                   "modular")) -> str:
     """The README's config reference: one table per section, from the field docstrings.
     `python -m mom_ds.config data train parallel` prints what the Training section holds."""
     lines = []
@@ -333,4 +351,5 @@ def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "p
 if __name__ == "__main__":
     import sys
 
-    print(reference_markdown(tuple(sys.argv[1:]) or ("model", "data", "train", "parallel")))
+    print(reference_markdown(tuple(sys.argv[1:]) or ("model", "data", "train", "parallel",
+                                                      "modular")))

@@ -1,7 +1,7 @@
 """mom-generate: sample text from a mom-train checkpoint (one process, KV-cached).
 
   mom-generate runs/tiny --prompt "def main(" [--max-new-tokens 200] [--temperature 0.8]
-               [--top-k 50] [--top-p 0.95] [--seed 0]
+               [--top-k 50] [--top-p 0.95] [--seed 0] [--depth H'] [--top-k-modules K']
 The tokenizer is the one the run's data was prepared with (meta.json in data.data_dir).
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from ..model import ConfigError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -24,12 +26,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="where the tokenizer is recorded; default: the run's")
+    parser.add_argument("--depth", type=int, metavar="H'",
+                        help="routing steps per routed block (default: as trained)")
+    parser.add_argument("--top-k-modules", type=int, metavar="K'",
+                        help="modules per token per step (default: as trained; --top-k is "
+                             "the sampler's)")
     args = parser.parse_args(argv)
     from data_prep.tokenizer import load_data_tokenizer
 
     from ..train.export import load_model
 
-    run, model, _ = load_model(args.checkpoint)
+    try:
+        run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
+    except ConfigError as err:
+        parser.error(str(err))
     tokenizer = load_data_tokenizer(args.data_dir or run.data.data_dir)
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
     if ids.numel() == 0:

@@ -71,8 +71,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"mom-train: config error: {err}", file=sys.stderr)
         return 2
-    from ..train.session import run_training  # imports torch/deepspeed: after the checks
-    run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after)
+    from ..train.checkpoint import CheckpointError  # imports torch: after the checks
+    from ..train.session import run_training
+    try:
+        run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after)
+    except (CheckpointError, ConfigError) as err:  # every rank found the same problem
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mom-train: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

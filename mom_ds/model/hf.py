@@ -188,6 +188,14 @@ def _vanilla_layout(hf: GPT2Config) -> MoMConfig:
                      layer_norm_eps=hf.layer_norm_epsilon)
 
 
+def gpt2_vanilla_config(path: Union[str, Path]) -> MoMConfig:
+    """The vanilla preset a GPT-2 checkpoint (directory or hub name) imports as, read from
+    its config alone (no weights loaded)."""
+    hf = AutoConfig.from_pretrained(path)
+    _check_donor_config(hf)
+    return _vanilla_layout(hf)
+
+
 def _check_layout_shape(hf: GPT2Config, layout: MoMConfig) -> None:
     for field, hf_field in (("d_model", "n_embd"), ("n_heads", "n_head"),
                             ("vocab_size", "vocab_size"), ("n_positions", "n_positions"),

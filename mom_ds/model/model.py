@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoMConfig
+from .flops import flops_per_token
 from .mod_block import MoDBlock, MoDRouting
 from .modules import VanillaLayer, init_gpt2_
 from .routed_block import BlockRouting, RoutedBlock
@@ -23,6 +24,7 @@ class MoMOutput:
     aux_loss: Optional[torch.Tensor] = None  # balancing loss (MoM) + BCE (MoD), unscaled sum
     routing: list[BlockRouting] = field(default_factory=list)
     mod_routing: list[MoDRouting] = field(default_factory=list)
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as train/<name>
 
 
 class MoMForCausalLM(nn.Module):
@@ -62,6 +64,15 @@ class MoMForCausalLM(nn.Module):
             tensors.update(block.attn_pool.module_views(f"chunks.{c}.attn_modules"))
             tensors.update(block.ffn_pool.module_views(f"chunks.{c}.ffn_modules"))
         return tensors
+
+    def begin_step(self, step: int) -> None:
+        """The training loop's call before each optimizer step; pre-training has no per-step
+        schedule (the modular student draws its assembly here)."""
+
+    def train_flops_per_token(self, seq_len: int, out: MoMOutput,
+                              routing: Optional[list[BlockRouting]] = None) -> float:
+        """Training FLOPs per token of the routing taken (flops.py)."""
+        return flops_per_token(self.config, seq_len, routing or None, out.mod_routing or None)
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
@@ -108,6 +119,7 @@ class MoMForCausalLM(nn.Module):
             if out.mod_routing else zero
         out.aux_loss = balance + mod_bce
         out.loss = out.lm_loss + cfg.aux_loss_coef * balance + cfg.mod_aux_loss_coef * mod_bce
+        out.terms = {"lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -238,6 +238,24 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
     return tag
 
 
+def write_weights(ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
+                  weights: dict[str, torch.Tensor]) -> str:
+    """A weights-only checkpoint of one process (no optimizer state, no RNG): what tools that
+    make a model without training it write (mom-assemble). Readable by read_tag and every
+    tool built on it; published like a training checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    tag_dir = ckpt_dir / tag
+    if tag_dir.exists():
+        shutil.rmtree(tag_dir)
+    tag_dir.mkdir(parents=True)
+    client = {**client_state, "adam_step": 0, "world_size": 1, "expert_parallel_size": 1}
+    _write({"client": client, "params": {n: {"weight": w} for n, w in weights.items()}},
+           tag_dir / DENSE)
+    _publish(ckpt_dir, tag)
+    return tag
+
+
 def _is_sharded(name: str, layout: ParallelLayout) -> bool:
     return any(f".{pool}." in f".{name}" for pool in layout.sharded)
 

@@ -7,11 +7,14 @@ whatever the ZeRO stage and the expert-parallel size, so nothing needs merging.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Optional
+
 import torch
 
 from ..config import RunConfig
-from ..model import MoMForCausalLM
+from ..model import ConfigError, MoMConfig, MoMForCausalLM
 from .checkpoint import DENSE, latest_tag, read_tag
 
 
@@ -37,8 +40,29 @@ def consolidated_state_dict(path: str | Path) -> tuple[RunConfig, dict[str, torc
     return RunConfig.from_dict(client["config"]), weights, int(client["step"])
 
 
-def load_model(path: str | Path) -> tuple[RunConfig, MoMForCausalLM, int]:
+def with_compute(config: MoMConfig, depth: Optional[int] = None,
+                 top_k: Optional[int] = None) -> MoMConfig:
+    """The same weights run with another number of routing steps H' or modules per step K'
+    (compute chosen at inference): no parameter depends on H or K, so a trained MoM's state
+    dict loads into the changed model. A GRU router simply runs H' steps."""
+    if depth is None and top_k is None:
+        return config
+    if not config.n_chunks:
+        raise ConfigError("--depth / --top-k change the routed blocks, but this model has none "
+                          "(model.n_chunks = 0). Fix: drop them, or evaluate a MoM checkpoint.")
+    changed = {"depth": depth, "top_k": top_k}
+    try:
+        return dataclasses.replace(config, **{k: v for k, v in changed.items() if v is not None})
+    except ConfigError as err:
+        raise ConfigError(f"--depth {depth} / --top-k {top_k}: {err}") from None
+
+
+def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None
+               ) -> tuple[RunConfig, MoMForCausalLM, int]:
+    """The checkpoint's model on one process in eval mode, optionally with H' routing steps
+    and K' modules per step (with_compute); run.model then describes the changed model."""
     run, weights, step = consolidated_state_dict(path)
+    run.model = with_compute(run.model, depth, top_k)
     model = MoMForCausalLM(run.model)
     model.load_state_dict(weights)
     return run, model.eval(), step

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, TrainConfig
-from ..model.flops import flops_per_token
 from . import checkpoint
 from .batches import Batches
 from ..parallel.parallelize import ParallelLayout
@@ -38,10 +37,11 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+def mean_over_ranks(values: torch.Tensor) -> list[float]:
+    """The mean over ranks of each value (one all-reduce, one host sync)."""
+    tensor = values.detach().to(torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor) / dist.get_world_size()
+    return (tensor / dist.get_world_size()).tolist()
 
 
 @torch.no_grad()
@@ -55,7 +55,7 @@ def evaluate(engine, make_val: Callable[[], Batches], n_batches: int) -> dict[st
         x, y = val.next()
         total += float(engine(x, labels=y).lm_loss)
     engine.train()
-    loss = mean_over_ranks(total / n_batches, val.device)
+    loss, = mean_over_ranks(torch.tensor([total / n_batches], device=val.device))
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
 
 
@@ -86,15 +86,16 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         logging = t.log_interval and ((step + 1) % t.log_interval == 0 or step == 0
                                       or step + 1 == t.max_steps)
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
+        model.begin_step(step)
         stats = RoutingStats() if logging else None
-        loss_sum = lm_sum = 0.0  # tensors after the first micro-batch: no host sync per step
+        sums: dict[str, torch.Tensor] = {}  # loss and its terms: no host sync per step
         for _ in range(t.grad_accum_steps):
             x, y = batches.next()
             out = engine(x, labels=y)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
-            loss_sum = loss_sum + out.loss.detach()
-            lm_sum = lm_sum + out.lm_loss.detach()
+            for name, value in {"loss": out.loss, **out.terms}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
             if stats is not None:
                 stats.add(out.routing)
         progress.step += 1
@@ -102,16 +103,15 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         window_steps += 1
 
         if logging:
-            loss = mean_over_ranks(float(loss_sum) / t.grad_accum_steps, x.device)
-            lm_loss = mean_over_ranks(float(lm_sum) / t.grad_accum_steps, x.device)
+            means = mean_over_ranks(torch.stack(list(sums.values())) / t.grad_accum_steps)
+            losses = {f"train/{name}": v for name, v in zip(sums, means)}
             stats.all_reduce()
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
-            fpt = flops_per_token(run.model, run.data.seq_len, stats.blocks or None,
-                                  out.mod_routing or None)
+            fpt = model.train_flops_per_token(run.data.seq_len, out, stats.blocks)
             grad_norm = engine.get_global_grad_norm()
-            values = {"train/loss": loss, "train/lm_loss": lm_loss,
-                      "train/lr": lr, "perf/tokens_per_s": tok_s,
+            loss = losses["train/loss"]
+            values = {**losses, "train/lr": lr, "perf/tokens_per_s": tok_s,
                       "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
                       "perf/mfu": tok_s * fpt / (peak * 1e12 * world),
                       "perf/memory_gb": memory_gb(), "train/tokens_seen": progress.tokens_seen}

@@ -26,15 +26,13 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     init_distributed(run)
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(run.train.out_dir)
-    if rank == 0:
-        run.save(out_dir / "config.yaml")  # the exact config, overrides included
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
-    model = MoMForCausalLM(run.model)
-    if run.train.init_from and not resume:
-        load_initial_weights(model, run.train.init_from)
+    model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
+    if rank == 0:
+        run.save(out_dir / "config.yaml")  # the exact config, overrides included
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
@@ -48,6 +46,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     progress = Progress()
     if resume:
         client = checkpoint.load(engine, model, layout, out_dir / "ckpt")
+        check_same_teacher(run, client)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
@@ -56,7 +55,8 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
                   f"{client['expert_parallel_size']})", flush=True)
     monitor = Monitor(out_dir, enabled=rank == 0)
     if rank == 0:
-        print(f"model: {n_params / 1e6:.2f}M parameters; run dir {out_dir}; "
+        trained = "trained (modules) " if run.modular.enabled else ""
+        print(f"model: {n_params / 1e6:.2f}M {trained}parameters; run dir {out_dir}; "
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
         if run.model.n_chunks:
             print(describe_placement(run.model, ep_size), flush=True)
@@ -66,6 +66,33 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
                      progress, monitor, stop_after)
     finally:
         monitor.close()
+
+
+def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
+    """The model to train: a MoMForCausalLM (from train.init_from's weights on a fresh start),
+    or for a modular run the teacher's ModularStudent (its fingerprint recorded in the
+    config, so resume and mom-assemble can refuse another teacher)."""
+    if run.modular.enabled:
+        from ..modular.student import ModularStudent
+        from ..modular.teacher import load_teacher
+
+        teacher = load_teacher(run.modular.teacher)
+        run.modular.teacher_fingerprint = teacher.fingerprint
+        return ModularStudent(teacher, run.modular, run.train.seed)
+    model = MoMForCausalLM(run.model)
+    if run.train.init_from and not resume:
+        load_initial_weights(model, run.train.init_from)
+    return model
+
+
+def check_same_teacher(run: RunConfig, client: dict[str, Any]) -> None:
+    saved = client["config"].get("modular", {}).get("teacher_fingerprint", "")
+    if saved != run.modular.teacher_fingerprint:
+        raise checkpoint.CheckpointError(
+            f"--resume: the checkpoint in {run.train.out_dir} was trained with teacher "
+            f"{saved or '(none: a pre-training run)'}, but modular.teacher = "
+            f"{run.modular.teacher!r} has weights {run.modular.teacher_fingerprint or '(none)'}. "
+            f"Fix: resume with the run's own teacher, or start a new run elsewhere.")
 
 
 def load_initial_weights(model: MoMForCausalLM, path: str) -> None:

@@ -1,0 +1,119 @@
+"""From a modular run to plain models: the student read back, an assembly chosen for a
+compression ratio (a fixed rule or a search by held-out loss), and the assembled vanilla
+model written as a checkpoint that mom-eval, mom-generate and mom-convert take."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import RunConfig
+from ..model import ConfigError, MoMForCausalLM
+from ..modular.config import ModularConfig
+from .assembly import FIXED_RULES, Assembly, describe, ratio, with_depth
+from .student import ModularStudent
+from .teacher import load_teacher
+
+STRATEGIES = (*FIXED_RULES, "search")
+
+
+def load_student(path: str | Path, teacher: Optional[str] = None
+                 ) -> tuple[RunConfig, ModularStudent, int]:
+    """A modular run's student (teacher + trained modules) on one process, in eval mode.
+    `teacher` overrides the source recorded in the run; its weights must be the ones the
+    student was trained with."""
+    from ..train.export import consolidated_state_dict
+
+    run, weights, step = consolidated_state_dict(path)
+    if not run.modular.enabled:
+        raise ConfigError(f"{path} is not a modular run (its config has no modular.teacher). "
+                          f"Fix: assemble from a run trained with a modular: section.")
+    source = teacher or run.modular.teacher
+    student = ModularStudent(load_teacher(source, run.modular.teacher_fingerprint),
+                             run.modular, run.train.seed)
+    prefix = "modular."
+    try:
+        student.modular.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                         if k.startswith(prefix)})
+    except RuntimeError as err:
+        raise ConfigError(f"the modules in {path} do not fit teacher {source!r}: {err}. Fix: "
+                          f"name the teacher the run was trained from.") from None
+    return run, student.eval(), step
+
+
+def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausalLM:
+    """The vanilla model of the assembly's depth: the teacher's embeddings, final LayerNorm
+    and head, and for each tile its teacher layer or module, copied."""
+    teacher = student.teacher
+    config = dataclasses.replace(teacher.config, n_bottom=len(assembly))
+    model = MoMForCausalLM(config)
+    for name in ("wte", "wpe", "ln_f"):
+        getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
+    for block, tile in zip(model.bottom, assembly):
+        block.load_state_dict(student.layer(tile).state_dict())
+    return model.eval()
+
+
+@torch.no_grad()
+def held_out_loss(student: ModularStudent, assembly: Assembly, rows: torch.Tensor,
+                  batch_size: int = 8) -> float:
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        total += float(student(batch[:, :-1], labels=batch[:, 1:], assembly=assembly).lm_loss) \
+            * len(batch)
+    return total / len(rows)
+
+
+def search_windows(run: RunConfig, n_windows: int) -> torch.Tensor:
+    """The last n_windows windows of the val split (mom-eval and the benchmark score from
+    the first ones), as int64 rows of seq_len + 1 tokens."""
+    from ..data import TokenizedDataset
+
+    data = TokenizedDataset(run.data.data_dir, split="val", seq_len=run.data.seq_len)
+    n = min(n_windows, len(data))
+    return torch.from_numpy(data.windows(range(len(data) - n, len(data))).astype("int64"))
+
+
+def choose(student: ModularStudent, depth: int, strategy: str,
+           rows: Optional[torch.Tensor] = None) -> tuple[Assembly, list[tuple[float, Assembly]]]:
+    """(the assembly, and for `search` every candidate's held-out loss, best first)."""
+    grains, n_layers = student.granularities, student.n_layers
+    if strategy in FIXED_RULES:
+        return FIXED_RULES[strategy](n_layers, grains, depth), []
+    if strategy != "search":
+        raise ConfigError(f"--strategy {strategy!r}: choose one of {STRATEGIES}")
+    if rows is None:
+        raise ConfigError("--strategy search needs held-out windows")
+    scored = sorted(((held_out_loss(student, a, rows), a)
+                     for a in with_depth(n_layers, grains, depth)), key=lambda s: s[0])
+    return scored[0][1], scored
+
+
+def write_assembled(run: RunConfig, model: MoMForCausalLM, assembly: Assembly, step: int,
+                    out_dir: str | Path, strategy: str) -> Path:
+    """out_dir as a one-checkpoint run directory (config.yaml, ckpt/latest) of the vanilla
+    preset: what mom-eval, mom-generate and mom-convert read."""
+    from ..train.checkpoint import write_weights
+
+    out_dir = Path(out_dir)
+    plain = RunConfig(model=model.config, data=run.data,
+                      train=dataclasses.replace(run.train, out_dir=str(out_dir), init_from=""),
+                      parallel=run.parallel, modular=ModularConfig())
+    plain.save(out_dir / "config.yaml")
+    weights = {n: p.detach().float() for n, p in model.named_parameters()}
+    client = {"config": plain.to_dict(), "step": step,
+              "assembly": {"tiles": [list(t) for t in assembly], "describe": describe(assembly),
+                           "ratio": ratio(assembly), "strategy": strategy,
+                           "teacher": run.modular.teacher,
+                           "teacher_fingerprint": run.modular.teacher_fingerprint}}
+    write_weights(out_dir / "ckpt", step, client, weights)
+    return out_dir
+
+
+def default_out(run_dir: str | Path, ratio_value: float, strategy: str) -> Path:
+    return Path(run_dir) / "assembled" / f"ratio_{ratio_value:.3g}x_{strategy}"
+
+

@@ -1,0 +1,150 @@
+"""ModularStudent: a frozen teacher and its modularized layers, trained by multi-grained
+module replacing and distillation (docs/modular.md).
+
+Every training forward draws an assembly (assembly.sample) and runs the student through it:
+teacher layers (frozen) and modules (trained) in turn, with the teacher's own embeddings,
+final LayerNorm and head (frozen). The teacher runs once per batch without gradients and
+gives the targets of the distillation losses. The draw is seeded by (train.seed, optimizer
+step, micro-batch), never by a rank, so every rank runs the same graph: ZeRO-3 gathers the
+same parameters on every rank, and a resumed run draws what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import MoMForCausalLM, MoMOutput
+from ..model.flops import attention_module_params, ffn_module_params
+from .assembly import Assembly, sample, uniform
+from .config import ModularConfig
+from .losses import hidden_distillation, logit_distillation
+
+
+@dataclass
+class ModularOutput(MoMOutput):
+    assembly: Assembly = ()  # the assembly this forward ran
+
+
+def module_key(granularity: int) -> str:
+    return f"g{granularity}"
+
+
+class ModularStudent(nn.Module):
+    def __init__(self, teacher: MoMForCausalLM, settings: ModularConfig, seed: int):
+        super().__init__()
+        self.teacher = teacher.requires_grad_(False)
+        self.config = teacher.config  # the layout parallelize() and the checks read
+        self.settings = settings
+        self.granularities = settings.resolve(teacher.config)
+        self.n_layers = teacher.config.n_bottom
+        # module j of granularity g starts as a copy of the first layer of its group,
+        # teacher layer j * g (BERT-of-Theseus)
+        self.modular = nn.ModuleDict({
+            module_key(g): nn.ModuleList(copy.deepcopy(teacher.bottom[j * g])
+                                         for j in range(self.n_layers // g))
+            for g in self.granularities})
+        self.modular.requires_grad_(True)
+        self.eval_assembly = uniform(self.n_layers,
+                                     settings.eval_granularity or self.granularities[0])
+        self.seed = seed
+        self.step, self.draws = 0, 0
+
+    def train(self, mode: bool = True) -> "ModularStudent":
+        super().train(mode)
+        self.teacher.eval()  # frozen: never dropout, whatever the engine asks
+        return self
+
+    def num_params(self) -> int:
+        """Trained parameters: the modules (the teacher is frozen)."""
+        return sum(p.numel() for p in self.modular.parameters())
+
+    # --- the schedule ----------------------------------------------------------------------
+    def replace_prob(self, step: int) -> float:
+        s = self.settings
+        return min(1.0, s.replace_prob + s.replace_prob_slope * step)
+
+    def begin_step(self, step: int) -> None:
+        """Called by the training loop before each optimizer step's micro-batches."""
+        self.step, self.draws = step, 0
+
+    def draw(self) -> Assembly:
+        rng = random.Random(f"modular/{self.seed}/{self.step}/{self.draws}")
+        self.draws += 1
+        return sample(self.n_layers, self.granularities, self.replace_prob(self.step), rng)
+
+    # --- forward ---------------------------------------------------------------------------
+    def layer(self, tile) -> nn.Module:
+        return self.modular[module_key(tile.size)][tile.group] if tile.is_module \
+            else self.teacher.bottom[tile.start]
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                assembly: Optional[Assembly] = None) -> ModularOutput:
+        """The student through `assembly` (default: a fresh draw in training, the
+        eval_granularity assembly in evaluation). With labels: the weighted sum of the LM,
+        logit-distillation and hidden-distillation losses, each also in out.terms."""
+        if assembly is None:
+            assembly = self.draw() if self.training else self.eval_assembly
+        s, teacher = self.settings, self.teacher
+        T = input_ids.shape[1]
+        distil = labels is not None and self.training and (s.kd_weight or s.hidden_weight)
+
+        with torch.no_grad():
+            pos = torch.arange(T, device=input_ids.device)
+            states = [teacher.wte(input_ids) + teacher.wpe(pos)]
+            if distil:
+                for block in teacher.bottom:
+                    states.append(block(states[-1]))
+                teacher_logits = F.linear(teacher.ln_f(states[-1]), teacher.wte.weight)
+        modules = [t for t in assembly if t.is_module]
+        # Below the first module the student computes exactly the teacher's states, without
+        # a trained parameter upstream: start from the teacher's state there when known.
+        start = modules[0].start if modules and distil else 0
+        x = states[start]
+        pairs = []
+        for tile in assembly:
+            if tile.start < start:
+                continue
+            x = self.layer(tile)(x)
+            if tile.is_module:
+                pairs.append((x, states[tile.end]) if distil else None)
+        logits = F.linear(teacher.ln_f(x), teacher.wte.weight)
+        out = ModularOutput(logits=logits, assembly=assembly)
+        if labels is None:
+            return out
+        lm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=-100)
+        zero = lm.new_zeros(())
+        kd = logit_distillation(logits, teacher_logits, s.kd_temperature, labels) \
+            if distil else zero
+        hidden = hidden_distillation([p for p in pairs if p is not None]) if distil else None
+        hidden = zero if hidden is None else hidden
+        out.lm_loss = lm
+        out.loss = s.lm_weight * lm + s.kd_weight * kd + s.hidden_weight * hidden
+        if not modules and self.training:
+            # No trained parameter in this graph (p = 0, or a draw that kept every teacher
+            # layer): a zero-weighted pass of one module gives the backward a graph and every
+            # rank the same gathers under ZeRO-3; its gradient is exactly zero.
+            first = self.modular[module_key(self.granularities[0])][0]
+            out.loss = out.loss + 0.0 * first(x[:1, :1].detach()).sum()
+        out.terms = {"lm_loss": lm, "kd_loss": kd, "hidden_loss": hidden}
+        return out
+
+    # --- what the loop reports -------------------------------------------------------------
+    def train_flops_per_token(self, seq_len: int, out: ModularOutput, routing=None) -> float:
+        """The teacher's forward (2 FLOPs per parameter, 4 d T per attention) plus the
+        student's forward and backward over its assembly (6 per parameter, 12 d T per
+        attention; nanoGPT's convention, an upper bound: frozen layers compute no weight
+        gradient), with the tied head counted in both."""
+        d, V = self.config.d_model, self.config.vocab_size
+        layer = attention_module_params(d) + ffn_module_params(d)
+        head = V * d + 2 * d
+        attention = d * seq_len
+        teacher = 2 * (self.n_layers * layer + head) + 4 * attention * self.n_layers
+        student = len(out.assembly) * (6 * layer + 12 * attention) + 6 * head
+        return float(teacher + student)
