@@ -59,6 +59,20 @@ def moe_args(data: Path, out: Path, micro: int) -> list[str]:
             "--train.grad_accum_steps", "1"]
 
 
+# Modular training: one assembly per optimizer step, drawn from (seed, step), so 2 ranks
+# (and accumulation) run the 1-rank run's graphs on the same global batch.
+MODULAR_LAYOUTS = {
+    "modular_zero1": ("zero1", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
+                                "--train.eval_batches", "4"]),
+    "modular_zero3": ("zero3", ["--train.micro_batch_size", "4"]),
+}
+
+
+def modular_args(data: Path, out: Path, teacher: Path) -> list[str]:
+    return [*tiny_args(data, out, "--modular.teacher", str(teacher)), "--train.max_steps",
+            str(STEPS), "--train.eval_interval", str(STEPS), "--train.ckpt_interval", "0"]
+
+
 DRIVER = """
 import json, sys
 from mom_ds.cli.train import main
@@ -81,6 +95,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     mom_train(*tiny_args(data, outs["reference"]), *common)
     outs["moe_reference"] = root / "moe_reference"
     mom_train(*moe_args(data, outs["moe_reference"], 8))
+    # modular training: a 4-layer vanilla teacher, then its student on 1 rank
+    outs["teacher"] = root / "teacher"
+    mom_train(*tiny_args(data, outs["teacher"], "--model.n_chunks", "0", "--model.n_bottom", "4",
+                         "--model.n_top", "0", "--train.ckpt_interval", "0"))
+    outs["modular_reference"] = root / "modular_reference"
+    mom_train(*modular_args(data, outs["modular_reference"], outs["teacher"]))
     plan = []
     for stage, extra in LAYOUTS.items():
         outs[stage] = root / stage
@@ -120,6 +140,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                  "--model.n_attn_modules", "32", "--model.n_ffn_modules", "32",
                  "--data.seq_len", "8", "--train.micro_batch_size", "1",
                  "--deepspeed", str(REPO / "ds_configs" / "zero3.json")])
+    for name, (stage, extra) in MODULAR_LAYOUTS.items():
+        outs[name] = root / name
+        plan.append([*modular_args(data, outs[name], outs["teacher"]), *extra,
+                     "--deepspeed", str(REPO / "ds_configs" / f"{stage}.json")])
     launch(plan, root, 2)
     return outs
 
@@ -150,6 +174,16 @@ def test_two_ranks_follow_one_rank(runs, stage):
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
     assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
     assert (runs[stage] / "ckpt" / "latest").read_text() == f"step_{STEPS:06d}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULAR_LAYOUTS))
+def test_two_ranks_follow_one_rank_in_modular_training(runs, name):
+    want, got = metrics(runs["modular_reference"]), metrics(runs[name])
+    for step in range(1, STEPS + 1):
+        for term in ("train/loss", "train/kd_loss", "train/hidden_loss"):
+            assert got[step][term] == pytest.approx(want[step][term], rel=RTOL), (step, term)
+    assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
+    assert any(want[s]["train/kd_loss"] > 0 for s in range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize("stage", sorted(EP_LAYOUTS))

@@ -12,7 +12,7 @@ import torch
 from ..config import RunConfig
 from ..model import ConfigError, MoMForCausalLM
 from ..modular.config import ModularConfig
-from .assembly import FIXED_RULES, Assembly, describe, ratio, with_depth
+from .assembly import FIXED_RULES, Assembly, check, describe, ratio, with_depth
 from .student import ModularStudent
 from .teacher import load_teacher
 
@@ -46,6 +46,7 @@ def load_student(path: str | Path, teacher: Optional[str] = None
 def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausalLM:
     """The vanilla model of the assembly's depth: the teacher's embeddings, final LayerNorm
     and head, and for each tile its teacher layer or module, copied."""
+    check(assembly, student.n_layers, student.granularities)
     teacher = student.teacher
     config = dataclasses.replace(teacher.config, n_bottom=len(assembly))
     model = MoMForCausalLM(config)

@@ -64,6 +64,21 @@ def tilings(n_layers: int, granularities: tuple[int, ...]) -> tuple[Assembly, ..
     return tuple(tuple(t) for t in from_position(0))
 
 
+def check(assembly: Assembly, n_layers: int, granularities: tuple[int, ...]) -> None:
+    """ValueError unless `assembly` tiles the n_layers with aligned modules of these
+    granularities."""
+    position = 0
+    for tile in assembly:
+        if tile.start != position or tile.size not in (1, *granularities) \
+                or tile.start % tile.size:
+            raise ValueError(f"{describe(assembly)} is not an assembly of the {n_layers}-layer "
+                             f"teacher with granularities {list(granularities)}: {tile} does "
+                             f"not fit at layer {position}")
+        position = tile.end
+    if position != n_layers:
+        raise ValueError(f"{describe(assembly)} covers {position} of the {n_layers} layers")
+
+
 def offered_depths(n_layers: int, granularities: tuple[int, ...]) -> list[int]:
     """Depths some assembly has, deepest (the teacher) first."""
     return sorted({len(a) for a in tilings(n_layers, granularities)}, reverse=True)

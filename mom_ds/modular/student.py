@@ -1,12 +1,13 @@
 """ModularStudent: a frozen teacher and its modularized layers, trained by multi-grained
 module replacing and distillation (docs/modular.md).
 
-Every training forward draws an assembly (assembly.sample) and runs the student through it:
+Every optimizer step draws one assembly (assembly.sample) and runs the student through it:
 teacher layers (frozen) and modules (trained) in turn, with the teacher's own embeddings,
 final LayerNorm and head (frozen). The teacher runs once per batch without gradients and
 gives the targets of the distillation losses. The draw is seeded by (train.seed, optimizer
-step, micro-batch), never by a rank, so every rank runs the same graph: ZeRO-3 gathers the
-same parameters on every rank, and a resumed run draws what the uninterrupted one drew.
+step) only, so every rank and every micro-batch of a step runs the same graph: ZeRO-3
+gathers the same parameters on every rank, a step means the same on any number of ranks
+and accumulation steps, and a resumed run draws what the uninterrupted one drew.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..model import MoMForCausalLM, MoMOutput
 from ..model.flops import attention_module_params, ffn_module_params
-from .assembly import Assembly, sample, uniform
+from .assembly import Assembly, check, sample, uniform
 from .config import ModularConfig
 from .losses import hidden_distillation, logit_distillation
 
@@ -53,7 +54,7 @@ class ModularStudent(nn.Module):
         self.eval_assembly = uniform(self.n_layers,
                                      settings.eval_granularity or self.granularities[0])
         self.seed = seed
-        self.step, self.draws = 0, 0
+        self.begin_step(0)
 
     def train(self, mode: bool = True) -> "ModularStudent":
         super().train(mode)
@@ -71,12 +72,11 @@ class ModularStudent(nn.Module):
 
     def begin_step(self, step: int) -> None:
         """Called by the training loop before each optimizer step's micro-batches."""
-        self.step, self.draws = step, 0
+        self.step_assembly = self.draw(step)
 
-    def draw(self) -> Assembly:
-        rng = random.Random(f"modular/{self.seed}/{self.step}/{self.draws}")
-        self.draws += 1
-        return sample(self.n_layers, self.granularities, self.replace_prob(self.step), rng)
+    def draw(self, step: int) -> Assembly:
+        rng = random.Random(f"modular/{self.seed}/{step}")
+        return sample(self.n_layers, self.granularities, self.replace_prob(step), rng)
 
     # --- forward ---------------------------------------------------------------------------
     def layer(self, tile) -> nn.Module:
@@ -85,11 +85,13 @@ class ModularStudent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                 assembly: Optional[Assembly] = None) -> ModularOutput:
-        """The student through `assembly` (default: a fresh draw in training, the
+        """The student through `assembly` (default: this step's draw in training, the
         eval_granularity assembly in evaluation). With labels: the weighted sum of the LM,
         logit-distillation and hidden-distillation losses, each also in out.terms."""
         if assembly is None:
-            assembly = self.draw() if self.training else self.eval_assembly
+            assembly = self.step_assembly if self.training else self.eval_assembly
+        else:
+            check(assembly, self.n_layers, self.granularities)
         s, teacher = self.settings, self.teacher
         T = input_ids.shape[1]
         distil = labels is not None and self.training and (s.kd_weight or s.hidden_weight)
@@ -126,14 +128,25 @@ class ModularStudent(nn.Module):
         hidden = zero if hidden is None else hidden
         out.lm_loss = lm
         out.loss = s.lm_weight * lm + s.kd_weight * kd + s.hidden_weight * hidden
-        if not modules and self.training:
-            # No trained parameter in this graph (p = 0, or a draw that kept every teacher
-            # layer): a zero-weighted pass of one module gives the backward a graph and every
-            # rank the same gathers under ZeRO-3; its gradient is exactly zero.
-            first = self.modular[module_key(self.granularities[0])][0]
-            out.loss = out.loss + 0.0 * first(x[:1, :1].detach()).sum()
+        if self.training:
+            out.loss = out.loss + self._zero_for_unused(assembly, x)
         out.terms = {"lm_loss": lm, "kd_loss": kd, "hidden_loss": hidden}
         return out
+
+    def _zero_for_unused(self, assembly: Assembly, x: torch.Tensor) -> torch.Tensor:
+        """0 times one token through every module the assembly leaves out, so that every
+        module gets a gradient, exactly zero, at every step. Without it DeepSpeed's ZeRO-3
+        steps a module left out with the gradient it had the step before (measured: the
+        gradient norm of a step was the root sum of squares of its own and the previous
+        step's), and an assembly with no module at all would leave the backward no graph."""
+        used = {(t.size, t.group) for t in assembly if t.is_module}
+        token = x[:1, :1].detach()
+        zero = x.new_zeros(())
+        for g in self.granularities:
+            for j, module in enumerate(self.modular[module_key(g)]):
+                if (g, j) not in used:
+                    zero = zero + 0.0 * module(token).sum()
+        return zero
 
     # --- what the loop reports -------------------------------------------------------------
     def train_flops_per_token(self, seq_len: int, out: ModularOutput, routing=None) -> float:

@@ -29,6 +29,8 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
+    if resume:
+        check_same_teacher(run, out_dir / "ckpt")
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
     if rank == 0:
@@ -46,7 +48,6 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     progress = Progress()
     if resume:
         client = checkpoint.load(engine, model, layout, out_dir / "ckpt")
-        check_same_teacher(run, client)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
@@ -85,7 +86,13 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
     return model
 
 
-def check_same_teacher(run: RunConfig, client: dict[str, Any]) -> None:
+def check_same_teacher(run: RunConfig, ckpt_dir: Path) -> None:
+    """A resume continues the modules of the teacher they were trained with; checked before
+    anything is written into the run directory."""
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        return  # checkpoint.load names the missing checkpoint
+    client, _ = checkpoint.read_tag(ckpt_dir / tag)
     saved = client["config"].get("modular", {}).get("teacher_fingerprint", "")
     if saved != run.modular.teacher_fingerprint:
         raise checkpoint.CheckpointError(
