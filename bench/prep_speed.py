@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from data_prep.sources import BuiltinSource  # noqa: E402
+from corpus import english_documents, write_corpus  # noqa: E402
 
 NANOGPT = r'''
 import json, sys, numpy as np, tiktoken
@@ -91,32 +89,6 @@ class Measurement:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds
-
-
-def english_documents() -> list[str]:
-    """English prose on every machine: the pydoc reference topics, and each built-in-corpus
-    module's triple-quoted strings (mostly docstrings; a regex, since ast.parse of the
-    standard library takes minutes on a small machine)."""
-    from pydoc_data.topics import topics
-
-    docs = list(topics.values())
-    for path in BuiltinSource().files:
-        strings = re.findall(r'"""(.*?)"""', path.read_text("utf-8", errors="replace"), flags=re.S)
-        text = "\n\n".join(textwrap.dedent(s).strip() for s in strings)
-        if len(text) > 200:
-            docs.append(text)
-    return docs
-
-
-def write_corpus(path: Path, megabytes: float, docs: list[str]) -> None:
-    budget = int(megabytes * 1e6)
-    with open(path, "w", encoding="utf-8") as f:
-        written = 0
-        while written < budget:
-            for doc in docs:
-                written += f.write(json.dumps({"text": doc}) + "\n")
-                if written >= budget:
-                    break
 
 
 def _tree_pss_kb(pid: int) -> int:

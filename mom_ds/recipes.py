@@ -21,7 +21,9 @@ def size_lines(path: Path) -> list[str]:
     run = load_run_config(path)
     t = run.train
     windows = t.micro_batch_size * t.grad_accum_steps
-    return [f"{MARK}{describe(run.model, run.data.seq_len)}",
+    model = f"the model is the teacher's ({run.modular.teacher}), only its modules train" \
+        if run.modular.enabled else describe(run.model, run.data.seq_len)
+    return [f"{MARK}{model}",
             f"{MARK}{windows * run.data.seq_len:,} tokens per step per rank "
             f"({t.micro_batch_size} x {t.grad_accum_steps} windows of {run.data.seq_len})",
             f"{MARK}by: python -m mom_ds.recipes configs/*.yaml"]

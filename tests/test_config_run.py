@@ -197,6 +197,9 @@ def test_readme_reference_matches_the_docstrings():
     model = readme[readme.index("<!-- section:model -->"):readme.index("<!-- /section:model -->")]
     assert reference_markdown(("model",)).strip() in model, \
         "regenerate with: python -m mom_ds.config model"
+    modular = readme[readme.index("<!-- section:modular -->"):readme.index("<!-- /section:modular -->")]
+    assert reference_markdown(("modular",)).strip() in modular, \
+        "regenerate with: python -m mom_ds.config modular"
 
 
 def test_srun_without_rank_variables_is_refused(monkeypatch, capsys):

@@ -282,3 +282,63 @@ def test_search_picks_the_lowest_held_out_loss():
         model = assembled_model(student, candidate)
         losses.append(float(model(rows[:, :-1], labels=rows[:, 1:]).lm_loss))
     assert best == scored[0][1] and losses.index(min(losses)) == 0
+
+
+# --- learned assembly -------------------------------------------------------------------------
+def test_a_routed_path_computes_what_its_tokens_alone_would():
+    """Tokens routed to a path attend only to each other: each path's outputs equal running
+    that path, unmasked, on the subsequence of its tokens (a sparse execution)."""
+    from mom_ds.modular.learned import LearnedAssembly
+
+    teacher = make_teacher(4)
+    student = make_student(teacher, granularities=[2])
+    routed = LearnedAssembly(student, segment=2, price=0.0).eval()
+    ids = torch.randint(0, 64, (1, 12))
+    choice = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1]])
+    x = teacher.wte(ids) + teacher.wpe(torch.arange(12))
+    with torch.no_grad():
+        for p, path in enumerate(routed.paths[0]):
+            masked = routed._run(path, x, choice == p)
+            tokens = (choice[0] == p).nonzero().flatten()
+            alone = x[:, tokens]
+            for tile in path:
+                alone = student.layer(tile)(alone)
+            torch.testing.assert_close(masked[:, tokens], alone, rtol=0, atol=1e-5)
+
+
+def test_routers_follow_the_price_of_a_layer():
+    from mom_ds.modular.learned import LearnedAssembly, fit_routers
+
+    teacher = make_teacher(4)
+    student = make_student(teacher, granularities=[2])
+    ids = torch.randint(0, 64, (4, 17))
+
+    class Fixed:
+        def next(self):
+            return ids[:, :-1], ids[:, 1:]
+
+    layers, routed = {}, {}
+    for price in (0.0, 100.0):
+        routed[price] = LearnedAssembly(student, segment=2, price=price)
+        fit_routers(routed[price], Fixed(), steps=20, lr=0.05)
+        layers[price] = float(routed[price].eval()(ids[:, :-1]).layers.mean())
+    assert layers[0.0] == 4.0  # the teacher's own layers are exact: no error at all
+    assert layers[100.0] == 2.0  # every segment through its one g2 module
+    # all tokens on one path: that uniform assembly
+    torch.testing.assert_close(routed[100.0](ids[:, :-1]).logits,
+                               assembled_model(student, uniform(4, 2))(ids[:, :-1]).logits)
+
+
+def test_a_hugging_face_gpt2_is_a_teacher(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=4,
+                                    n_head=2)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert teacher_config(str(tmp_path / "hf")).n_bottom == 4
+    teacher = load_teacher(str(tmp_path / "hf"))
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in teacher.parameters())
