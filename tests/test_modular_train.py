@@ -104,6 +104,12 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     proc = cli("train", *modular_args(data, tmp_path / "x", teacher,
                                       "--modular.granularities", "3"))
     assert proc.returncode == 2 and "[3] do not divide the teacher's 4 layers" in proc.stderr
+    # tools that want a whole model, given the modules
+    for args in (("evaluate", str(runs["student"])), ("convert", "fp32", str(runs["student"]),
+                                                      str(tmp_path / "x.pt"))):
+        proc = cli(*args)
+        assert proc.returncode == 2 and "is a modular run" in proc.stderr and "mom-assemble" \
+            in proc.stderr, args
     # a ratio no assembly meets
     proc = cli("assemble", str(runs["student"]), "--ratio", "3")
     assert proc.returncode == 2 and "offers: 1x (4 layers), 1.33x (3 layers), 2x" in proc.stderr

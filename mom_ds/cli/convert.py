@@ -42,21 +42,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", help="recipe whose model: section is the target layout")
     args = parser.parse_args(argv)
 
+    from ..model import ConfigError
     from ..model.hf import from_hf_gpt2, to_hf_gpt2
-    from ..train.export import consolidated_state_dict, load_model
+    from ..train.export import consolidated_state_dict, load_model, require_whole_model
 
-    if args.command == "fp32":
-        run, weights, step = consolidated_state_dict(args.checkpoint)
-        save_weights(args.out, run.model.to_dict(), weights, step)
-    elif args.command == "to-hf":
-        _, model, _ = load_model(args.checkpoint)
-        to_hf_gpt2(model, args.out)
-    else:
-        from ..config import load_run_config
+    try:
+        if args.command == "fp32":
+            run, weights, step = consolidated_state_dict(args.checkpoint)
+            require_whole_model(run, args.checkpoint)
+            save_weights(args.out, run.model.to_dict(), weights, step)
+        elif args.command == "to-hf":
+            _, model, _ = load_model(args.checkpoint)
+            to_hf_gpt2(model, args.out)
+        else:
+            from ..config import load_run_config
 
-        layout = load_run_config(args.config).model if args.config else None
-        model = from_hf_gpt2(args.donor, layout=layout)
-        save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
+            layout = load_run_config(args.config).model if args.config else None
+            model = from_hf_gpt2(args.donor, layout=layout)
+            save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
+    except ConfigError as err:  # HFInteropError too: one message naming the fix
+        print(f"mom-convert: {err}", file=sys.stderr)
+        return 2
     print(f"mom-convert {args.command}: wrote {args.out}")
     return 0
 

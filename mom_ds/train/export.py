@@ -40,6 +40,14 @@ def consolidated_state_dict(path: str | Path) -> tuple[RunConfig, dict[str, torc
     return RunConfig.from_dict(client["config"]), weights, int(client["step"])
 
 
+def require_whole_model(run: RunConfig, path: str | Path) -> None:
+    """A modular run holds only its modules; the tools that want a model say what to do."""
+    if run.modular.enabled:
+        raise ConfigError(f"{path} is a modular run: its checkpoints hold the modules, not a "
+                          f"model. Fix: mom-assemble {path} --ratio R writes a model for a "
+                          f"compression ratio (mom-assemble {path} --list shows them).")
+
+
 def with_compute(config: MoMConfig, depth: Optional[int] = None,
                  top_k: Optional[int] = None) -> MoMConfig:
     """The same weights run with another number of routing steps H' or modules per step K'
@@ -62,6 +70,7 @@ def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[in
     """The checkpoint's model on one process in eval mode, optionally with H' routing steps
     and K' modules per step (with_compute); run.model then describes the changed model."""
     run, weights, step = consolidated_state_dict(path)
+    require_whole_model(run, path)
     run.model = with_compute(run.model, depth, top_k)
     model = MoMForCausalLM(run.model)
     model.load_state_dict(weights)
