@@ -93,12 +93,23 @@ def test_assembled_models_evaluate_export_and_ratio_one_is_the_teacher(runs, tmp
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def save_model_file(model, path: Path) -> Path:
+    """A model as mom-convert writes it (a teacher source)."""
+    torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict(),
+                "step": 0}, path)
+    return path
+
+
 def test_modular_errors_name_the_cause(runs, tmp_path):
+    from mom_ds.model import MoMForCausalLM
+    from mom_ds.train.export import load_model
+
     data, teacher = runs["data"], runs["teacher"]
-    # a MoM run as teacher
-    mom_run = tmp_path / "mom"
-    mom_train(*tiny_args(data, mom_run, "--train.max_steps", "2", "--train.warmup_steps", "1"))
-    proc = cli("train", *modular_args(data, tmp_path / "x", mom_run))
+    # a MoM model as teacher (the tiny recipe's, untrained)
+    _, teacher_model, _ = load_model(runs["teacher"])
+    mom_file = save_model_file(MoMForCausalLM(load_model_config("configs/tiny.yaml")),
+                               tmp_path / "mom.pt")
+    proc = cli("train", *modular_args(data, tmp_path / "x", mom_file))
     assert proc.returncode == 2 and "is a MoM model" in proc.stderr
     # a granularity that does not divide the teacher's layers
     proc = cli("train", *modular_args(data, tmp_path / "x", teacher,
@@ -113,12 +124,21 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     # a ratio no assembly meets
     proc = cli("assemble", str(runs["student"]), "--ratio", "3")
     assert proc.returncode == 2 and "offers: 1x (4 layers), 1.33x (3 layers), 2x" in proc.stderr
-    # the modules of another teacher: assembled with it, or resumed against it
-    other = tmp_path / "other_teacher"
-    mom_train(*teacher_args(data, other), "--train.seed", "7", "--train.max_steps", "2",
-              "--train.warmup_steps", "1")
+    # the modules of another teacher (the same shape, other weights): assembled with it, or
+    # resumed against it; the run directory is left as it was
+    with torch.no_grad():
+        teacher_model.bottom[0].ffn.fc.bias.add_(1.0)
+    other = save_model_file(teacher_model, tmp_path / "other_teacher.pt")
     proc = cli("assemble", str(runs["student"]), "--ratio", "2", "--teacher", str(other))
     assert proc.returncode == 2 and "belong to another teacher" in proc.stderr
+    config_before = (runs["stopped"] / "config.yaml").read_text()
     proc = cli("train", *modular_args(data, runs["stopped"], other), "--resume")
     assert proc.returncode == 2 and "was trained with teacher" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert (runs["stopped"] / "config.yaml").read_text() == config_before
+
+
+def load_model_config(recipe: str):
+    from mom_ds.config import load_run_config
+
+    return load_run_config(Path(__file__).resolve().parent.parent / recipe).model
