@@ -18,9 +18,9 @@ else
 fi
 
 echo "== 2/4 train configs/tiny.yaml on $RANKS CPU ranks (deepspeed launcher, gloo, ZeRO-1)"
-rm -rf "$RUN"  # a fresh run each time; `mom-train ... --resume` continues one instead
+# --overwrite: a fresh run each time; `mom-train ... --resume` continues one instead
 deepspeed --num_accelerators "$RANKS" "$(command -v mom-train)" --config configs/tiny.yaml \
-  --data.data_dir "$DATA" --train.out_dir "$RUN" 2>&1 | grep -v '^\[20' || {
+  --data.data_dir "$DATA" --train.out_dir "$RUN" --overwrite 2>&1 | grep -v '^\[20' || {
   echo "quickstart: training failed (see the output above)"; exit 1; }
 [ -f "$RUN/ckpt/latest" ] || { echo "quickstart: training wrote no checkpoint"; exit 1; }
 

@@ -24,6 +24,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in train.out_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in train.out_dir (its checkpoints, "
+                             "metrics, TensorBoard events and config.yaml)")
     parser.add_argument("--stop-after", type=int, metavar="STEP",
                         help="save a checkpoint and exit after this step (the schedule still "
                              "runs to train.max_steps; continue later with --resume)")
@@ -64,7 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         single_process_env()
         run = load_config(args, overrides)
-        from ..train.preflight import preflight
+        from ..train.preflight import check_run_dir, preflight
+        check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
         ds_config = preflight(run)
     except ConfigError as err:
         # Every rank reaches this before any process group exists: print once, exit 2.
@@ -72,13 +76,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"mom-train: config error: {err}", file=sys.stderr)
         return 2
     from ..train.checkpoint import CheckpointError  # imports torch: after the checks
+    from ..train.health import DivergenceError
     from ..train.session import run_training
     try:
-        run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after)
+        run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
+                     overwrite=args.overwrite)
     except (CheckpointError, ConfigError) as err:  # every rank found the same problem
         if os.environ.get("RANK", "0") == "0":
-            print(f"mom-train: {err}", file=sys.stderr)
+            print(f"mom-train: error: {err}", file=sys.stderr)
         return 2
+    except DivergenceError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mom-train: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

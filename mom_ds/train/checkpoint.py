@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from ..parallel.parallelize import ParallelLayout
 from ..parallel.placement import ModulePlacement
+from .health import stop
 
 LATEST = "latest"
 DENSE = "dense.pt"
@@ -217,6 +218,7 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
         tag_dir.mkdir(parents=True)
     dist.barrier()
     state = engine_state(engine, model)
+    _refuse_non_finite(state, step, ckpt_dir, tag_dir)
     experts = {n for n in state if _is_sharded(n, layout)}
     client = {**client_state, "adam_step": _adam_step(engine),
               "world_size": layout.world_size, "expert_parallel_size": layout.ep_size}
@@ -254,6 +256,20 @@ def write_weights(ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
            tag_dir / DENSE)
     _publish(ckpt_dir, tag)
     return tag
+
+
+def _refuse_non_finite(state: dict[str, dict[str, torch.Tensor]], step: int, ckpt_dir: Path,
+                       tag_dir: Path) -> None:
+    """A checkpoint of non-finite weights is never written, so it can neither be published
+    nor prune a good one. Collective: every rank judges the tensors it holds."""
+    bad = [name for name, entry in state.items() if not torch.isfinite(entry["weight"]).all()]
+    flag = torch.tensor(float(len(bad)))
+    dist.all_reduce(flag)
+    if float(flag):
+        if dist.get_rank() == 0:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        where = f" (first: {bad[0]})" if bad else " on another rank"
+        raise stop(f"{int(float(flag))} weight tensor(s) are not finite{where}", step, ckpt_dir)
 
 
 def _is_sharded(name: str, layout: ParallelLayout) -> bool:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..config import RunConfig, TrainConfig
 from . import checkpoint
 from .batches import Batches
+from .health import Health
 from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
@@ -80,6 +81,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         print(f"training {t.max_steps} steps x {tokens_per_step} tokens on {world} rank(s); "
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
+    health = Health(batches.device, ckpt_dir)
     window_start, window_steps = time.perf_counter(), 0
     while progress.step < stop:
         step = progress.step
@@ -94,6 +96,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             out = engine(x, labels=y)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
+            health.record(step + 1, out.loss)
             for name, value in {"loss": out.loss, **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if stats is not None:
@@ -110,6 +113,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             tok_s = window_steps * tokens_per_step / elapsed
             fpt = model.train_flops_per_token(run.data.seq_len, out, stats.blocks)
             grad_norm = engine.get_global_grad_norm()
+            health.check(progress.step, grad_norm)
             loss = losses["train/loss"]
             values = {**losses, "train/lr": lr, "perf/tokens_per_s": tok_s,
                       "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
@@ -128,6 +132,8 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
         saving = progress.step == stop or (t.ckpt_interval
                                            and progress.step % t.ckpt_interval == 0)
+        if evaluating or saving:
+            health.check(progress.step, engine.get_global_grad_norm())
         if evaluating:
             last_eval = evaluate(engine, make_val, t.eval_batches)
             monitor.scalars(progress.step, last_eval, echo=(

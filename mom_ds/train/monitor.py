@@ -98,15 +98,26 @@ def dispatch_stats(model) -> dict[str, Any]:
 
 
 class Monitor:
-    def __init__(self, out_dir: str | Path, enabled: bool):
+    def __init__(self, out_dir: str | Path, enabled: bool, resumed_step: int = 0):
+        """resumed_step: a resumed run replays the steps after its checkpoint, so what was
+        logged after that step is dropped (metrics.jsonl rewritten atomically, TensorBoard's
+        purge_step) and every step appears once."""
         self.enabled = enabled
         self.writer = None
         self.metrics = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
-            self.metrics = open(Path(out_dir) / "metrics.jsonl", "a")
+            path = Path(out_dir) / "metrics.jsonl"
+            if resumed_step and path.is_file():
+                keep = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resumed_step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                tmp.replace(path)
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"),
+                                        purge_step=resumed_step + 1 if resumed_step else None)
+            self.metrics = open(path, "a")
 
     def scalars(self, step: int, values: dict[str, float], echo: Optional[str] = None) -> None:
         if not self.enabled:

@@ -50,6 +50,27 @@ def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
             f"or train.grad_clip 0.")
 
 
+# What a run writes into train.out_dir (a fresh run refuses to mix with them)
+RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml")
+
+
+def check_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
+    """A fresh run never silently replaces another: without --resume or --overwrite,
+    train.out_dir must hold no run."""
+    out = Path(run.train.out_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other. Fix: --resume to "
+                          "continue the run in train.out_dir, --overwrite to replace it.")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if resume or overwrite or not found:
+        return
+    latest = out / "ckpt" / "latest"
+    what = f"checkpoint {latest.read_text().strip()}" if latest.is_file() else ", ".join(found)
+    raise ConfigError(f"train.out_dir = {str(out)!r} already holds a run ({what}). Fix: "
+                      f"--resume to continue it, --overwrite to replace it, or another "
+                      f"--train.out_dir.")
+
+
 def resolve_teacher(run: RunConfig) -> None:
     """A modular run's model is its teacher's (read from the teacher's config, weights left
     on disk): the model: section is replaced, then the run and the granularities checked."""

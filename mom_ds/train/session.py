@@ -2,6 +2,7 @@
 then the loop. (The checks that must come first live in preflight.py.)"""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,12 +21,16 @@ from .monitor import Monitor
 
 
 def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False,
-                 stop_after: Optional[int] = None) -> dict[str, float]:
+                 stop_after: Optional[int] = None, overwrite: bool = False
+                 ) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run)
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(run.train.out_dir)
+    if overwrite and rank == 0:
+        remove_run(out_dir)
+    dist.barrier()
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
@@ -54,7 +59,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
             print(f"resumed from step {progress.step} ({progress.tokens_seen} tokens, saved "
                   f"by {client['world_size']} rank(s) at expert_parallel_size "
                   f"{client['expert_parallel_size']})", flush=True)
-    monitor = Monitor(out_dir, enabled=rank == 0)
+    monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
     if rank == 0:
         trained = "trained (modules) " if run.modular.enabled else ""
         print(f"model: {n_params / 1e6:.2f}M {trained}parameters; run dir {out_dir}; "
@@ -67,6 +72,18 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
                      progress, monitor, stop_after)
     finally:
         monitor.close()
+
+
+def remove_run(out_dir: Path) -> None:
+    """What --overwrite replaces: the files a run writes, nothing else in the directory."""
+    from .preflight import RUN_FILES
+
+    for name in RUN_FILES:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:

@@ -1,0 +1,96 @@
+"""Nothing lost on a bad day: a diverging run stops before it writes a checkpoint, a fresh run
+refuses to replace another, a resumed run logs every step once and applies the recipe it
+was given from the resume step on."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+
+pytestmark = pytest.mark.slow
+DIVERGE = ["--train.lr", "1e6", "--train.min_lr", "1e5"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_byte_data(tmp_path_factory.mktemp("data"))
+
+
+def train(*args: str):
+    return run_python(["-m", "mom_ds.cli.train", *args])
+
+
+def test_a_diverging_run_stops_before_its_first_checkpoint(data, tmp_path):
+    out = tmp_path / "run"
+    proc = train(*tiny_args(data, out, *DIVERGE, "--train.max_steps", "20",
+                            "--train.log_interval", "10", "--train.ckpt_interval", "10"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("mom-train: error: the training loss is not finite at step ")
+    assert "no checkpoint was published" in message and "Fix: lower train.lr" in message
+    assert not (out / "ckpt").exists()
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_run_diverging_after_a_checkpoint_keeps_it(data, tmp_path):
+    """The good checkpoint of step 4 stays published, loads and scores a finite loss; the
+    diverging resume (lr raised: the recipe applies from the resume step) writes nothing."""
+    out = tmp_path / "run"
+    mom_train(*tiny_args(data, out), "--stop-after", "4")
+    proc = train(*tiny_args(data, out, *DIVERGE), "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert f"the last good checkpoint is {out / 'ckpt' / 'step_000004'}" in proc.stderr
+    assert (out / "ckpt" / "latest").read_text() == "step_000004"
+    assert sorted(p.name for p in (out / "ckpt").glob("step_*")) == ["step_000004"]
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(out), "--max-windows", "8"])
+    assert proc.returncode == 0
+    assert math.isfinite(float(proc.stdout.split("val loss ")[1].split()[0]))
+
+
+def test_a_fresh_run_refuses_an_existing_run_directory(data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(data, out, "--train.max_steps", "2", "--train.warmup_steps", "1",
+                     "--train.ckpt_interval", "0")
+    mom_train(*args)
+    before = {name: (out / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    proc = train(*args, "--train.lr", "1e-3")
+    assert proc.returncode == 2
+    assert "already holds a run (checkpoint step_000002)" in proc.stderr
+    assert "--resume to continue it, --overwrite to replace it" in proc.stderr
+    assert {name: (out / name).read_text() for name in before} == before
+    assert train(*args, "--resume", "--overwrite").returncode == 2
+    (out / "notes.txt").write_text("mine")
+    mom_train(*args, "--train.lr", "1e-3", "--overwrite")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # the new run's only
+    assert "lr: 0.001\n" in (out / "config.yaml").read_text()
+    assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is replaced
+
+
+def test_a_resume_logs_each_step_once_and_uses_the_new_recipe(data, tmp_path):
+    """Saved at 4 and 6; `latest` set back to 4 as if the process died before publishing 6:
+    the resume replays 5 and 6, and metrics.jsonl and TensorBoard hold each step once, with
+    the values of the resumed run. Its --train.lr applies from step 5 on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mom_ds.config import load_run_config
+    from mom_ds.train.loop import lr_factor
+
+    out = tmp_path / "run"
+    mom_train(*tiny_args(data, out), "--stop-after", "6")
+    (out / "ckpt" / "latest").write_text("step_000004")
+    mom_train(*tiny_args(data, out, "--train.lr", "1e-3", "--train.min_lr", "1e-4"), "--resume")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, 13))
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    new = load_run_config(None, ["--train.lr", "1e-3", "--train.min_lr", "1e-4",
+                                 "--train.max_steps", "12", "--train.warmup_steps", "2"]).train
+    got = metrics(out)
+    for step in range(5, 13):
+        assert got[step]["train/lr"] == pytest.approx(1e-3 * lr_factor(step - 1, new)), step
