@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-from .format import DataError
 from .pipeline import PrepSettings, prepare
 from .sources import SourceOptions
 
@@ -69,13 +68,15 @@ def settings_from_args(args: argparse.Namespace) -> PrepSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mom_ds.cli.errors import run_command
+
+    return run_command("mom-prep", lambda: prep(args))
+
+
+def prep(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        result = prepare(settings_from_args(args), args.out, num_proc=args.num_proc, overwrite=args.overwrite,
-                         show_progress=not args.quiet)
-    except DataError as err:
-        print(f"mom-prep: error: {err}", file=sys.stderr)
-        return 2
+    result = prepare(settings_from_args(args), args.out, num_proc=args.num_proc, overwrite=args.overwrite,
+                     show_progress=not args.quiet)
     if result.skipped:
         print(f"mom-prep: {args.out} is already prepared with these settings; nothing to do (--overwrite to redo)")
         return 0

@@ -130,7 +130,7 @@ def mom_train_error(monkeypatch, capsys, *args: str) -> str:
     assert main(["--config", str(TINY), *args]) == 2
     assert not dist.is_initialized()
     err = capsys.readouterr().err
-    assert err.count("mom-train: config error:") == 1
+    assert err.count("mom-train: error:") == 1
     return err
 
 

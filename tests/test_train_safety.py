@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+from test_train_fixtures import REPO, metrics, mom_train, run_python, tiny_args, write_byte_data
 
 pytestmark = pytest.mark.slow
 DIVERGE = ["--train.lr", "1e6", "--train.min_lr", "1e5"]
@@ -94,3 +94,39 @@ def test_a_resume_logs_each_step_once_and_uses_the_new_recipe(data, tmp_path):
     got = metrics(out)
     for step in range(5, 13):
         assert got[step]["train/lr"] == pytest.approx(1e-3 * lr_factor(step - 1, new)), step
+
+
+def test_commands_end_bad_input_with_one_line(data, tmp_path):
+    """No traceback around a message: bad paths and bad argument values, every command; and
+    a run trained with a relative data directory evaluates from anywhere."""
+    cases = [
+        (["-m", "mom_ds.cli.evaluate", str(tmp_path / "nothing")], "mom-eval: error: ",
+         "holds no complete checkpoint"),
+        (["-m", "mom_ds.cli.evaluate", str(tmp_path), "--max-windows", "0"], "mom-eval: error:",
+         "0 is not a positive integer"),
+        (["-m", "mom_ds.cli.generate", str(tmp_path), "--prompt", "x", "--top-k", "0"],
+         "mom-generate: error:", "0 is not a positive integer"),
+        (["-m", "mom_ds.cli.generate", str(tmp_path), "--prompt", "x", "--top-p", "0"],
+         "mom-generate: error:", "must lie in (0, 1]"),
+        (["-m", "mom_ds.cli.generate", str(tmp_path), "--prompt", "x", "--temperature", "-1"],
+         "mom-generate: error:", "must be >= 0"),
+        (["-m", "mom_ds.cli.train", "--stop-after", "-3"], "mom-train: error:",
+         "-3 is not a positive integer"),
+        (["-m", "mom_ds.cli.convert", "to-hf", str(tmp_path / "nothing"), str(tmp_path / "o")],
+         "mom-convert: error: ", "holds no complete checkpoint"),
+        (["-m", "mom_ds.cli.assemble", str(tmp_path / "nothing"), "--list"],
+         "mom-assemble: error: ", "holds no complete checkpoint"),
+    ]
+    for args, prefix, words in cases:
+        proc = run_python(args)
+        assert proc.returncode == 2, (args, proc.stderr[-1500:])
+        assert prefix in proc.stderr and words in proc.stderr, (args, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr, args
+    out = tmp_path / "run"
+    args = [a if a != str(data) else data.name for a in
+            tiny_args(data, out, "--train.max_steps", "2", "--train.warmup_steps", "1",
+                      "--deepspeed", str(REPO / "ds_configs" / "zero1.json"))]
+    assert run_python(["-m", "mom_ds.cli.train", *args], cwd=data.parent).returncode == 0
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(out), "--max-windows", "4"],
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-1500:]

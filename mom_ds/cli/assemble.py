@@ -18,6 +18,8 @@ import sys
 from typing import Optional
 
 from ..model import ConfigError
+from .args import positive_int
+from .errors import run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -26,45 +28,45 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("run", help="a modular run directory, its ckpt/ or a ckpt/step_* dir")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--ratio", type=float, help="compression ratio: teacher / assembled layers")
-    what.add_argument("--layers", type=int, help="assembled depth")
+    what.add_argument("--layers", type=positive_int, help="assembled depth")
     what.add_argument("--list", action="store_true", help="print the offered ratios and exit")
     parser.add_argument("--strategy", default="coarsest",
                         choices=("coarsest", "finest", "search"))
     parser.add_argument("--out", help="output run directory")
     parser.add_argument("--teacher", help="the teacher's source, if it moved since training")
-    parser.add_argument("--search-windows", type=int, default=64,
+    parser.add_argument("--search-windows", type=positive_int, default=64,
                         help="val windows that score each candidate of --strategy search")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    return run_command("mom-assemble", lambda: assemble(args))
+
+
+def assemble(args: argparse.Namespace) -> int:
     from ..modular.assemble import (assembled_model, choose, default_out, load_student,
                                     search_windows, write_assembled)
     from ..modular.assembly import depth_for_ratio, describe, offered_depths, with_depth
 
-    try:
-        run, student, step = load_student(args.run, args.teacher)
-        n_layers, grains = student.n_layers, student.granularities
-        if args.list:
-            print(f"{args.run}: {n_layers}-layer teacher, modules of granularities "
-                  f"{list(grains)}")
-            for depth in offered_depths(n_layers, grains):
-                print(f"  --ratio {n_layers / depth:.3g}  ({depth} layers, "
-                      f"{len(with_depth(n_layers, grains, depth))} assemblies)")
-            return 0
-        if args.layers is not None:
-            if args.layers not in offered_depths(n_layers, grains):
-                raise ConfigError(f"--layers {args.layers}: no assembly has that depth. Fix: "
-                                  f"use one of {offered_depths(n_layers, grains)}.")
-            depth = args.layers
-        else:
-            depth = depth_for_ratio(args.ratio, n_layers, grains)
-        rows = search_windows(run, args.search_windows) if args.strategy == "search" else None
-        assembly, scored = choose(student, depth, args.strategy, rows)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"mom-assemble: {err}", file=sys.stderr)
-        return 2
+    run, student, step = load_student(args.run, args.teacher)
+    n_layers, grains = student.n_layers, student.granularities
+    if args.list:
+        print(f"{args.run}: {n_layers}-layer teacher, modules of granularities "
+              f"{list(grains)}")
+        for depth in offered_depths(n_layers, grains):
+            print(f"  --ratio {n_layers / depth:.3g}  ({depth} layers, "
+                  f"{len(with_depth(n_layers, grains, depth))} assemblies)")
+        return 0
+    if args.layers is not None:
+        if args.layers not in offered_depths(n_layers, grains):
+            raise ConfigError(f"--layers {args.layers}: no assembly has that depth. Fix: "
+                              f"use one of {offered_depths(n_layers, grains)}.")
+        depth = args.layers
+    else:
+        depth = depth_for_ratio(args.ratio, n_layers, grains)
+    rows = search_windows(run, args.search_windows) if args.strategy == "search" else None
+    assembly, scored = choose(student, depth, args.strategy, rows)
     for loss, candidate in scored[:5]:
         print(f"  held-out loss {loss:.4f}  {describe(candidate)}")
     out = args.out or default_out(args.run, n_layers / depth, args.strategy)

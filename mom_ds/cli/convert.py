@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .errors import run_command
+
 
 def save_weights(path: str | Path, model_config: dict, state_dict: dict, step: int) -> None:
     path = Path(path)
@@ -41,28 +43,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("out")
     p.add_argument("--config", help="recipe whose model: section is the target layout")
     args = parser.parse_args(argv)
+    return run_command("mom-convert", lambda: convert(args))
 
-    from ..model import ConfigError
+
+def convert(args: argparse.Namespace) -> int:
     from ..model.hf import from_hf_gpt2, to_hf_gpt2
     from ..train.export import consolidated_state_dict, load_model, require_whole_model
 
-    try:
-        if args.command == "fp32":
-            run, weights, step = consolidated_state_dict(args.checkpoint)
-            require_whole_model(run, args.checkpoint)
-            save_weights(args.out, run.model.to_dict(), weights, step)
-        elif args.command == "to-hf":
-            _, model, _ = load_model(args.checkpoint)
-            to_hf_gpt2(model, args.out)
-        else:
-            from ..config import load_run_config
+    if args.command == "fp32":
+        run, weights, step = consolidated_state_dict(args.checkpoint)
+        require_whole_model(run, args.checkpoint)
+        save_weights(args.out, run.model.to_dict(), weights, step)
+    elif args.command == "to-hf":
+        _, model, _ = load_model(args.checkpoint)
+        to_hf_gpt2(model, args.out)
+    else:
+        from ..config import load_run_config
 
-            layout = load_run_config(args.config).model if args.config else None
-            model = from_hf_gpt2(args.donor, layout=layout)
-            save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
-    except ConfigError as err:  # HFInteropError too: one message naming the fix
-        print(f"mom-convert: {err}", file=sys.stderr)
-        return 2
+        layout = load_run_config(args.config).model if args.config else None
+        model = from_hf_gpt2(args.donor, layout=layout)
+        save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
     print(f"mom-convert {args.command}: wrote {args.out}")
     return 0
 

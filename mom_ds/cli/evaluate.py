@@ -15,9 +15,10 @@ from typing import Optional
 
 import torch
 
-from ..model import ConfigError
 from ..model.flops import flops_per_token
 from ..model.mod_block import MoDRouting
+from .args import positive_int
+from .errors import run_command
 
 
 @torch.no_grad()
@@ -51,20 +52,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--data-dir", help="default: the run's data.data_dir")
-    parser.add_argument("--max-windows", type=int, help="default: the whole split")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--depth", type=int, metavar="H'",
+    parser.add_argument("--max-windows", type=positive_int, help="default: the whole split")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="default: 8")
+    parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
-    parser.add_argument("--top-k", type=int, metavar="K'",
+    parser.add_argument("--top-k", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained)")
     args = parser.parse_args(argv)
+    return run_command("mom-eval", lambda: evaluate(args))
+
+
+def evaluate(args: argparse.Namespace) -> int:
     from ..train.export import load_model
 
-    try:
-        run, model, step = load_model(args.checkpoint, args.depth, args.top_k)
-    except ConfigError as err:
-        print(f"mom-eval: {err}", file=sys.stderr)
-        return 2
+    run, model, step = load_model(args.checkpoint, args.depth, args.top_k)
     result = evaluate_model(model, args.data_dir or run.data.data_dir, args.split,
                             run.data.seq_len, args.batch_size, args.max_windows)
     compute = f" at depth {run.model.depth}, top-k {run.model.top_k}" if run.model.n_chunks else ""

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from ..model import ConfigError
+from .args import non_negative_float, positive_int, probability
+from .errors import run_command
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -20,26 +21,30 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="default: 200")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8,
+                        help="0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="sample among the k likeliest tokens (default: all)")
+    parser.add_argument("--top-p", type=probability, default=None,
+                        help="nucleus sampling threshold in (0, 1] (default: off)")
+    parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--data-dir", help="where the tokenizer is recorded; default: the run's")
-    parser.add_argument("--depth", type=int, metavar="H'",
+    parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
-    parser.add_argument("--top-k-modules", type=int, metavar="K'",
+    parser.add_argument("--top-k-modules", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained; --top-k is "
                              "the sampler's)")
     args = parser.parse_args(argv)
+    return run_command("mom-generate", lambda: generate(parser, args))
+
+
+def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from data_prep.tokenizer import load_data_tokenizer
 
     from ..train.export import load_model
 
-    try:
-        run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
-    except ConfigError as err:
-        parser.error(str(err))
+    run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
     tokenizer = load_data_tokenizer(args.data_dir or run.data.data_dir)
     ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
     if ids.numel() == 0:

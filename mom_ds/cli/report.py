@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import run_command
+
 USAGE_TAG = re.compile(r"routing/block(\d+)/(attn|ffn)_usage_step(\d+)")
 
 
@@ -165,6 +167,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path, help="train.out_dir of a mom-train run")
     parser.add_argument("--out", type=Path, help="PNG to write (default RUN_DIR/report.png)")
     args = parser.parse_args(argv)
+    return run_command("mom-report", lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:

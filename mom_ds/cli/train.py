@@ -15,6 +15,8 @@ import sys
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, load_run_config
+from .args import positive_int
+from .errors import run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -27,7 +29,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in train.out_dir (its checkpoints, "
                              "metrics, TensorBoard events and config.yaml)")
-    parser.add_argument("--stop-after", type=int, metavar="STEP",
+    parser.add_argument("--stop-after", type=positive_int, metavar="STEP",
                         help="save a checkpoint and exit after this step (the schedule still "
                              "runs to train.max_steps; continue later with --resume)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -64,33 +66,19 @@ def load_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parse_args(argv)
-    try:
-        single_process_env()
-        run = load_config(args, overrides)
-        from ..train.preflight import check_run_dir, preflight
-        check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
-        ds_config = preflight(run)
-    except ConfigError as err:
-        # Every rank reaches this before any process group exists: print once, exit 2.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"mom-train: config error: {err}", file=sys.stderr)
-        return 2
-    from ..train.checkpoint import CheckpointError  # imports torch: after the checks
-    from ..train.health import DivergenceError
-    from ..train.session import run_training
-    try:
-        run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
-                     overwrite=args.overwrite)
-    except (CheckpointError, ConfigError) as err:  # every rank found the same problem
-        if os.environ.get("RANK", "0") == "0":
-            print(f"mom-train: error: {err}", file=sys.stderr)
-        return 2
-    except DivergenceError as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"mom-train: error: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return run_command("mom-train", lambda: train(args, overrides))
 
+
+def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    single_process_env()
+    run = load_config(args, overrides)
+    from ..train.preflight import check_run_dir, preflight
+    check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
+    ds_config = preflight(run)  # every rank, before any process group: one message, exit 2
+    from ..train.session import run_training  # imports torch/deepspeed: after the checks
+    run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
+                 overwrite=args.overwrite)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

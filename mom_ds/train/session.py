@@ -31,6 +31,8 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     if overwrite and rank == 0:
         remove_run(out_dir)
     dist.barrier()
+    # recorded absolute, so mom-eval & co. find the data from any working directory
+    run.data.data_dir = str(Path(run.data.data_dir).resolve())
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
