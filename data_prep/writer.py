@@ -18,6 +18,7 @@ class SplitStats:
     n_documents: int
     sha256: str
     idx: str | None
+    max_token_id: int  # what a reader checks against its model's vocabulary
 
 
 class SplitWriter:
@@ -33,6 +34,7 @@ class SplitWriter:
         self.sizes = open(self.sizes_path, "wb") if self.sizes_path else None
         self.n_tokens = 0
         self.n_documents = 0
+        self.max_token_id = -1
 
     def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """`tokens` already in the output dtype; `lengths` per document, end-of-text included."""
@@ -41,6 +43,8 @@ class SplitWriter:
         self.digest.update(data)
         self.n_tokens += len(tokens)
         self.n_documents += len(lengths)
+        if len(tokens):
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
         if self.sizes:
             self.sizes.write(lengths.astype("<i4").tobytes())
 
@@ -53,4 +57,5 @@ class SplitWriter:
             write_idx(idx_path, self.sizes_path, self.dtype)
             self.sizes_path.unlink()
             idx = idx_path.name
-        return SplitStats(self.path.name, self.n_tokens, self.n_documents, self.digest.hexdigest(), idx)
+        return SplitStats(self.path.name, self.n_tokens, self.n_documents, self.digest.hexdigest(), idx,
+                          self.max_token_id)

@@ -130,3 +130,45 @@ def test_commands_end_bad_input_with_one_line(data, tmp_path):
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(out), "--max-windows", "4"],
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def corrupt(data: Path, tmp_path: Path, token: int, value: int) -> Path:
+    """A copy of the data directory with one token of train.bin replaced."""
+    import shutil
+
+    import numpy as np
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    tokens = np.memmap(copy / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[token] = value
+    tokens.flush()
+    return copy
+
+
+def test_token_ids_outside_the_vocabulary_are_named_before_they_reach_the_model(data, tmp_path):
+    from mom_ds.data import DataError, TokenizedDataset
+
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["splits"]["train"]["max_token_id"] == 256  # the byte vocabulary, eot included
+    # an id past the vocabulary, in the middle of the file: the window that holds it says so
+    bad = corrupt(data, tmp_path / "a", 64 * 1000 + 7, 300)
+    windows = TokenizedDataset(bad, split="train", seq_len=64)
+    windows[999]
+    with pytest.raises(DataError, match=r"train.bin: token 64007 is id 300, outside the "
+                                        r"vocabulary of 257"):
+        windows[1000]
+    # ... and at the start of the file: mom-train's sample of windows finds it before any work
+    bad = corrupt(data, tmp_path / "b", 3, 300)
+    proc = train(*tiny_args(bad, tmp_path / "run"))
+    assert proc.returncode == 2 and "token 3 is id 300" in proc.stderr, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+    # a meta.json whose vocabulary is smaller than the ids it records
+    lying = tmp_path / "c"
+    import shutil
+
+    shutil.copytree(data, lying)
+    meta["tokenizer"].update(vocab_size=200, eot_id=199)
+    (lying / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="holds token id 256, outside the vocabulary of 200"):
+        TokenizedDataset(lying, split="train", seq_len=64)

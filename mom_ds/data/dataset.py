@@ -46,6 +46,11 @@ class TokenizedDataset:
         dtype_for_vocab(self.vocab_size, self.meta["dtype"])  # raises if the vocab cannot fit the dtype
         if not 0 <= self.eot_id < self.vocab_size:
             raise DataError(f"{meta_path}: eot_id {self.eot_id} is outside the vocabulary of {self.vocab_size}")
+        largest = split_meta.get("max_token_id")  # written by mom-prep since format 1 + this field
+        if largest is not None and largest >= self.vocab_size:
+            raise DataError(f"{meta_path}: {self.split}.bin holds token id {largest}, outside the "
+                            f"vocabulary of {self.vocab_size} the file says it uses; re-run mom-prep "
+                            f"--out {self.data_dir} --overwrite")
         if model_vocab is not None and model_vocab < self.vocab_size:
             raise DataError(f"the model's vocab_size {model_vocab} is smaller than the data's "
                             f"{self.vocab_size} ({meta_path}); raise the model's vocab_size")
@@ -90,7 +95,16 @@ class TokenizedDataset:
         if not -n <= i < n:
             raise IndexError(f"window {i} out of range for {n} windows")
         start = (i % n) * self.seq_len
-        return np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        window = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+        # every window is checked as it is read (a max over seq_len tokens): an id the model
+        # cannot embed is this message, not an IndexError or a device-side assert mid-step
+        if window.max() >= self.vocab_size or window.min() < 0:
+            bad = int(np.argmax((window >= self.vocab_size) | (window < 0)))
+            raise DataError(f"{self.path}: token {start + bad} is id {int(window[bad])}, outside "
+                            f"the vocabulary of {self.vocab_size} in {self.data_dir / 'meta.json'}; "
+                            f"the file or its meta.json is wrong (dtype {self.meta['dtype']}?); "
+                            f"re-run mom-prep --out {self.data_dir} --overwrite")
+        return window
 
     def windows(self, indices) -> np.ndarray:
         """A batch: int64 array of shape (len(indices), seq_len + 1)."""

@@ -29,10 +29,19 @@ def check_data(run: RunConfig, world_size: int) -> None:
                               f"tokens but model.vocab_size = {run.model.vocab_size}. Fix: set "
                               f"model.vocab_size >= {data.vocab_size} (e.g. --model.vocab_size "
                               f"{data.vocab_size}).")
+        sample_windows(data)
         if len(data) < world_size:
             raise ConfigError(f"{split}.bin in {data_dir} holds {len(data)} windows of "
                               f"data.seq_len = {run.data.seq_len} tokens, fewer than the "
                               f"{world_size} ranks. Fix: more data or a shorter data.seq_len.")
+
+
+def sample_windows(data, n: int = 64) -> None:
+    """Read n windows spread over the split (each is checked against the vocabulary as it is
+    read): a file whose ids or meta.json are wrong fails here, before any process group,
+    without reading the whole file."""
+    for i in range(0, len(data), max(1, len(data) // n)):
+        data[i]
 
 
 def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
