@@ -172,3 +172,60 @@ def test_token_ids_outside_the_vocabulary_are_named_before_they_reach_the_model(
     (lying / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="holds token id 256, outside the vocabulary of 200"):
         TokenizedDataset(lying, split="train", seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def saved(data, tmp_path_factory) -> Path:
+    """A run with complete checkpoints at steps 4, 8 and 12."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    mom_train(*tiny_args(data, out))
+    return out
+
+
+def damaged_copy(saved: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(saved, out)
+    damage(out / "ckpt")
+    return out
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage,cause,step", [
+    (lambda c: (c / "latest").write_text("step_000099"), "step_000099 does not exist", 12),
+    (lambda c: (c / "latest").write_text(""), "latest is empty", 12),
+    (lambda c: (c / "step_000012" / "dense.pt").unlink(), "dense.pt is missing", 8),
+    (lambda c: truncate(c / "step_000012" / "dense.pt"), "(truncated or overwritten)", 8),
+    (lambda c: truncate(c / "step_000012" / "run_state_rank0.pt"), "run_state_rank0.pt is", 8),
+])
+def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(saved, tmp_path, damage, cause,
+                                                               step):
+    out = damaged_copy(saved, tmp_path, damage)
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(out), "--max-windows", "4"])
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert cause in proc.stderr and "resuming from" in proc.stderr \
+        and f"step_{step:06d}, the newest complete checkpoint" in proc.stderr, proc.stderr[-1500:]
+    assert proc.stdout.startswith(f"step {step}:")
+
+
+def test_resume_picks_the_newest_complete_or_the_named_checkpoint(data, saved, tmp_path):
+    out = damaged_copy(saved, tmp_path, lambda c: truncate(c / "step_000012" / "dense.pt"))
+    proc = train(*tiny_args(data, out, "--train.max_steps", "12"), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mom-train: warning: " in proc.stderr and "resumed from step 8" in proc.stdout
+    truncate(out / "ckpt" / "step_000012" / "dense.pt")  # the resumed run wrote it again
+    proc = train(*tiny_args(data, out), "--resume-from", "step_000004")
+    assert proc.returncode == 0 and "resumed from step 4" in proc.stdout, proc.stderr[-2000:]
+    proc = train(*tiny_args(data, out), "--resume-from", "step_000005")
+    assert proc.returncode == 2 and "--resume-from step_000005:" in proc.stderr
+    assert "step_000004" in proc.stderr and "Traceback" not in proc.stderr
+    # nothing complete at all: every cause named
+    for tag in ("step_000004", "step_000008", "step_000012"):
+        truncate(out / "ckpt" / tag / "dense.pt")
+    proc = train(*tiny_args(data, out), "--resume")
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+    assert proc.stderr.count("(truncated or overwritten)") == 3

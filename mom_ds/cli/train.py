@@ -26,6 +26,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest complete checkpoint in train.out_dir")
+    parser.add_argument("--resume-from", metavar="TAG",
+                        help="continue from this checkpoint of train.out_dir/ckpt (e.g. "
+                             "step_000400) instead of the latest (implies --resume)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in train.out_dir (its checkpoints, "
                              "metrics, TensorBoard events and config.yaml)")
@@ -70,6 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    args.resume = args.resume or bool(args.resume_from)
     single_process_env()
     run = load_config(args, overrides)
     from ..train.preflight import check_run_dir, preflight
@@ -77,7 +81,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     ds_config = preflight(run)  # every rank, before any process group: one message, exit 2
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, resume_from=args.resume_from)
     return 0
 
 if __name__ == "__main__":

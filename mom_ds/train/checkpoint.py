@@ -10,6 +10,8 @@ Layout under `<out_dir>/ckpt/`:
                                e (written by the first of its replicas), same contents, keyed
                                by the same names, with the global modules each slice holds
     run_state_rank{r}.pt       rank r's RNG states
+    manifest.json              every file's size and sha256, written last: a checkpoint
+                               whose files do not match it is damaged
   latest                       the tag of the newest COMPLETE checkpoint
 
 Every tensor is stored whole (a pool: whole, or as E contiguous module slices), by its
@@ -20,13 +22,17 @@ partitions at every stage), so the files do not depend on how the run was partit
 run resumes with another number of ranks or another expert_parallel_size; with the same
 layout it continues bit for bit.
 
-A checkpoint is written under its tag, every rank waits for every file, then rank 0
-replaces `latest` with os.replace (atomic on POSIX): a process killed mid-write leaves
-`latest` on the previous checkpoint, and the half-written directory is ignored (and
-overwritten when that step is saved again).
+A checkpoint is written under its tag, every rank waits for every file, rank 0 writes the
+manifest, then replaces `latest` with os.replace (atomic on POSIX): a process killed
+mid-write leaves `latest` on the previous checkpoint, and the half-written directory is
+ignored (and overwritten when that step is saved again). A resume verifies the manifest
+first; a damaged newest checkpoint (or a `latest` naming nothing) falls back, with a
+warning naming both, to the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -44,6 +50,7 @@ from .health import stop
 
 LATEST = "latest"
 DENSE = "dense.pt"
+MANIFEST = "manifest.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _EXPERTS = re.compile(r"^experts_ep(\d+)_of_(\d+)\.pt$")
 
@@ -63,6 +70,92 @@ def experts_file(ep_rank: int, ep_size: int) -> str:
 def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     path = Path(ckpt_dir) / LATEST
     return path.read_text().strip() if path.is_file() else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    tmp = tag_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(files, indent=1))
+    tmp.replace(tag_dir / MANIFEST)
+
+
+def verify_tag(tag_dir: Path, published: bool = True) -> None:
+    """CheckpointError naming the file and the cause, unless every file of the tag is there
+    with the size and checksum its manifest recorded. A published tag (named by `latest`)
+    from before manifests must at least hold its dense file; an unpublished one without a
+    manifest was never completed."""
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir} does not exist")
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        if not published or not (tag_dir / DENSE).is_file():
+            raise CheckpointError(f"{tag_dir} has no {MANIFEST}: its writing never finished")
+        return
+    try:
+        files = json.loads(manifest.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{manifest} is damaged ({err})") from None
+    for name, want in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path} is {size} bytes, the manifest says {want['bytes']} "
+                                  f"(truncated or overwritten)")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum in {manifest} (damaged)")
+
+
+def choose_tag(ckpt_dir: str | Path, requested: Optional[str] = None
+               ) -> tuple[str, Optional[str]]:
+    """(the tag to resume from, a warning when it is not the one `latest` names). With
+    `requested` (--resume-from) that tag or an error; otherwise `latest`'s, or the newest
+    that verifies when `latest` is missing, empty, names nothing or names a damaged tag."""
+    ckpt_dir = Path(ckpt_dir)
+    if requested:
+        try:
+            verify_tag(ckpt_dir / requested)
+        except CheckpointError as err:
+            tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
+            raise CheckpointError(f"--resume-from {requested}: {err}. Fix: one of {tags}.") \
+                from None
+        return requested, None
+    named = latest_tag(ckpt_dir)
+    problems = []
+    if named:
+        try:
+            verify_tag(ckpt_dir / named)
+            return named, None
+        except CheckpointError as err:
+            problems.append(str(err))
+    elif (ckpt_dir / LATEST).is_file():
+        problems.append(f"{ckpt_dir / LATEST} is empty")
+    else:
+        problems.append(f"{ckpt_dir / LATEST} is missing")
+    for tag in sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name != named),
+                      reverse=True):
+        try:
+            verify_tag(ckpt_dir / tag, published=False)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        return tag, (f"{'; '.join(problems)}: resuming from {ckpt_dir / tag}, the newest "
+                     f"complete checkpoint, instead")
+    if not any(ckpt_dir.glob("step_*")) and named is None:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}. Fix: drop --resume to "
+                              f"start fresh.")
+    raise CheckpointError(f"--resume: no complete checkpoint in {ckpt_dir}: "
+                          f"{'; '.join(problems)}. Fix: drop --resume to start fresh.")
 
 
 def rng_state() -> dict[str, Any]:
@@ -233,6 +326,7 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
     _write({"rng": rng_state()}, tag_dir / f"run_state_rank{rank}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint is published
     if rank == 0:
+        _write_manifest(tag_dir)
         _publish(ckpt_dir, tag)
         if keep:
             _prune(ckpt_dir, keep)
@@ -254,6 +348,7 @@ def write_weights(ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
     client = {**client_state, "adam_step": 0, "world_size": 1, "expert_parallel_size": 1}
     _write({"client": client, "params": {n: {"weight": w} for n, w in weights.items()}},
            tag_dir / DENSE)
+    _write_manifest(tag_dir)
     _publish(ckpt_dir, tag)
     return tag
 
@@ -302,6 +397,19 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 
 # --- read -----------------------------------------------------------------------------------
+def _load(path: Path, rng: bool = False) -> Any:
+    """torch.load of one checkpoint file, its damage named: tensors and plain data only,
+    memory-mapped, except a rank's RNG file (numpy's state is an array)."""
+    try:
+        if rng:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} cannot be read ({first}): the file is damaged. Fix: "
+                              f"resume from an earlier checkpoint (--resume-from TAG).") from None
+
+
 def read_tag(tag_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """(client state, {name: whole tensors}) of a checkpoint tag: the dense file and the
     expert slices joined along the module dimension. Memory-mapped: a caller reads only
@@ -312,7 +420,7 @@ def read_tag(tag_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.T
         raise CheckpointError(f"{dense_path} is missing: {tag_dir} is not a complete mom-ds "
                               f"checkpoint. Fix: resume from another tag (write its name "
                               f"into {tag_dir.parent / LATEST}) or start a new run.")
-    dense = torch.load(dense_path, map_location="cpu", weights_only=True, mmap=True)
+    dense = _load(dense_path)
     client, params = dense["client"], dict(dense["params"])
     ep_size = client["expert_parallel_size"]
     found = sorted(p.name for p in tag_dir.glob("experts_*.pt"))
@@ -322,32 +430,30 @@ def read_tag(tag_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.T
             raise CheckpointError(f"{tag_dir}: the expert files {found} are not the complete "
                                   f"set {wanted[0]} .. {wanted[-1]}; the checkpoint is damaged. "
                                   f"Fix: resume from an earlier tag.")
-        slices = [torch.load(tag_dir / name, map_location="cpu", weights_only=True, mmap=True)
-                  for name in wanted]
+        slices = [_load(tag_dir / name) for name in wanted]
         for name in slices[0]["params"]:
             params[name] = {key: torch.cat([s["params"][name][key] for s in slices])
                             for key in slices[0]["params"][name]}
     return client, params
 
 
-def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path
+def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, tag: str
          ) -> dict[str, Any]:
-    """Resume from the latest complete checkpoint, whatever world size and expert-parallel
+    """Resume from checkpoint `tag` (choose_tag), whatever world size and expert-parallel
     size wrote it: weights, AdamW state and schedule into the engine, RNG restored (or,
     on another world size, re-derived). Returns the client state. Every rank checks the
     checkpoint before any rank enters a collective of the load."""
     ckpt_dir = Path(ckpt_dir)
-    tag = latest_tag(ckpt_dir)
     problem, client, params = "", {}, {}
-    if tag is None:
-        problem = (f"--resume: no complete checkpoint in {ckpt_dir} (no '{LATEST}' file). "
-                   f"Fix: drop --resume to start fresh.")
-    else:
-        try:
-            client, params = read_tag(ckpt_dir / tag)
-            local = _cut_to_this_rank(params, model, layout)
-        except (CheckpointError, KeyError, ValueError) as err:
-            problem = str(err)
+    try:
+        client, params = read_tag(ckpt_dir / tag)
+        local = _cut_to_this_rank(params, model, layout)
+        same_layout = client["world_size"] == layout.world_size
+        rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
+        rng = _load(rank_file, rng=True)["rng"] if same_layout and rank_file.is_file() \
+            else None
+    except (CheckpointError, KeyError, ValueError) as err:
+        problem = str(err)
     failed = torch.tensor(float(bool(problem)))
     dist.all_reduce(failed)
     if problem or float(failed):
@@ -355,10 +461,8 @@ def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path
                               "message names the cause)")
     load_engine_state(engine, model, local, client["adam_step"])
     _set_schedule_step(engine.lr_scheduler, int(client["step"]))
-    same_layout = client["world_size"] == layout.world_size
-    rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
-    if same_layout and rank_file.is_file():
-        set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+    if rng is not None:
+        set_rng_state(rng)
     else:  # another world size: each rank's stream is re-derived from the seed and step
         seed = int(client["config"]["train"]["seed"])
         torch.manual_seed(hash((seed, dist.get_rank(), int(client["step"]))) % 2 ** 63)

@@ -8,6 +8,7 @@ whatever the ZeRO stage and the expert-parallel size, so nothing needs merging.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -15,17 +16,20 @@ import torch
 
 from ..config import RunConfig
 from ..model import ConfigError, MoMConfig, MoMForCausalLM
-from .checkpoint import DENSE, latest_tag, read_tag
+from .checkpoint import DENSE, LATEST, choose_tag, read_tag, verify_tag
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:
     """(checkpoint directory, tag) for a run dir, a ckpt dir or a tag dir."""
     path = Path(path)
     for ckpt_dir in (path / "ckpt", path):
-        tag = latest_tag(ckpt_dir)
-        if tag is not None:
+        if (ckpt_dir / LATEST).is_file() or any(ckpt_dir.glob("step_*")):
+            tag, warning = choose_tag(ckpt_dir)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
             return ckpt_dir, tag
     if (path / DENSE).is_file():
+        verify_tag(path)
         return path.parent, path.name
     raise FileNotFoundError(f"{path} holds no complete checkpoint (no ckpt/latest, no latest, "
                             f"no {DENSE}). Fix: pass a run directory written by mom-train or "

@@ -3,6 +3,7 @@ then the loop. (The checks that must come first live in preflight.py.)"""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,8 +22,8 @@ from .monitor import Monitor
 
 
 def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False,
-                 stop_after: Optional[int] = None, overwrite: bool = False
-                 ) -> dict[str, float]:
+                 stop_after: Optional[int] = None, overwrite: bool = False,
+                 resume_from: Optional[str] = None) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run)
@@ -36,8 +37,12 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
+    tag = None
     if resume:
-        check_same_teacher(run, out_dir / "ckpt")
+        tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
+        if warning and rank == 0:
+            print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
+        check_same_teacher(run, out_dir / "ckpt" / tag)
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
     if rank == 0:
@@ -54,7 +59,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     train_batches = batches("train", run.data.seed)
     progress = Progress()
     if resume:
-        client = checkpoint.load(engine, model, layout, out_dir / "ckpt")
+        client = checkpoint.load(engine, model, layout, out_dir / "ckpt", tag)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
@@ -105,13 +110,10 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
     return model
 
 
-def check_same_teacher(run: RunConfig, ckpt_dir: Path) -> None:
+def check_same_teacher(run: RunConfig, tag_dir: Path) -> None:
     """A resume continues the modules of the teacher they were trained with; checked before
     anything is written into the run directory."""
-    tag = checkpoint.latest_tag(ckpt_dir)
-    if tag is None:
-        return  # checkpoint.load names the missing checkpoint
-    client, _ = checkpoint.read_tag(ckpt_dir / tag)
+    client, _ = checkpoint.read_tag(tag_dir)
     saved = client["config"].get("modular", {}).get("teacher_fingerprint", "")
     if saved != run.modular.teacher_fingerprint:
         raise checkpoint.CheckpointError(
