@@ -229,3 +229,33 @@ def test_resume_picks_the_newest_complete_or_the_named_checkpoint(data, saved, t
     proc = train(*tiny_args(data, out), "--resume")
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
     assert proc.stderr.count("(truncated or overwritten)") == 3
+
+
+FULL_DISK_AT_STEP_8 = """
+import shutil, sys
+real = shutil.disk_usage
+calls = []
+def disk_usage(path):
+    calls.append(path)
+    usage = real(path)
+    return usage._replace(free=1024) if len(calls) >= 2 else usage  # full from the 2nd save on
+shutil.disk_usage = disk_usage
+from mom_ds.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_or_an_unwritable_run_directory_is_named(data, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_AT_STEP_8)
+    out = tmp_path / "run"
+    proc = run_python([str(script), *tiny_args(data, out)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"no space left on {out / 'ckpt'} for the checkpoint of step 8: it needs about" \
+        in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "ckpt" / "latest").read_text() == "step_000004"
+    assert not (out / "ckpt" / "step_000008").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = train(*tiny_args(data, blocker / "run"))
+    assert proc.returncode == 2 and "is not writable (Not a directory)" in proc.stderr

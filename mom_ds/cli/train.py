@@ -77,8 +77,8 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     single_process_env()
     run = load_config(args, overrides)
     from ..train.preflight import check_run_dir, preflight
-    check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
     ds_config = preflight(run)  # every rank, before any process group: one message, exit 2
+    check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
                  overwrite=args.overwrite, resume_from=args.resume_from)

@@ -305,6 +305,7 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     rank = dist.get_rank()
+    check_space(ckpt_dir, checkpoint_bytes(model), step)
     if rank == 0:
         if tag_dir.exists():  # an unpublished earlier attempt at this step
             shutil.rmtree(tag_dir)
@@ -351,6 +352,29 @@ def write_weights(ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
     _write_manifest(tag_dir)
     _publish(ckpt_dir, tag)
     return tag
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint takes: fp32 weight and two AdamW moments per trained
+    parameter (numel before ZeRO-3 partitioning)."""
+    return sum(12 * getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+               if p.requires_grad)
+
+
+def check_space(ckpt_dir: Path, needed: int, step: int) -> None:
+    """Refuse to start writing a checkpoint that cannot fit (a full disk mid-write is an
+    unreadable error and a half-written tag). Collective: every rank checks its own file
+    system and all agree."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(ckpt_dir).free
+    short = torch.tensor(float(free < 1.1 * needed))
+    dist.all_reduce(short)
+    if float(short):
+        raise CheckpointError(f"no space left on {ckpt_dir} for the checkpoint of step {step}: "
+                              f"it needs about {needed / 2 ** 20:,.0f} MB, "
+                              f"{free / 2 ** 20:,.0f} MB are free on this rank. Fix: free space "
+                              f"or lower train.keep_checkpoints, then --resume from the last "
+                              f"published checkpoint.")
 
 
 def _refuse_non_finite(state: dict[str, dict[str, torch.Tensor]], step: int, ckpt_dir: Path,

@@ -2,6 +2,7 @@
 starts, so a bad run stops with one clear message instead of a hang or a stack per rank."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +64,24 @@ def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
 RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml")
 
 
+def check_writable(directory: Path) -> None:
+    """The run directory can be created and written (checked with a file of our own)."""
+    probe = directory / f".mom-write-check-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"train.out_dir = {str(directory)!r} is not writable ({err.strerror}). "
+                          f"Fix: choose a directory this user can write, on a file system "
+                          f"every rank sees.") from None
+
+
 def check_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
     """A fresh run never silently replaces another: without --resume or --overwrite,
-    train.out_dir must hold no run."""
+    train.out_dir must hold no run. And the directory must be writable."""
     out = Path(run.train.out_dir)
+    check_writable(out)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other. Fix: --resume to "
                           "continue the run in train.out_dir, --overwrite to replace it.")
