@@ -19,7 +19,7 @@ import numpy as np
 from .format import DTYPES, FORMAT_VERSION, META_FILE, DataError, dtype_for_vocab
 from .output import finished_settings, partial_dir
 from .progress import Progress
-from .sources import Source, SourceOptions, resolve_source
+from .sources import local_fingerprint, Source, SourceOptions, resolve_source
 from .tokenizer import Tokenizer, load_tokenizer
 from .writer import SplitStats, SplitWriter
 
@@ -120,7 +120,15 @@ def _write_splits(settings: PrepSettings, source: Source, tokenizer: Tokenizer, 
         writers["train"].write(tokens[~per_token], lengths[~to_val])
         writers["val"].write(tokens[per_token], lengths[to_val])
 
-    for tokens, lengths, chars in _tokenize(_batches(source.documents()), tokenizer, DTYPES[dtype], num_proc):
+    has_text = False  # empty and whitespace documents are kept (as nanoGPT does), but not alone
+
+    def documents() -> Iterator[str]:
+        nonlocal has_text
+        for doc in source.documents():
+            has_text = has_text or bool(doc.strip())
+            yield doc
+
+    for tokens, lengths, chars in _tokenize(_batches(documents()), tokenizer, DTYPES[dtype], num_proc):
         progress.update(len(lengths), chars, len(tokens))
         if pending:
             commit(*pending)
@@ -135,10 +143,15 @@ def _write_splits(settings: PrepSettings, source: Source, tokenizer: Tokenizer, 
         to_val[-1] = True
     commit(tokens, lengths, to_val)
     stats = {split: writer.close() for split, writer in writers.items()}
-    if sum(s.n_tokens - s.n_documents for s in stats.values()) == 0:  # nothing but end-of-text tokens
-        raise DataError(f"the corpus is empty: {source.description} has only empty documents")
+    if not has_text:
+        raise DataError(f"the corpus is empty: {source.description} has only empty or "
+                        f"whitespace documents")
     if stats["train"].n_documents == 0:
         raise DataError(f"all {stats['val'].n_documents} documents went to val; lower --val-fraction")
+    if settings.val_fraction > 0 and stats["val"].n_documents == 0:
+        raise DataError(f"the corpus has {stats['train'].n_documents} document(s) with text: too few "
+                        f"for a val split (--val-fraction {settings.val_fraction}). Fix: give more "
+                        f"documents, or --val-fraction 0 to prepare train.bin only")
     return stats
 
 
@@ -173,7 +186,13 @@ def prepare(settings: PrepSettings, out: Path, num_proc: int = 1, overwrite: boo
     existing = finished_settings(out)
     if existing is not None and not overwrite:
         if existing == wanted:
-            return PrepResult(out, True, json.loads((out / META_FILE).read_text()))
+            meta = json.loads((out / META_FILE).read_text())
+            before, now = meta.get("source_fingerprint"), local_fingerprint(settings.source)
+            if before is not None and now is not None and before != now:
+                raise DataError(f"{out} was prepared from {settings.source}, whose files have changed "
+                                f"since (sizes or modification times); pass --overwrite to prepare "
+                                f"it again")
+            return PrepResult(out, True, meta)
         changed = {key: existing.get(key) for key in wanted if existing.get(key) != wanted[key]}
         raise DataError(f"{out} was prepared with different settings (there: {changed}); "
                         f"pass --overwrite to replace it")
@@ -183,6 +202,7 @@ def prepare(settings: PrepSettings, out: Path, num_proc: int = 1, overwrite: boo
         dtype = dtype_for_vocab(tokenizer.info.vocab_size, None if settings.dtype == "auto" else settings.dtype)
         progress = Progress(source.total, enabled=show_progress)
         stats = _write_splits(settings, source, tokenizer, dtype, directory, num_proc, progress)
-        meta = _meta(settings, source, tokenizer, dtype, stats)
+        meta = {**_meta(settings, source, tokenizer, dtype, stats),
+                "source_fingerprint": local_fingerprint(settings.source)}
         (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return PrepResult(out, False, meta)

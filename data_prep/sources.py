@@ -11,6 +11,7 @@ byte offset named (silently altered training text is worse than a clear failure)
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import sys
 import sysconfig
@@ -240,8 +241,24 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _looks_like_path(spec: str) -> bool:
+def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).suffix in FILE_SUFFIXES or glob.has_magic(spec)
+
+
+def local_fingerprint(specs: list[str]) -> str | None:
+    """A hash of the names, sizes and modification times of the local files (or the built-in
+    corpus) a --source names; None for a hub dataset, which is not looked up for this."""
+    if specs == ["builtin"]:
+        files = BuiltinSource().files
+    elif len(specs) == 1 and not Path(specs[0]).exists() and not looks_like_path(specs[0]):
+        return None
+    else:
+        files = [f for spec in specs for f in _expand(spec)]
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def resolve_source(specs: list[str], options: SourceOptions) -> Source:
@@ -252,7 +269,7 @@ def resolve_source(specs: list[str], options: SourceOptions) -> Source:
         spec = specs[0]
         if _is_saved_dataset(Path(spec)):
             return SavedDatasetSource(Path(spec), options)
-        if not Path(spec).exists() and not _looks_like_path(spec):
+        if not Path(spec).exists() and not looks_like_path(spec):
             return HubSource(spec, options)
     files = [f for spec in specs for f in _expand(spec)]
     unsupported = sorted({str(f) for f in files if f.suffix not in FILE_SUFFIXES})

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import DataError
+from .sources import looks_like_path
 
 GPT2_ENV = "MOM_GPT2_DIR"
 # sha256 of GPT-2's merges (vocab.bpe == merges.txt): a local copy must be the real thing.
@@ -196,6 +197,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return BytesTokenizer()
     if spec.startswith("gpt2:"):
         return _check(_gpt2_from_dir(Path(spec.removeprefix("gpt2:")), spec))
+    path = Path(spec.removeprefix("hf:")).expanduser()
+    if looks_like_path(spec.removeprefix("hf:")) and not path.exists():
+        raise DataError(f"--tokenizer {spec}: no such file or directory (a path is never looked "
+                        f"up on the Hugging Face hub)")
+    if path.is_dir() and not (path / "tokenizer.json").is_file() \
+            and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return _check(_gpt2_from_dir(path, spec))  # GPT-2's own files, as gpt2:DIR
     if not spec.startswith("hf:") and not Path(spec).exists():
         import tiktoken
 

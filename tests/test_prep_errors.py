@@ -34,8 +34,8 @@ def test_missing_path(tmp_path):
 def test_empty_corpus(tmp_path):
     with pytest.raises(DataError, match="corpus is empty.*no documents"):
         run(tmp_path, jsonl(tmp_path / "none.jsonl", []))
-    with pytest.raises(DataError, match="only empty documents"):
-        run(tmp_path, jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}]))
+    with pytest.raises(DataError, match="only empty or whitespace documents"):
+        run(tmp_path, jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": " \n\t"}]))
     assert_no_output(tmp_path)
 
 

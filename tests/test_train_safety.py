@@ -259,3 +259,42 @@ def test_a_full_disk_or_an_unwritable_run_directory_is_named(data, tmp_path):
     blocker.write_text("")
     proc = train(*tiny_args(data, blocker / "run"))
     assert proc.returncode == 2 and "is not writable (Not a directory)" in proc.stderr
+
+
+def test_mom_prep_names_what_changed_or_is_missing(tmp_path, shared_gpt2_tokenizer_dir):
+    import shutil
+
+    from data_prep.cli import main as mom_prep
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    base = ["--source", str(corpus), "--tokenizer", "bytes", "--val-fraction", "0.2", "--out",
+            str(out), "--quiet"]
+    assert mom_prep(base) == 0
+    assert mom_prep(base) == 0  # unchanged: nothing to do
+    corpus.write_text(corpus.read_text() + json.dumps({"text": "one more"}) + "\n")
+    cases = [
+        (base, "whose files have changed since"),
+        (["--source", str(corpus), "--tokenizer", str(tmp_path / "no-such.json"), "--out",
+          str(tmp_path / "o2")], "no such file or directory"),
+    ]
+    whitespace = tmp_path / "blank.jsonl"
+    whitespace.write_text("".join(json.dumps({"text": " \n\t "}) + "\n" for _ in range(5)))
+    cases.append((["--source", str(whitespace), "--tokenizer", "bytes", "--out",
+                   str(tmp_path / "o3")], "only empty or whitespace documents"))
+    single = tmp_path / "single.jsonl"
+    single.write_text(json.dumps({"text": "only one document"}) + "\n")
+    cases.append((["--source", str(single), "--tokenizer", "bytes", "--out", str(tmp_path / "o4")],
+                  "too few for a val split"))
+    for args, words in cases:
+        proc = run_python(["-m", "data_prep.cli", *args])
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("mom-prep: error: ") \
+            and words in proc.stderr, (args, proc.stderr[-1000:])
+    # a directory with GPT-2's vocab.json + merges.txt is the GPT-2 tokenizer, no gpt2: needed
+    plain = tmp_path / "gpt2files"
+    shutil.copytree(shared_gpt2_tokenizer_dir, plain)
+    assert mom_prep(["--source", str(corpus), "--tokenizer", str(plain), "--out",
+                     str(tmp_path / "o5"), "--quiet"]) == 0
+    meta = json.loads((tmp_path / "o5" / "meta.json").read_text())
+    assert meta["tokenizer"]["vocab_size"] == 50257
