@@ -331,6 +331,23 @@ def field_docs(klass: type) -> dict[str, str]:
     return docs
 
 
+def override_help() -> str:
+    """Every `--section.key` override with its type, default and docstring (mom-train --help)."""
+    import textwrap
+
+    lines = ["config fields (--section.key VALUE overrides the recipe):"]
+    for section, klass in _section_classes().items():
+        docs = field_docs(klass)
+        lines.append(f"  {section}:")
+        for f in dataclasses.fields(klass):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kind = getattr(_field_type(klass, f.name), "__name__", str(_field_type(klass, f.name)))
+            lines.append(f"    --{section}.{f.name} {kind} (default {default!r})")
+            lines += textwrap.wrap(docs.get(f.name, ""), 88, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 8)
+    return "\n".join(lines)
+
+
 def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "parallel",
                                                    "modular")) -> str:
     """The README's config reference: one table per section, from the field docstrings.

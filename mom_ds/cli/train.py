@@ -14,13 +14,14 @@ import socket
 import sys
 from typing import Optional
 
-from ..config import ConfigError, RunConfig, load_run_config
+from ..config import ConfigError, RunConfig, load_run_config, override_help
 from .args import positive_int
 from .errors import run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="mom-train", description=__doc__,
+                                     epilog=override_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
@@ -35,6 +36,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--stop-after", type=positive_int, metavar="STEP",
                         help="save a checkpoint and exit after this step (the schedule still "
                              "runs to train.max_steps; continue later with --resume)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show DeepSpeed's own start-up lines")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_known_args(argv)
 
@@ -75,13 +78,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
     args.resume = args.resume or bool(args.resume_from)
     single_process_env()
+    if not args.verbose:
+        from ..train.engine import choose_accelerator_quietly
+
+        choose_accelerator_quietly()
     run = load_config(args, overrides)
     from ..train.preflight import check_run_dir, preflight
     ds_config = preflight(run)  # every rank, before any process group: one message, exit 2
     check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
-                 overwrite=args.overwrite, resume_from=args.resume_from)
+                 overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose)
     return 0
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ DeepSpeed on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -82,15 +84,25 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
     return cfg
 
 
-def init_distributed(run: RunConfig) -> None:
+def init_distributed(run: RunConfig, verbose: bool = False) -> None:
+    """The process group. DeepSpeed prints a line per rank when it builds its CPU
+    communication op; shown with --verbose only."""
     import deepspeed
 
     backend = run.parallel.backend
     if backend == "auto":
         backend = "nccl" if device_type() == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend,
-                               timeout=timedelta(minutes=run.parallel.timeout_minutes))
+    with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend,
+                                   timeout=timedelta(minutes=run.parallel.timeout_minutes))
     release_shm_buffer_names()
+
+
+def choose_accelerator_quietly() -> None:
+    """Without a GPU, tell DeepSpeed it is the CPU (it otherwise warns that it guessed so,
+    on every rank). Call before DeepSpeed is imported; an explicit DS_ACCELERATOR wins."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def release_shm_buffer_names() -> None:

@@ -23,10 +23,10 @@ from .monitor import Monitor
 
 def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False,
                  stop_after: Optional[int] = None, overwrite: bool = False,
-                 resume_from: Optional[str] = None) -> dict[str, float]:
+                 resume_from: Optional[str] = None, verbose: bool = False) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
-    init_distributed(run)
+    init_distributed(run, verbose)
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir = Path(run.train.out_dir)
     if overwrite and rank == 0:
