@@ -1,8 +1,11 @@
 """mom-eval: validation loss, perplexity and FLOPs per token of a mom-train checkpoint
 (one process).
 
-  mom-eval runs/tiny [--split val] [--max-windows N] [--batch-size 8]
+  mom-eval runs/tiny [--split val] [--max-windows N | --all] [--batch-size 8]
            [--depth H'] [--top-k K']
+By default it scores the windows the run's own validation scored (train.eval_batches x
+micro_batch_size x ranks windows of the seed-0 window order), so its loss is the run's last
+eval/loss; --max-windows N takes the first N of that order, --all the whole split.
 --depth / --top-k run a trained MoM with H' routing steps or K' modules per step (compute
 chosen at inference); the FLOPs reported are those of the routing executed (forward only).
 """
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,18 +24,33 @@ from .args import positive_int
 from .errors import run_command
 
 
+def validation_windows(n_windows: int, count: int) -> list[int]:
+    """The first `count` windows of the order training's validation reads (WindowSampler,
+    seed 0): rank r of W reads perm[r::W], so the W ranks' first k windows are these k*W."""
+    from ..data import WindowSampler
+
+    order = iter(WindowSampler(n_windows, seed=0))
+    return [next(order) for _ in range(count)]
+
+
 @torch.no_grad()
 def evaluate_model(model, data_dir: str, split: str, seq_len: int, batch_size: int,
-                   max_windows: Optional[int]) -> dict[str, float]:
-    """Mean cross-entropy (no balancing loss) over the split's windows in file order."""
+                   max_windows: Optional[int] = None, windows: Optional[Sequence[int]] = None,
+                   progress: bool = False) -> dict[str, float]:
+    """Mean cross-entropy (no balancing loss) over `windows` (indices; default: the first
+    max_windows, or all, in file order), every window weighted alike."""
     from ..data import TokenizedDataset
 
     data = TokenizedDataset(data_dir, split=split, seq_len=seq_len)
-    n = len(data) if max_windows is None else min(max_windows, len(data))
+    if windows is None:
+        windows = range(len(data) if max_windows is None else min(max_windows, len(data)))
+    n = len(windows)
     total, routing, mod_routing = 0.0, None, []
-    for start in range(0, n, batch_size):
-        rows = torch.from_numpy(data.windows(range(start, min(n, start + batch_size)))
-                                .astype("int64"))
+    batches = range(0, n, batch_size)
+    for b, start in enumerate(batches):
+        if progress and len(batches) > 20 and b % max(1, len(batches) // 10) == 0:
+            print(f"  {b}/{len(batches)} batches", file=sys.stderr, flush=True)
+        rows = torch.from_numpy(data.windows(windows[start:start + batch_size]).astype("int64"))
         out = model(rows[:, :-1], labels=rows[:, 1:])
         total += float(out.lm_loss) * len(rows)
         routing = out.routing if routing is None else [a + b for a, b in zip(routing, out.routing)]
@@ -52,7 +70,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--data-dir", help="default: the run's data.data_dir")
-    parser.add_argument("--max-windows", type=positive_int, help="default: the whole split")
+    parser.add_argument("--max-windows", type=positive_int,
+                        help="default: as many as the run's validation scored")
+    parser.add_argument("--all", action="store_true", help="score every window of the split")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="default: 8")
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
@@ -65,9 +85,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from ..train.export import load_model
 
+    from ..data import TokenizedDataset
+    from ..train.export import validation_window_count
+
     run, model, step = load_model(args.checkpoint, args.depth, args.top_k)
-    result = evaluate_model(model, args.data_dir or run.data.data_dir, args.split,
-                            run.data.seq_len, args.batch_size, args.max_windows)
+    data_dir = args.data_dir or run.data.data_dir
+    n_windows = len(TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len))
+    count = n_windows if args.all else \
+        min(n_windows, args.max_windows or validation_window_count(args.checkpoint))
+    result = evaluate_model(model, data_dir, args.split, run.data.seq_len, args.batch_size,
+                            windows=validation_windows(n_windows, count), progress=True)
     compute = f" at depth {run.model.depth}, top-k {run.model.top_k}" if run.model.n_chunks else ""
     print(f"step {step}: {args.split} loss {result['loss']:.4f} ppl {result['ppl']:.2f} "
           f"({result['windows']} windows, {result['tokens']:,} tokens); "

@@ -44,6 +44,14 @@ def consolidated_state_dict(path: str | Path) -> tuple[RunConfig, dict[str, torc
     return RunConfig.from_dict(client["config"]), weights, int(client["step"])
 
 
+def validation_window_count(path: str | Path) -> int:
+    """Windows one validation pass of the run scored: eval_batches x micro x its ranks."""
+    ckpt_dir, tag = resolve(path)
+    client, _ = read_tag(ckpt_dir / tag)
+    t = client["config"]["train"]
+    return int(t["eval_batches"]) * int(t["micro_batch_size"]) * int(client["world_size"])
+
+
 def require_whole_model(run: RunConfig, path: str | Path) -> None:
     """A modular run holds only its modules; the tools that want a model say what to do."""
     if run.modular.enabled:
