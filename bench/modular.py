@@ -104,7 +104,7 @@ def mom_train(config: Path) -> None:
     out = Path(yaml.safe_load(config.read_text())["train"]["out_dir"])
     if (out / "ckpt" / "latest").is_file() and (out / "config.yaml").is_file():
         return
-    run([sys.executable, "-m", "mom_ds.cli.train", "--config", str(config)])
+    run([sys.executable, "-m", "mom_ds.cli.train", "--config", str(config), "--overwrite"])
 
 
 # --- the baselines ---------------------------------------------------------------------------

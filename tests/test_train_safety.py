@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from test_train_fixtures import REPO, metrics, mom_train, run_python, tiny_args, write_byte_data
+from test_train_fixtures import (REPO, env, metrics, mom_train, run_python, tiny_args,
+                                 write_byte_data)
 
 pytestmark = pytest.mark.slow
 DIVERGE = ["--train.lr", "1e6", "--train.min_lr", "1e5"]
@@ -298,3 +301,18 @@ def test_mom_prep_names_what_changed_or_is_missing(tmp_path, shared_gpt2_tokeniz
                      str(tmp_path / "o5"), "--quiet"]) == 0
     meta = json.loads((tmp_path / "o5" / "meta.json").read_text())
     assert meta["tokenizer"]["vocab_size"] == 50257
+
+
+def test_generate_and_eval_take_a_device_and_refuse_bytes_that_are_not_text(saved):
+    import torch
+
+    proc = run_python(["-m", "mom_ds.cli.generate", str(saved), "--prompt", "def ",
+                       "--max-new-tokens", "5", "--device", "cpu"])
+    assert proc.returncode == 0 and proc.stdout.startswith("def "), proc.stderr[-1500:]
+    proc = subprocess.run([sys.executable, "-m", "mom_ds.cli.generate", str(saved), "--prompt",
+                           b"caf\xe9", "--max-new-tokens", "5"], capture_output=True, text=True,
+                          env=env(), cwd=REPO)
+    assert proc.returncode == 2 and "--prompt is not valid UTF-8" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_python(["-m", "mom_ds.cli.evaluate", str(saved), "--device", "cuda"])
+        assert proc.returncode == 2 and "this machine has no CUDA device" in proc.stderr

@@ -24,3 +24,25 @@ def probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text} must lie in (0, 1]")
     return value
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda or cuda:N (default: auto, cuda when there is one)")
+
+
+def device(name: str):
+    """The torch device --device names; ConfigError for a GPU this machine does not have."""
+    import torch
+
+    from ..model import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device. Fix: cpu, cuda or cuda:N.") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA device. Fix: --device cpu.")
+    return chosen

@@ -20,7 +20,7 @@ import torch
 
 from ..model.flops import flops_per_token
 from ..model.mod_block import MoDRouting
-from .args import positive_int
+from .args import add_device_argument, device, positive_int
 from .errors import run_command
 
 
@@ -51,6 +51,7 @@ def evaluate_model(model, data_dir: str, split: str, seq_len: int, batch_size: i
         if progress and len(batches) > 20 and b % max(1, len(batches) // 10) == 0:
             print(f"  {b}/{len(batches)} batches", file=sys.stderr, flush=True)
         rows = torch.from_numpy(data.windows(windows[start:start + batch_size]).astype("int64"))
+        rows = rows.to(next(model.parameters()).device)
         out = model(rows[:, :-1], labels=rows[:, 1:])
         total += float(out.lm_loss) * len(rows)
         routing = out.routing if routing is None else [a + b for a, b in zip(routing, out.routing)]
@@ -73,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-windows", type=positive_int,
                         help="default: as many as the run's validation scored")
     parser.add_argument("--all", action="store_true", help="score every window of the split")
+    add_device_argument(parser)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="default: 8")
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
@@ -89,6 +91,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..train.export import validation_window_count
 
     run, model, step = load_model(args.checkpoint, args.depth, args.top_k)
+    model.to(device(args.device))
     data_dir = args.data_dir or run.data.data_dir
     n_windows = len(TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len))
     count = n_windows if args.all else \

@@ -12,7 +12,8 @@ from typing import Optional
 
 import torch
 
-from .args import non_negative_float, positive_int, probability
+from ..model import ConfigError
+from .args import add_device_argument, device, non_negative_float, positive_int, probability
 from .errors import run_command
 
 
@@ -30,6 +31,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="nucleus sampling threshold in (0, 1] (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
     parser.add_argument("--data-dir", help="where the tokenizer is recorded; default: the run's")
+    add_device_argument(parser)
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
     parser.add_argument("--top-k-modules", type=positive_int, metavar="K'",
@@ -46,7 +48,14 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
     tokenizer = load_data_tokenizer(args.data_dir or run.data.data_dir)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+        raise ConfigError("--prompt is not valid UTF-8 text. Fix: pass the prompt as UTF-8.") \
+            from None
+    where = device(args.device)
+    model.to(where)
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=where)[None]
     if ids.numel() == 0:
         parser.error("the prompt encodes to no tokens")
     room = run.model.n_positions - ids.shape[1]
@@ -56,7 +65,7 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p,
                          eos_token_id=tokenizer.info.eot_id,
-                         generator=torch.Generator().manual_seed(args.seed))
+                         generator=torch.Generator(device=where).manual_seed(args.seed))
     new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
     print(args.prompt + tokenizer.decode(new))
     return 0
