@@ -69,7 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
-    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--split", default="val", choices=("train", "val"),
+                        help="which split to score (default: val)")
     parser.add_argument("--data-dir", help="default: the run's data.data_dir")
     parser.add_argument("--max-windows", type=positive_int,
                         help="default: as many as the run's validation scored")

@@ -21,7 +21,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="default: 200")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8,
                         help="0 is greedy (default: 0.8)")
