@@ -72,11 +72,13 @@ def run(cmd: list[str]) -> str:
 
 
 def prepare(work: Path) -> Path:
+    out = work / "data"
+    if (out / "meta.json").is_file():  # --work kept from an earlier invocation
+        return out
     corpus = work / "english.jsonl"
     with open(corpus, "w", encoding="utf-8") as f:
         for doc in english_documents():
             f.write(json.dumps({"text": doc}) + "\n")
-    out = work / "data"
     run([sys.executable, "-m", "data_prep.cli", "--source", str(corpus), "--tokenizer", "bytes",
          "--val-fraction", "0.05", "--out", str(out), "--quiet"])
     return out
@@ -228,6 +230,9 @@ def main() -> int:
     parser.add_argument("--router-steps", type=int, default=150)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--work", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--learned-only", action="store_true",
+                        help="with --work and --out of an earlier invocation: (re)compute only "
+                             "the learned-assembly points and rewrite the outputs")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work or tempfile.mkdtemp(prefix="mom-modular-"))
@@ -237,6 +242,15 @@ def main() -> int:
     print(f"data: {TokenizedDataset(data, split='train', seq_len=SEQ).n_tokens:,} train tokens, "
           f"{val.n_tokens:,} val; work dir {work}", flush=True)
     assert len(val) >= args.eval_windows + args.search_windows, "val split too small"
+
+    if args.learned_only:
+        out = Path(args.out)
+        results = json.loads((out / "modular.json").read_text())
+        _, student, _ = load_student(work / "modular")
+        results["learned"] = learned_assembly(student, data, score_rows(data, args.eval_windows),
+                                              results["rows"], args.router_steps)
+        write_outputs(results, out)
+        return 0
 
     def score(model) -> float:
         return evaluate_model(model.eval(), str(data), "val", SEQ, 16, args.eval_windows)["loss"]
@@ -296,14 +310,17 @@ def main() -> int:
                "tokens_per_s": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                                 for k, v in rates.items()},
                "settings": vars(args)}
-    out = Path(args.out)
+    write_outputs(results, Path(args.out))
+    return 0
+
+
+def write_outputs(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "modular.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
     (out / "modular.md").write_text(table)
     plot(results, out / "modular.png")
     print(table)
-    return 0
 
 
 def markdown(results: dict) -> str:
