@@ -288,8 +288,8 @@ def test_e2_checkpoint_evaluates_as_one_model(four_ranks):
     from mom_ds.data import TokenizedDataset, WindowSampler
     from mom_ds.train.export import load_model
 
-    run, model, step = load_model(four_ranks["ep2"])
-    assert step == STEPS
+    run, model, client = load_model(four_ranks["ep2"])
+    assert client["step"] == STEPS
     data = TokenizedDataset(run.data.data_dir, split="val", seq_len=run.data.seq_len)
     order = iter(WindowSampler(len(data), seed=0))
     rows = torch.from_numpy(np.stack([data[next(order)] for _ in range(16)]).astype(np.int64))

@@ -51,9 +51,9 @@ def convert(args: argparse.Namespace) -> int:
     from ..train.export import consolidated_state_dict, load_model, require_whole_model
 
     if args.command == "fp32":
-        run, weights, step = consolidated_state_dict(args.checkpoint)
+        run, weights, client = consolidated_state_dict(args.checkpoint)
         require_whole_model(run, args.checkpoint)
-        save_weights(args.out, run.model.to_dict(), weights, step)
+        save_weights(args.out, run.model.to_dict(), weights, int(client["step"]))
     elif args.command == "to-hf":
         _, model, _ = load_model(args.checkpoint)
         to_hf_gpt2(model, args.out)

@@ -86,21 +86,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from ..train.export import load_model
-
     from ..data import TokenizedDataset
-    from ..train.export import validation_window_count
+    from ..train.export import load_model, validation_window_count
 
-    run, model, step = load_model(args.checkpoint, args.depth, args.top_k)
+    run, model, client = load_model(args.checkpoint, args.depth, args.top_k)
     model.to(device(args.device))
     data_dir = args.data_dir or run.data.data_dir
     n_windows = len(TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len))
     count = n_windows if args.all else \
-        min(n_windows, args.max_windows or validation_window_count(args.checkpoint))
+        min(n_windows, args.max_windows or validation_window_count(client))
     result = evaluate_model(model, data_dir, args.split, run.data.seq_len, args.batch_size,
                             windows=validation_windows(n_windows, count), progress=True)
     compute = f" at depth {run.model.depth}, top-k {run.model.top_k}" if run.model.n_chunks else ""
-    print(f"step {step}: {args.split} loss {result['loss']:.4f} ppl {result['ppl']:.2f} "
+    print(f"step {client['step']}: {args.split} loss {result['loss']:.4f} ppl {result['ppl']:.2f} "
           f"({result['windows']} windows, {result['tokens']:,} tokens); "
           f"{result['flops_per_token'] / 1e6:.3f} MFLOPs/token forward{compute}")
     return 0

@@ -26,7 +26,7 @@ def load_student(path: str | Path, teacher: Optional[str] = None
     student was trained with."""
     from ..train.export import consolidated_state_dict
 
-    run, weights, step = consolidated_state_dict(path)
+    run, weights, client = consolidated_state_dict(path)
     if not run.modular.enabled:
         raise ConfigError(f"{path} is not a modular run (its config has no modular.teacher). "
                           f"Fix: assemble from a run trained with a modular: section.")
@@ -40,7 +40,7 @@ def load_student(path: str | Path, teacher: Optional[str] = None
     except RuntimeError as err:
         raise ConfigError(f"the modules in {path} do not fit teacher {source!r}: {err}. Fix: "
                           f"name the teacher the run was trained from.") from None
-    return run, student.eval(), step
+    return run, student.eval(), int(client["step"])
 
 
 def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausalLM:

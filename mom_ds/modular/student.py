@@ -113,8 +113,8 @@ class ModularStudent(nn.Module):
             if tile.start < start:
                 continue
             x = self.layer(tile)(x)
-            if tile.is_module:
-                pairs.append((x, states[tile.end]) if distil else None)
+            if tile.is_module and distil:
+                pairs.append((x, states[tile.end]))
         logits = F.linear(teacher.ln_f(x), teacher.wte.weight)
         out = ModularOutput(logits=logits, assembly=assembly)
         if labels is None:
@@ -124,8 +124,7 @@ class ModularStudent(nn.Module):
         zero = lm.new_zeros(())
         kd = logit_distillation(logits, teacher_logits, s.kd_temperature, labels) \
             if distil else zero
-        hidden = hidden_distillation([p for p in pairs if p is not None]) if distil else None
-        hidden = zero if hidden is None else hidden
+        hidden = hidden_distillation(pairs) if pairs else zero
         out.lm_loss = lm
         out.loss = s.lm_weight * lm + s.kd_weight * kd + s.hidden_weight * hidden
         if self.training:

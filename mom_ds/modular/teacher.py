@@ -21,17 +21,11 @@ def _kind(source: str) -> str:
     return "hub name"
 
 
-def _run_parts(source: str):
-    from ..config import RunConfig
-    from ..train.export import consolidated_state_dict
+def _run_parts(source: str) -> tuple[MoMConfig, dict[str, torch.Tensor]]:
+    from ..train.export import consolidated_state_dict, require_whole_model
 
     run, weights, _ = consolidated_state_dict(source)
-    if run.modular.enabled:
-        raise ConfigError(f"modular.teacher = {source!r} is a modular run (its modules, not a "
-                          f"whole model). Fix: assemble a model from it first (mom-assemble) "
-                          f"or name the teacher it was trained from, "
-                          f"{run.modular.teacher!r}.")
-    assert isinstance(run, RunConfig)
+    require_whole_model(run, source)  # a modular run's checkpoints hold modules only
     return run.model, weights
 
 

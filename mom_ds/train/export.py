@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -36,18 +36,18 @@ def resolve(path: str | Path) -> tuple[Path, str]:
                             f"one of its ckpt/step_* directories.")
 
 
-def consolidated_state_dict(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor], int]:
-    """(the run's config, fp32 state dict of the whole model, step)."""
+def consolidated_state_dict(path: str | Path
+                            ) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """(the run's config, fp32 state dict of the whole model, the checkpoint's client state:
+    step, world size, ...)."""
     ckpt_dir, tag = resolve(path)
     client, params = read_tag(ckpt_dir / tag)
     weights = {name: entry["weight"].float() for name, entry in params.items()}
-    return RunConfig.from_dict(client["config"]), weights, int(client["step"])
+    return RunConfig.from_dict(client["config"]), weights, client
 
 
-def validation_window_count(path: str | Path) -> int:
+def validation_window_count(client: dict[str, Any]) -> int:
     """Windows one validation pass of the run scored: eval_batches x micro x its ranks."""
-    ckpt_dir, tag = resolve(path)
-    client, _ = read_tag(ckpt_dir / tag)
     t = client["config"]["train"]
     return int(t["eval_batches"]) * int(t["micro_batch_size"]) * int(client["world_size"])
 
@@ -78,12 +78,13 @@ def with_compute(config: MoMConfig, depth: Optional[int] = None,
 
 
 def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None
-               ) -> tuple[RunConfig, MoMForCausalLM, int]:
-    """The checkpoint's model on one process in eval mode, optionally with H' routing steps
-    and K' modules per step (with_compute); run.model then describes the changed model."""
-    run, weights, step = consolidated_state_dict(path)
+               ) -> tuple[RunConfig, MoMForCausalLM, dict[str, Any]]:
+    """(config, model, client state) of a checkpoint, the model on one process in eval mode,
+    optionally with H' routing steps and K' modules per step (with_compute); run.model then
+    describes the changed model."""
+    run, weights, client = consolidated_state_dict(path)
     require_whole_model(run, path)
     run.model = with_compute(run.model, depth, top_k)
     model = MoMForCausalLM(run.model)
     model.load_state_dict(weights)
-    return run, model.eval(), step
+    return run, model.eval(), client

@@ -132,7 +132,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
         saving = progress.step == stop or (t.ckpt_interval
                                            and progress.step % t.ckpt_interval == 0)
-        if evaluating or saving:
+        if (evaluating or saving) and not logging:  # a logging step was checked above
             health.check(progress.step, engine.get_global_grad_norm())
         if evaluating:
             last_eval = evaluate(engine, make_val, t.eval_batches)

@@ -37,16 +37,12 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
-    tag = None
     if resume:
         tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
         if warning and rank == 0:
             print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
-        check_same_teacher(run, out_dir / "ckpt" / tag)
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
-    if rank == 0:
-        run.save(out_dir / "config.yaml")  # the exact config, overrides included
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
@@ -60,12 +56,15 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     progress = Progress()
     if resume:
         client = checkpoint.load(engine, model, layout, out_dir / "ckpt", tag)
+        check_same_teacher(run, client)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
             print(f"resumed from step {progress.step} ({progress.tokens_seen} tokens, saved "
                   f"by {client['world_size']} rank(s) at expert_parallel_size "
                   f"{client['expert_parallel_size']})", flush=True)
+    if rank == 0:  # after the resume's checks: a refused resume leaves the directory as it was
+        run.save(out_dir / "config.yaml")  # the exact config, overrides included
     monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
     if rank == 0:
         trained = "trained (modules) " if run.modular.enabled else ""
@@ -110,10 +109,9 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
     return model
 
 
-def check_same_teacher(run: RunConfig, tag_dir: Path) -> None:
-    """A resume continues the modules of the teacher they were trained with; checked before
-    anything is written into the run directory."""
-    client, _ = checkpoint.read_tag(tag_dir)
+def check_same_teacher(run: RunConfig, client: dict[str, Any]) -> None:
+    """A resume continues the modules of the teacher they were trained with (the same names
+    and shapes load from another teacher's run; its weights' fingerprint tells them apart)."""
     saved = client["config"].get("modular", {}).get("teacher_fingerprint", "")
     if saved != run.modular.teacher_fingerprint:
         raise checkpoint.CheckpointError(
