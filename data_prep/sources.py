@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .format import DataError
+from .hub import hub_unreachable
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 # A `--txt-mode file` document is read whole; beyond this the user must pick a streaming layout.
@@ -200,6 +201,10 @@ class HubSource(Source):
     def __init__(self, name: str, options: SourceOptions) -> None:
         import datasets
 
+        if reason := hub_unreachable():
+            raise DataError(f"cannot load the Hugging Face dataset {name!r}: {reason}. Fix: pass local "
+                            f"files with --source, or, if the dataset is in your cache, set "
+                            f"HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 to read it from there")
         try:
             self.dataset = datasets.load_dataset(name, options.hf_config, split=options.hf_split,
                                                  streaming=options.streaming)

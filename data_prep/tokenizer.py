@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .format import DataError
+from .hub import cache_only, offline_note
 from .sources import looks_like_path
 
 GPT2_ENV = "MOM_GPT2_DIR"
@@ -172,11 +173,12 @@ def _hf(spec: str) -> HFTokenizer:
     try:
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(name)
+        hf = AutoTokenizer.from_pretrained(name, local_files_only=cache_only())
     except Exception as err:  # hub, network and file-format errors all mean "cannot use this name"
         raise DataError(f"unknown tokenizer {spec!r}: not one of bytes, gpt2, gpt2:DIR or a tiktoken encoding, "
-                        f"not a local tokenizer path, and the Hugging Face hub could not provide it "
-                        f"({type(err).__name__}; offline?). Pass a local path or one of those names.") from err
+                        f"not a local tokenizer path, and neither the Hugging Face cache nor the hub could "
+                        f"provide it ({type(err).__name__}{offline_note()}). Pass a local path or one of "
+                        f"those names.") from err
     if hf.eos_token_id is None:
         raise DataError(f"tokenizer {spec!r} defines no end-of-text (eos) token")
     return HFTokenizer(hf.backend_tokenizer, spec, hf.eos_token_id, len(hf))

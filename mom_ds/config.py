@@ -26,6 +26,7 @@ from .modular.config import ModularConfig
 ModelConfig = MoMConfig
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "nccl", "gloo")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -90,6 +91,12 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 detects it on known GPUs, and on CPU
     uses 1.0 (a documented placeholder: set it for your CPU)."""
+    nan_policy: str = "stop"
+    """A step whose loss or gradient norm is not finite: stop (the run ends with exit 3
+    before it writes a checkpoint) or skip (the step changes no weight, optimizer state or
+    learning rate, as DeepSpeed skips fp16 overflow steps; needs bf16 or ZeRO stage >= 1)."""
+    max_skipped_steps: int = 10
+    """Under nan_policy skip, this many skipped steps in a row end the run as under stop."""
 
 
 @dataclass
@@ -162,6 +169,12 @@ class RunConfig:
         if t.precision not in PRECISIONS:
             fail("train.precision", t.precision, f"is not one of {PRECISIONS}",
                  "use auto, bf16 or fp32")
+        if t.nan_policy not in NAN_POLICIES:
+            fail("train.nan_policy", t.nan_policy, f"is not one of {NAN_POLICIES}",
+                 "use stop (the default) or skip")
+        if t.max_skipped_steps < 1:
+            fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 1",
+                 "set train.max_skipped_steps >= 1")
         if p.backend not in BACKENDS:
             fail("parallel.backend", p.backend, f"is not one of {BACKENDS}",
                  "use auto, nccl or gloo")

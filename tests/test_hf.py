@@ -224,3 +224,22 @@ def test_export_refuses_a_mom_model(tmp_path, layout):
     with pytest.raises(ConfigError, match="exports a vanilla preset only.*Fix"):
         to_hf_gpt2(model, tmp_path / "out")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_hub_name_that_cannot_be_had_is_one_error(monkeypatch):
+    import socket
+
+    from data_prep import hub
+
+    with socket.socket() as sock:  # a port nothing listens on: the hub "cannot be reached"
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    hub.hub_unreachable.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=f"nosuchorg/nosuchmodel is neither a directory.*"
+                                              f"the hub was not asked: 127.0.0.1:{port} cannot be reached"):
+            from_hf_gpt2("nosuchorg/nosuchmodel")
+    finally:
+        hub.hub_unreachable.cache_clear()

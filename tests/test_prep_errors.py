@@ -1,5 +1,9 @@
 """Bad input: one clear DataError each, and nothing left at --out; atomic, idempotent output."""
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +84,48 @@ def test_unknown_tokenizer_offline(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="unknown tokenizer 'no-such-tokenizer-xyz'"):
         run(tmp_path, corpus, tokenizer="no-such-tokenizer-xyz")
     assert_no_output(tmp_path)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("flag,name,message", [
+    ("--tokenizer", "nosuchorg/nosuchtok", "unknown tokenizer 'nosuchorg/nosuchtok'"),
+    ("--source", "nosuchorg/nosuchds", "cannot load the Hugging Face dataset 'nosuchorg/nosuchds'"),
+])
+def test_unreachable_hub_is_not_retried(tmp_path, flag, name, message):
+    # Without HF_HUB_OFFLINE the hub clients retry with back-off for 25-54 s before failing;
+    # the probe says at once that the (here: local, closed) endpoint cannot be reached.
+    port = _closed_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    args = {"--source": str(tmp_path / "c.jsonl"), "--tokenizer": "bytes", flag: name}
+    proc = subprocess.run([sys.executable, "-m", "data_prep.cli", *(x for kv in args.items() for x in kv),
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and f"127.0.0.1:{port} cannot be reached" in proc.stderr
+    assert "Retrying" not in proc.stderr and "Traceback" not in proc.stderr
+    assert_no_output(tmp_path)
+
+
+def test_reachable_hub_is_asked(monkeypatch):
+    from data_prep import hub
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        hub.hub_unreachable.cache_clear()
+        try:
+            assert hub.hub_unreachable() is None and not hub.cache_only()
+        finally:
+            hub.hub_unreachable.cache_clear()
 
 
 def test_gpt2_offline_names_the_fix(tmp_path, monkeypatch, shared_gpt2_tokenizer_dir):

@@ -54,6 +54,25 @@ def metrics(out_dir: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
+def poisoned_forward(call: int, rank: str = "") -> str:
+    """Python source that makes the model's `call`-th training forward (1-based) return a NaN
+    loss, on every rank or only on `rank`: a fault injected from outside the code under
+    test. Run it before mom-train's main."""
+    return f"""
+import os
+from mom_ds.model.model import MoMForCausalLM
+forward, calls = MoMForCausalLM.forward, [0]
+def poisoned(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    if self.training and {rank!r} in ("", os.environ.get("RANK")):
+        calls[0] += 1
+        if calls[0] == {call}:
+            out.loss = out.loss * float("nan")
+    return out
+MoMForCausalLM.forward = poisoned
+"""
+
+
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     """The tiny recipe, shrunk to a few fast steps; fp32 (CPU)."""
     return ["--config", str(TINY), "--data.data_dir", str(data), "--train.out_dir", str(out),

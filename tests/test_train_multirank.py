@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from test_train_fixtures import REPO, env, metrics, mom_train, tiny_args, write_byte_data
+from test_train_fixtures import (REPO, env, metrics, mom_train, poisoned_forward, tiny_args,
+                                 write_byte_data)
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -148,10 +150,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-def launch(plan: list[list[str]], root: Path, n_ranks: int) -> None:
+def launch(plan: list[list[str]], root: Path, n_ranks: int, driver: str = DRIVER) -> None:
     """Run the plan's mom-train argument lists in turn, in one deepspeed launch."""
     (root / "plan.json").write_text(json.dumps(plan))
-    (root / "driver.py").write_text(DRIVER)
+    (root / "driver.py").write_text(driver)
     cmd = [shutil.which("deepspeed"), "--num_accelerators", str(n_ranks), "--master_port",
            "29517", str(root / "driver.py"), str(root / "plan.json")]
     try:
@@ -336,3 +338,24 @@ def test_two_rank_resume_equals_uninterrupted(runs, stopped, uninterrupted):
         assert got[step]["train/loss"] == pytest.approx(want[step]["train/loss"], rel=1e-6)
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=1e-6)
     assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """nan_policy skip with E = 2 under ZeRO-2: DeepSpeed's overflow check spans the ranks,
+    so both leave step 3 out (no rank steps alone, nothing hangs) and training goes on."""
+    from mom_ds.train.export import consolidated_state_dict
+
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    data, out = write_byte_data(tmp_path / "data"), tmp_path / "run"
+    launch([[*tiny_args(data, out), "--train.max_steps", "4", "--train.ckpt_interval", "1",
+             "--train.eval_interval", "4", "--train.micro_batch_size", "4",
+             "--train.nan_policy", "skip", "--parallel.expert_parallel_size", "2",
+             "--deepspeed", str(REPO / "ds_configs" / "zero2.json")]],
+           tmp_path, 2, poisoned_forward(3, rank="1") + DRIVER)  # rank 1 alone
+    rows = metrics(out)
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 5)] == [0, 0, 1, 1]
+    assert rows[4]["train/lr"] == rows[3]["train/lr"]
+    weights = {s: consolidated_state_dict(out / "ckpt" / f"step_{s:06d}")[1] for s in (2, 3, 4)}
+    assert all(torch.equal(weights[2][n], weights[3][n]) for n in weights[2])
+    assert not all(torch.equal(weights[3][n], weights[4][n]) for n in weights[3])

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from test_train_fixtures import (REPO, env, metrics, mom_train, run_python, tiny_args,
-                                 write_byte_data)
+from test_train_fixtures import (REPO, env, metrics, mom_train, poisoned_forward, run_python,
+                                 tiny_args, write_byte_data)
 
 pytestmark = pytest.mark.slow
 DIVERGE = ["--train.lr", "1e6", "--train.min_lr", "1e5"]
@@ -52,6 +53,60 @@ def test_a_run_diverging_after_a_checkpoint_keeps_it(data, tmp_path):
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(out), "--max-windows", "8"])
     assert proc.returncode == 0
     assert math.isfinite(float(proc.stdout.split("val loss ")[1].split()[0]))
+
+
+def poisoned_train(call: int, *args: str):
+    """mom-train with a NaN loss at the call-th training forward (one per step here)."""
+    main = "import sys\nfrom mom_ds.cli.train import main\nsys.exit(main(sys.argv[1:]))\n"
+    return run_python(["-c", poisoned_forward(call) + main, *args])
+
+
+def test_skip_policy_leaves_a_non_finite_step_out_and_trains_on(data, tmp_path):
+    from mom_ds.train.export import consolidated_state_dict
+
+    out = tmp_path / "run"
+    proc = poisoned_train(3, *tiny_args(data, out, "--train.nan_policy", "skip",
+                                          "--train.max_steps", "5", "--train.ckpt_interval", "1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(out)
+    assert [rows[s]["train/skipped_steps"] for s in range(1, 6)] == [0, 0, 1, 1, 1]
+    assert math.isnan(rows[3]["train/loss"]) and math.isfinite(rows[5]["eval/loss"])
+    # the schedule did not advance on the skipped step: step 4 runs at step 3's rate
+    assert rows[4]["train/lr"] == rows[3]["train/lr"] != rows[2]["train/lr"]
+    weights = {s: consolidated_state_dict(out / "ckpt" / f"step_{s:06d}")[1] for s in (2, 3, 4)}
+    assert all(torch.equal(weights[2][n], weights[3][n]) for n in weights[2])  # left out
+    assert not all(torch.equal(weights[3][n], weights[4][n]) for n in weights[3])  # trained on
+    assert "skipped 1" in proc.stdout
+
+
+def test_stop_policy_ends_the_run_at_the_same_fault(data, tmp_path):
+    out = tmp_path / "run"
+    proc = poisoned_train(3, *tiny_args(data, out, "--train.max_steps", "5",
+                                          "--train.ckpt_interval", "1"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "the training loss is not finite at step 3" in proc.stderr
+    assert (out / "ckpt" / "latest").read_text() == "step_000002"
+
+
+def test_skip_policy_stops_a_run_that_keeps_diverging(data, tmp_path):
+    out = tmp_path / "run"
+    proc = train(*tiny_args(data, out, *DIVERGE, "--train.nan_policy", "skip",
+                            "--train.max_skipped_steps", "3", "--train.max_steps", "20",
+                            "--train.ckpt_interval", "10"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "steps in a row had a non-finite loss or gradient and were skipped" in message
+    assert "(train.max_skipped_steps = 3)" in message and "Traceback" not in proc.stderr
+    assert not (out / "ckpt").exists()
+
+
+def test_skip_policy_refuses_fp32_without_zero(data, tmp_path):
+    proc = train(*tiny_args(data, tmp_path / "run", "--train.nan_policy", "skip",
+                            "--parallel.deepspeed", str(REPO / "ds_configs" / "zero0.json")))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "mom-train: error: train.nan_policy = 'skip' needs DeepSpeed's overflow check")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_fresh_run_refuses_an_existing_run_directory(data, tmp_path):

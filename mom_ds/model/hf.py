@@ -17,6 +17,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from data_prep.hub import cache_only, offline_note
+
 from .config import ConfigError, MoMConfig
 from .model import MoMForCausalLM
 
@@ -166,14 +168,28 @@ def _check_donor_config(config) -> None:
             "scale_attn_weights = True and scale_attn_by_inverse_layer_idx = False.")
 
 
+def _from_pretrained(loader, path: Union[str, Path]):
+    """`loader.from_pretrained(path)`; a hub name comes from the cache alone when the hub
+    cannot be reached (data_prep/hub.py), and a miss is one error naming the name."""
+    if Path(path).exists():
+        return loader.from_pretrained(path)
+    try:
+        return loader.from_pretrained(path, local_files_only=cache_only())
+    except OSError as err:
+        raise HFInteropError(f"{path} is neither a directory nor a Hugging Face model the cache or "
+                             f"the hub could provide ({type(err).__name__}{offline_note()}). Fix: "
+                             f"pass a directory written by save_pretrained, or a hub name with "
+                             f"the network (or the model in the cache).") from err
+
+
 def _load_donor(path_or_model: Union[str, Path, PreTrainedModel]) -> GPT2LMHeadModel:
     if isinstance(path_or_model, PreTrainedModel):
         _check_donor_config(path_or_model.config)
         model = path_or_model
     else:
         # Read the config first: refuse a foreign checkpoint before loading its weights.
-        _check_donor_config(AutoConfig.from_pretrained(path_or_model))
-        model = GPT2LMHeadModel.from_pretrained(path_or_model)
+        _check_donor_config(_from_pretrained(AutoConfig, path_or_model))
+        model = _from_pretrained(GPT2LMHeadModel, path_or_model)
     if not isinstance(model, GPT2LMHeadModel):
         raise HFInteropError(f"got a {type(model).__name__}, which has no LM head. Fix: pass "
                              f"a GPT2LMHeadModel (or its directory / hub name).")
@@ -191,7 +207,7 @@ def _vanilla_layout(hf: GPT2Config) -> MoMConfig:
 def gpt2_vanilla_config(path: Union[str, Path]) -> MoMConfig:
     """The vanilla preset a GPT-2 checkpoint (directory or hub name) imports as, read from
     its config alone (no weights loaded)."""
-    hf = AutoConfig.from_pretrained(path)
+    hf = _from_pretrained(AutoConfig, path)
     _check_donor_config(hf)
     return _vanilla_layout(hf)
 

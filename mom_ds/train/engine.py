@@ -73,6 +73,8 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
                           f"{t.precision!r}. Fix: remove the bf16 block or make them agree.")
     if json_bf16 is None:
         cfg["bf16"] = {"enabled": bf16}
+    if t.nan_policy == "skip":
+        _check_skippable(cfg, bf16, where)
     cfg["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
         # DeepSpeed's FusedAdam needs a CUDA build; elsewhere torch's AdamW is the same math.
@@ -82,6 +84,22 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
         cfg["optimizer"]["params"].pop("torch_adam")  # offload runs DeepSpeedCPUAdam
     cfg.setdefault("steps_per_print", 10 ** 9)  # our loop prints; keep DeepSpeed quiet
     return cfg
+
+
+def _check_skippable(cfg: dict[str, Any], bf16: bool, where: str) -> None:
+    """nan_policy skip is DeepSpeed's own: its bf16 optimizer and its ZeRO optimizers find a
+    non-finite gradient and skip the step (weights, Adam moments, LR schedule untouched). In
+    fp32 without ZeRO the engine steps torch's optimizer directly, which applies the NaN."""
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if not bf16 and stage == 0:
+        raise ConfigError(f"train.nan_policy = 'skip' needs DeepSpeed's overflow check, which "
+                          f"runs in bf16 or under ZeRO; {where} is ZeRO stage 0 in fp32. Fix: use "
+                          f"ds_configs/zero1.json (or another ZeRO stage), train.precision bf16, "
+                          f"or train.nan_policy stop.")
+    if bf16 and cfg["bf16"].get("check_grad_overflow") is False:
+        raise ConfigError(f"{where} sets bf16.check_grad_overflow = false, which turns off the "
+                          f"check train.nan_policy = 'skip' relies on. Fix: remove that key or "
+                          f"use train.nan_policy stop.")
 
 
 def init_distributed(run: RunConfig, verbose: bool = False) -> None:

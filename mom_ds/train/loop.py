@@ -81,7 +81,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         print(f"training {t.max_steps} steps x {tokens_per_step} tokens on {world} rank(s); "
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
-    health = Health(batches.device, ckpt_dir)
+    health = Health(batches.device, ckpt_dir, t.nan_policy, t.max_skipped_steps)
     window_start, window_steps = time.perf_counter(), 0
     while progress.step < stop:
         step = progress.step
@@ -101,6 +101,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if stats is not None:
                 stats.add(out.routing)
+        health.stepped(engine.was_step_applied())
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         window_steps += 1
@@ -121,10 +122,15 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                       "perf/memory_gb": memory_gb(), "train/tokens_seen": progress.tokens_seen}
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
+            skipped = ""
+            if t.nan_policy == "skip":  # DeepSpeed's count, kept in its checkpoints
+                values["train/skipped_steps"] = engine.skipped_steps
+                skipped = f" skipped {engine.skipped_steps}" if engine.skipped_steps else ""
             eta = (stop - progress.step) * elapsed / window_steps
             monitor.scalars(progress.step, values, echo=(
                 f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
-                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% eta {format_eta(eta)}"))
+                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% eta {format_eta(eta)}"
+                f"{skipped}"))
             monitor.routing(progress.step, stats, dispatch_stats(engine.module))
             window_start, window_steps = time.perf_counter(), 0
 
