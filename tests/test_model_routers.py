@@ -32,6 +32,26 @@ def test_k1_renorm_weighting_gives_the_router_no_lm_gradient_as_the_authors():
     assert _router_grad("renorm") < 1e-6  # w = p / p: zero up to rounding
 
 
+def test_logit_weighting_is_the_chosen_raw_logit_as_the_authors_naive_router():
+    """A hand-set MLP router: hidden = relu(x) = [1, 0]; logits = W2 hidden + b2 =
+    [2.1, -0.8, 0.8] (softmax at T = 0.2 would give 0.999...)."""
+    from mom_ds.model.routers import Router
+
+    for top_k, ids, weights in ((1, [[0]], [[2.1]]), (2, [[0, 2]], [[2.1, 0.8]])):
+        cfg = presets.mom(vocab_size=40, n_positions=16, d_model=2, n_heads=1, n_attn_modules=2,
+                          n_ffn_modules=2, router="mlp", router_width=2, top_k=top_k,
+                          weighting="logit")
+        router = Router(cfg, "mlp", pool_size=2)
+        with torch.no_grad():
+            router.hidden.weight.copy_(torch.eye(2))
+            router.hidden.bias.zero_()
+            router.head.weight.copy_(torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.5, 0.0]]))
+            router.head.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+        decision, _ = router(torch.tensor([[1.0, -2.0]]), None, step=0)
+        assert decision.ids.tolist() == ids
+        assert torch.allclose(decision.weights, torch.tensor(weights))
+
+
 def test_balancing_loss_matches_switch_formula():
     cfg = presets.mom(top_k=1, **SHAPE)
     router = MoMForCausalLM(cfg).chunks[0].ffn_router

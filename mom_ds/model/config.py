@@ -16,7 +16,7 @@ import yaml
 ROUTER_KINDS = ("gru", "mlp", "fixed")
 FIXED_ROUTES = ("layer", "cycle")
 SKIP_IN_ATTENTION = ("zero", "mask")
-WEIGHTINGS = ("prob", "renorm")
+WEIGHTINGS = ("prob", "renorm", "logit")
 MOD_DECODE = ("bce", "predictor")
 
 
@@ -82,7 +82,9 @@ class MoMConfig:
     `mask` removes it from the key set."""
     weighting: str = "prob"
     """`prob`: K=1 multiplies by the raw top-1 probability (router gets LM gradient),
-    K>=2 renormalises; `renorm`: always renormalise (K=1 weight is exactly 1, authors)."""
+    K>=2 renormalises; `renorm`: always renormalise (K=1 weight is exactly 1, authors);
+    `logit`: the chosen raw router logits, no softmax, no temperature (the authors' default
+    `naive` router; weights of any sign and size, so not recommended)."""
     weighted_qkv: bool = False
     """Weight the summed Q/K/V projections by the routing weights (default: plain sum)."""
     early_exit: bool = False

@@ -37,7 +37,7 @@ class Router(nn.Module):
         self.n_classes = config.n_router_classes
         self.top_k = config.top_k
         self.temperature = config.temperature
-        self.renorm_k1 = config.weighting == "renorm"
+        self.weighting = config.weighting
         self.fixed_cycle = config.fixed_route == "cycle"
         self.early_exit = config.early_exit
         self.count_skip = config.aux_loss_count_skip
@@ -96,7 +96,9 @@ class Router(nn.Module):
                 logits = logits.masked_fill(~allowed, float("-inf"))
             probs = torch.softmax(logits / self.temperature, dim=-1)
             top_p, ids = probs.topk(self.top_k, dim=-1)
-            if self.top_k > 1 or self.renorm_k1:
+            if self.weighting == "logit":  # softmax is monotonic: the same ids as top_p's
+                weights = logits.gather(1, ids)
+            elif self.top_k > 1 or self.weighting == "renorm":
                 weights = top_p / top_p.sum(dim=-1, keepdim=True)
             else:
                 weights = top_p
