@@ -315,10 +315,33 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> Ru
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections.")
+    values = _expand_preset(values)
     for section, updates in parse_overrides(list(overrides)).items():
         values.setdefault(section, {})
         values[section] = {**(values[section] or {}), **updates}
     return RunConfig.from_dict(values)
+
+
+def _expand_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """A recipe may name its model by preset (`preset: moe` and `preset_args: {n_layer: 12,
+    ...}`, as the files under configs/presets/ do): the preset builds the model section,
+    and fields the recipe's own `model:` section sets win over it."""
+    name, args = values.pop("preset", None), values.pop("preset_args", None) or {}
+    if name is None:
+        if args:
+            raise ConfigError("the recipe has preset_args but no preset. Fix: add "
+                              "`preset: NAME` or remove preset_args.")
+        return values
+    from .model.presets import PRESETS, preset
+
+    if not isinstance(args, dict):
+        raise ConfigError(f"preset_args must be a mapping of arguments, got {args!r}.")
+    try:
+        built = preset(str(name), **args)
+    except TypeError as err:  # an argument the preset function does not take
+        raise ConfigError(f"preset {name!r}: {err}. Fix: see mom_ds/model/presets.py for "
+                          f"the arguments of {sorted(PRESETS)}.") from None
+    return {**values, "model": {**built.to_dict(), **(values.get("model") or {})}}
 
 
 def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
