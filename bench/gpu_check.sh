@@ -46,6 +46,7 @@ torch.cuda.synchronize()
 torch.cuda.set_sync_debug_mode("error")
 out = model(ids, labels=ids)
 out.loss.backward()
+model(ids, labels=ids, loss_chunk_tokens=256).loss.backward()  # the chunked head + loss
 torch.cuda.set_sync_debug_mode(0)
 groups = pools.RowGroups.from_sorted(torch.sort(torch.randint(0, 5, (64,), device="cuda"))[0],
                                      torch.tensor([10, 20, 0, 14], device="cuda"))
@@ -62,6 +63,12 @@ else row "routed block bf16, sync_debug_mode=error" "FAIL" "$(grep -m1 -i error 
 if timeout 240 "$PY" bench/model_speed.py --device cuda --dtype bf16 > "$OUT/speed.txt" 2>&1
 then row "bench/model_speed.py bf16" "ok" "$(grep -i ratio "$OUT/speed.txt" | tr '\n' ' ' | cut -c1-200)"
 else row "bench/model_speed.py bf16" "FAIL" "$(tail -1 "$OUT/speed.txt")"; fi
+
+# 4. the chunked LM head + loss at GPT-2's vocabulary (target: vanilla >= 1.3x HF tokens/s)
+if timeout 240 "$PY" bench/model_speed.py --device cuda --dtype bf16 --vocab 50257 \
+     > "$OUT/speed50257.txt" 2>&1
+then row "bench/model_speed.py bf16 vocab 50257" "ok" "$(grep -i "vanilla preset" "$OUT/speed50257.txt" | tr '\n' ' ' | cut -c1-240)"
+else row "bench/model_speed.py bf16 vocab 50257" "FAIL" "$(tail -1 "$OUT/speed50257.txt")"; fi
 
 echo
 printf '%-44s %-6s %s\n' "check" "result" "detail"

@@ -6,6 +6,10 @@
 2. MoM vs vanilla at equal parameters: executed training FLOPs per second (FLOPs from the
    routing actually taken), i.e. how much of vanilla's arithmetic rate MoM's routing and
    dispatch keep.
+3. The trainer's features on that MoM run, one at a time: the whole logits instead of the
+   chunked loss (train.loss_chunk_tokens 0), activation checkpointing per layer / routing
+   step and per block, torch.compile (its compile time from the first log window): tokens/s
+   and peak memory of the process against the default MoM run.
 
   python bench/train_speed.py [--steps 20] [--rounds 2] [--d-model 256] [--layers 6] [--seq-len 256]
 One process (1 rank), fp32, on whatever device DeepSpeed picks (CPU here).
@@ -47,8 +51,15 @@ def mom_train_speed(args, data: Path, out: Path, model: list[str]) -> dict[str, 
         sys.exit(f"mom-train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     perf = [r for r in rows if "perf/tokens_per_s" in r and r["step"] > 5]
-    return {"tokens_per_s": median(r["perf/tokens_per_s"] for r in perf),
-            "flops_per_s": median(r["perf/flops_per_s"] for r in perf)}
+    tokens_per_s = median(r["perf/tokens_per_s"] for r in perf)
+    first = next(r for r in rows if "perf/tokens_per_s" in r and r["step"] == 5)
+    step_tokens = args.batch * args.seq_len
+    return {"tokens_per_s": tokens_per_s,
+            "flops_per_s": median(r["perf/flops_per_s"] for r in perf),
+            "memory_gb": max(r["perf/memory_gb"] for r in rows if "perf/memory_gb" in r),
+            # the first window (steps 2-5) less its steps at the later rate: compilation
+            "first_window_extra_s": 4 * step_tokens / first["perf/tokens_per_s"]
+            - 4 * step_tokens / tokens_per_s}
 
 
 def hf_loop_speed(args, data: Path) -> dict[str, float]:
@@ -119,13 +130,23 @@ def main() -> None:
         mom = ["--model.n_bottom", "0", "--model.n_chunks", "1", "--model.n_top", "0",
                "--model.n_attn_modules", L, "--model.n_ffn_modules", L, "--model.depth", L,
                "--model.top_k", "1", "--model.router_width", "64"]
-        results: dict[str, list[dict[str, float]]] = {"hf": [], "vanilla": [], "mom": []}
+        features = {"whole logits (loss_chunk_tokens 0)": ["--train.loss_chunk_tokens", "0"],
+                    "activation_checkpointing layer": ["--train.activation_checkpointing",
+                                                       "layer"],
+                    "activation_checkpointing block": ["--train.activation_checkpointing",
+                                                       "block"],
+                    "compile": ["--train.compile", "true"]}
+        results: dict[str, list[dict[str, float]]] = {
+            "hf": [], "vanilla": [], "mom": [], **{name: [] for name in features}}
         for r in range(args.rounds):
             results["hf"].append(hf_loop_speed(args, data))
             results["vanilla"].append(mom_train_speed(args, data, tmp / f"vanilla{r}", vanilla))
             results["mom"].append(mom_train_speed(args, data, tmp / f"mom{r}", mom))
-        hf, van, mm = (max(results[k], key=lambda x: x["tokens_per_s"])
-                       for k in ("hf", "vanilla", "mom"))
+            for i, (name, extra) in enumerate(features.items()):
+                results[name].append(mom_train_speed(args, data, tmp / f"feature{i}_{r}",
+                                                     mom + extra))
+        best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in results.items()}
+        hf, van, mm = best["hf"], best["vanilla"], best["mom"]
     print(f"# train_speed: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, 1 rank, fp32; "
           f"d_model {args.d_model}, {args.layers} layers, seq {args.seq_len}, batch "
@@ -141,6 +162,17 @@ def main() -> None:
     print(f"| mom-train, MoM ({L} + {L} modules, H = {L}, K = 1) | {mm['tokens_per_s']:,.0f} | "
           f"{mm['flops_per_s'] / 1e9:.1f} | {mm['flops_per_s'] / van['flops_per_s']:.2f} "
           f"(executed FLOP/s vs vanilla) |")
+    print("\n| MoM run with | tokens/s | vs default | peak memory GB | vs default |")
+    print("|---|---|---|---|---|")
+    print(f"| defaults (chunked loss, no checkpointing, eager) | {mm['tokens_per_s']:,.0f} | "
+          f"1.00 | {mm['memory_gb']:.2f} | 1.00 |")
+    for name in features:
+        f = best[name]
+        extra = f"; compilation about {f['first_window_extra_s']:.0f} s" if name == "compile" \
+            else ""
+        print(f"| {name} | {f['tokens_per_s']:,.0f} | "
+              f"{f['tokens_per_s'] / mm['tokens_per_s']:.2f}{extra} | {f['memory_gb']:.2f} | "
+              f"{f['memory_gb'] / mm['memory_gb']:.2f} |")
 
 
 if __name__ == "__main__":

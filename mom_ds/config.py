@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from .model import ConfigError, MoMConfig
+from .model.checkpointing import MODES as CHECKPOINTING
 from .modular.config import ModularConfig
 
 ModelConfig = MoMConfig
@@ -91,6 +92,24 @@ class TrainConfig:
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 detects it on known GPUs, and on CPU
     uses 1.0 (a documented placeholder: set it for your CPU)."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the LM head + cross-entropy in training and validation: the
+    (tokens x vocab) logits are never whole in memory (the backward recomputes each chunk's
+    logits); 0 builds them whole. Modular runs keep them whole (distillation reads them)."""
+    activation_checkpointing: str = "none"
+    """Keep fewer activations and recompute them in the backward (torch.utils.checkpoint;
+    the same dropout masks and routing come back): none, layer (each vanilla or MoD layer
+    and each routing step of a routed block: the lowest peak) or block (each layer and
+    each routed block whole: fewer saved boundaries, but a block's H steps are rebuilt
+    together in the backward)."""
+    compile: bool = False
+    """torch.compile the parts of the model with no host sync: every vanilla and MoD layer
+    and every learned router (the README says what and why). Not with ZeRO-3; dropout
+    masks come from inductor's generator, so they differ from an eager run's."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[start, end]: record optimizer steps start+1 .. end with torch.profiler into
+    profile/ in the run directory (a TensorBoard / Perfetto trace per rank, the routed
+    blocks' phases labelled); [] records nothing."""
     nan_policy: str = "stop"
     """A step whose loss or gradient norm is not finite: stop (the run ends with exit 3
     before it writes a checkpoint) or skip (the step changes no weight, optimizer state or
@@ -145,7 +164,7 @@ class RunConfig:
             if getattr(t, name) < 1:
                 fail(f"train.{name}", getattr(t, name), "must be >= 1", f"set train.{name} >= 1")
         for name in ("warmup_steps", "log_interval", "eval_interval", "ckpt_interval",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "loss_chunk_tokens"):
             if getattr(t, name) < 0:
                 fail(f"train.{name}", getattr(t, name), "must not be negative",
                      f"set train.{name} >= 0")
@@ -169,6 +188,15 @@ class RunConfig:
         if t.precision not in PRECISIONS:
             fail("train.precision", t.precision, f"is not one of {PRECISIONS}",
                  "use auto, bf16 or fp32")
+        if t.activation_checkpointing not in CHECKPOINTING:
+            fail("train.activation_checkpointing", t.activation_checkpointing,
+                 f"is not one of {CHECKPOINTING}", "use none, layer or block")
+        if t.profile_steps and not (len(t.profile_steps) == 2
+                                    and 0 <= t.profile_steps[0] < t.profile_steps[1]
+                                    <= t.max_steps):
+            fail("train.profile_steps", t.profile_steps, f"must be [start, end] with 0 <= "
+                 f"start < end <= train.max_steps = {t.max_steps}", "use e.g. [10, 13] "
+                 "(steps 11 to 13), or [] to record nothing")
         if t.nan_policy not in NAN_POLICIES:
             fail("train.nan_policy", t.nan_policy, f"is not one of {NAN_POLICIES}",
                  "use stop (the default) or skip")

@@ -34,9 +34,20 @@ EP_LAYOUTS = {
     "ep2_zero1": ("zero1", ["--train.micro_batch_size", "2", "--train.grad_accum_steps", "2",
                             "--train.eval_batches", "4", "--parallel.expert_parallel_size", "2"]),
     "ep2_zero2": ("zero2", ["--train.micro_batch_size", "4",
-                            "--parallel.expert_parallel_size", "2"]),
+                            "--parallel.expert_parallel_size", "2",
+                            "--train.profile_steps", "2,3"]),
     "ep2_zero3": ("zero3", ["--train.micro_batch_size", "4",
                             "--parallel.expert_parallel_size", "2"]),
+    # activation checkpointing: the recompute exchanges again, counting nothing twice
+    "ep2_zero3_ckpt_layer": ("zero3", ["--train.micro_batch_size", "4",
+                                       "--parallel.expert_parallel_size", "2",
+                                       "--train.activation_checkpointing", "layer"]),
+    "ep2_zero1_ckpt_block": ("zero1", ["--train.micro_batch_size", "2",
+                                       "--train.grad_accum_steps", "2",
+                                       "--train.eval_batches", "4",
+                                       "--parallel.expert_parallel_size", "2",
+                                       "--train.activation_checkpointing", "block",
+                                       "--train.loss_chunk_tokens", "0"]),
 }
 # fp32 throughout. The two-rank runs sum gradients in a different order (per-rank partial
 # sums, then an all-reduce) than one rank does, which changes the last bits (~1e-7
@@ -306,6 +317,26 @@ def test_expert_parallel_runs_moved_tokens_between_ranks(runs):
     events = EventAccumulator(str(runs["ep2_zero2"] / "tb")).Reload()
     assert events.Scalars("comm/all_to_all_bytes")[-1].value > 0
     assert "routing/block0/usage" in events.Tags()["images"]
+
+
+def test_expert_parallel_profile_names_the_exchange_on_every_rank(runs):
+    import gzip
+
+    for rank in (0, 1):
+        trace, = (runs["ep2_zero2"] / "profile").glob(f"rank{rank}*.pt.trace.json*")
+        with (gzip.open if trace.suffix == ".gz" else open)(trace, "rt") as f:
+            names = {e.get("name") for e in json.load(f)["traceEvents"]}
+        assert {"route", "exchange", "permute", "compute", "combine"} <= names
+
+
+def test_checkpointed_expert_parallel_runs_count_the_bytes_once(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def sent(name):
+        events = EventAccumulator(str(runs[name] / "tb")).Reload()
+        return [e.value for e in events.Scalars("comm/all_to_all_bytes")]
+
+    assert sent("ep2_zero3_ckpt_layer") == sent("ep2_zero3")
 
 
 def test_bf16_with_expert_parallelism_follows_fp32(runs):

@@ -188,6 +188,13 @@ def report(args: argparse.Namespace) -> int:
     fig.savefig(png, dpi=80)
     page = write_html(run, png, title)
     print(f"wrote {png} ({len(panel_titles(run))} panels) and {page}")
+    from ..train.profiling import trace_dir
+
+    traces = sorted(trace_dir(args.run_dir).glob("*.pt.trace.json"))
+    if traces:
+        print(f"profiler traces (train.profile_steps): {', '.join(str(t) for t in traces)}; "
+              f"view with tensorboard --logdir {trace_dir(args.run_dir)} (torch-tb-profiler) "
+              f"or https://ui.perfetto.dev")
     return 0
 
 

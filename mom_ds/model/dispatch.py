@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
+from .checkpointing import recomputing
 from .pools import RowGroups
 
 # A pool's computation of one half-step: rows sorted by module -> their outputs.
@@ -96,5 +98,11 @@ class LocalDispatcher:
             weighted: bool = True) -> torch.Tensor:
         """x: (N, d_in) -> (N, d_out) = sum over each token's assignments of
         weight * module(x[token]) (plain sum when not weighted)."""
-        self.dropped = self.dropped + plan.dropped
-        return combine(fn(x.index_select(0, plan.token), plan.groups), plan, weighted)
+        if not recomputing():  # a checkpointed step runs twice; its drops count once
+            self.dropped = self.dropped + plan.dropped
+        with record_function("permute"):
+            rows = x.index_select(0, plan.token)
+        with record_function("compute"):
+            y = fn(rows, plan.groups)
+        with record_function("combine"):
+            return combine(y, plan, weighted)

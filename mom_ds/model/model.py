@@ -2,6 +2,7 @@
 the tied LM head, the loss, and cached generation."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -9,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import MODES, checkpointed
 from .config import MoMConfig
 from .flops import flops_per_token
+from .lm_loss import chunked_lm_loss
 from .mod_block import MoDBlock, MoDRouting
 from .modules import VanillaLayer, init_gpt2_
 from .routed_block import BlockRouting, RoutedBlock
@@ -18,7 +21,7 @@ from .routed_block import BlockRouting, RoutedBlock
 
 @dataclass
 class MoMOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]          # None when the loss was chunked (lm_loss.py)
     loss: Optional[torch.Tensor] = None     # what to train on: lm_loss + coefs * aux losses
     lm_loss: Optional[torch.Tensor] = None  # cross-entropy only
     aux_loss: Optional[torch.Tensor] = None  # balancing loss (MoM) + BCE (MoD), unscaled sum
@@ -45,6 +48,7 @@ class MoMForCausalLM(nn.Module):
         self.top = nn.ModuleList(self._vanilla() for _ in range(config.n_top))
         self.ln_f = nn.LayerNorm(d, eps=eps)
         init_gpt2_(self, config.init_std, config.n_layer_equiv)
+        self.activation_checkpointing = "none"  # set by set_activation_checkpointing
 
     def _vanilla(self) -> VanillaLayer:
         c = self.config
@@ -65,6 +69,15 @@ class MoMForCausalLM(nn.Module):
             tensors.update(block.ffn_pool.module_views(f"chunks.{c}.ffn_modules"))
         return tensors
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """train.activation_checkpointing (checkpointing.py): none; layer (each vanilla /
+        MoD layer and each routing step); block (each layer and each routed block whole)."""
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing {mode!r} is not one of {MODES}")
+        self.activation_checkpointing = mode
+        for block in self.chunks:
+            block.checkpoint_steps = mode == "layer"
+
     def begin_step(self, step: int) -> None:
         """The training loop's call before each optimizer step; pre-training has no per-step
         schedule (the modular student draws its assembly here)."""
@@ -76,10 +89,13 @@ class MoMForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                cache: Optional[dict] = None, mod_routing: str = "topk") -> MoMOutput:
+                cache: Optional[dict] = None, mod_routing: str = "topk",
+                loss_chunk_tokens: int = 0) -> MoMOutput:
         """input_ids (B, T). labels (B, T) are the targets at each position (already shifted,
         as nanoGPT's X/Y; -100 ignored). With a cache dict, positions continue after the
-        tokens it holds and keys/values are appended to it."""
+        tokens it holds and keys/values are appended to it. With labels and
+        loss_chunk_tokens > 0 the head and the loss run that many tokens at a time and
+        out.logits is None (the whole logits are never built)."""
         B, T = input_ids.shape
         past = cache.get("length", 0) if cache is not None else 0
         if past + T > self.config.n_positions:
@@ -88,30 +104,47 @@ class MoMForCausalLM(nn.Module):
         pos = torch.arange(past, past + T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         out = MoMOutput(logits=x)
+        # activations are recomputed in training only (generation's cache is filled once)
+        checkpointing = self.activation_checkpointing != "none" and cache is None \
+            and self.training and torch.is_grad_enabled()
+
+        def run(layer: nn.Module, x: torch.Tensor, key: tuple, **kwargs):
+            if checkpointing and not (isinstance(layer, RoutedBlock)
+                                      and self.activation_checkpointing == "layer"):
+                return checkpointed(functools.partial(layer, **kwargs), x)
+            return layer(x, cache=cache, cache_key=key, **kwargs)
+
         for i, layer in enumerate(self.bottom):
             if isinstance(layer, MoDBlock):
-                x, mod = layer(x, routing=mod_routing, cache=cache, cache_key=("bottom", i))
+                x, mod = run(layer, x, ("bottom", i), routing=mod_routing)
                 out.mod_routing.append(mod)
             else:
-                x = layer(x, cache=cache, cache_key=("bottom", i))
+                x = run(layer, x, ("bottom", i))
         for c, block in enumerate(self.chunks):
-            x, routing = block(x, cache=cache, cache_key=("chunk", c))
+            # under `layer` the block checkpoints each routing step itself
+            x, routing = run(block, x, ("chunk", c))
             out.routing.append(routing)
             if self.config.anchor_layers:
-                x = self.anchors[c](x, cache=cache, cache_key=("anchor", c))
+                x = run(self.anchors[c], x, ("anchor", c))
         for i, layer in enumerate(self.top):
-            x = layer(x, cache=cache, cache_key=("top", i))
+            x = run(layer, x, ("top", i))
         if cache is not None:
             cache["length"] = past + T
-        out.logits = F.linear(self.ln_f(x), self.wte.weight)  # head tied to wte
+        hidden = self.ln_f(x)
+        if labels is not None and loss_chunk_tokens > 0:
+            out.logits = None
+            out.lm_loss = chunked_lm_loss(hidden, self.wte.weight, labels, loss_chunk_tokens)
+        else:
+            out.logits = F.linear(hidden, self.wte.weight)  # head tied to wte
+            if labels is not None:
+                out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
+                                              labels.reshape(-1), ignore_index=-100)
         if labels is not None:
-            self._add_losses(out, labels)
+            self._add_aux_losses(out)
         return out
 
-    def _add_losses(self, out: MoMOutput, labels: torch.Tensor) -> None:
+    def _add_aux_losses(self, out: MoMOutput) -> None:
         cfg = self.config
-        out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                      labels.reshape(-1), ignore_index=-100)
         zero = out.lm_loss.new_zeros(())
         learned = [r.aux_loss for r in out.routing]
         balance = torch.cat(learned).mean() if learned else zero

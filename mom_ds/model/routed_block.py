@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
+from .checkpointing import checkpointed
 from .config import MoMConfig
 from .dispatch import LocalDispatcher, make_plan
 from .modules import causal_attention
@@ -62,47 +64,68 @@ class RoutedBlock(nn.Module):
         # The seams expert parallelism replaces, one per pool (mom_ds/parallel/parallelize.py)
         self.attn_dispatcher = LocalDispatcher()
         self.ffn_dispatcher = LocalDispatcher()
+        # train.activation_checkpointing layer: each routing step recomputed in the backward
+        self.checkpoint_steps = False
 
     def forward(self, x: torch.Tensor, *, cache: Optional[dict] = None,
                 cache_key: object = None) -> tuple[torch.Tensor, BlockRouting]:
         cfg = self.config
         B, T, d = x.shape
         h = x.reshape(B * T, d)
-        A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
-        attn, ffn = self.attn_pool, self.ffn_pool
         g_attn = g_ffn = None  # router states, reset at every block call
         exited = torch.zeros(B * T, dtype=torch.bool, device=x.device) if cfg.early_exit else None
         halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
+        per_step = self.checkpoint_steps and cache is None and self.training \
+            and torch.is_grad_enabled()
         attn_counts, ffn_counts, aux = [], [], []
         for step in range(cfg.depth):
-            # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
-            route, g_attn = self.attn_router(h, g_attn, step, exited)
-            plan = make_plan(route.ids, route.weights, A, cap)
-            if exited is not None:
-                exited = exited | ~plan.chosen
-            qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
-                                      weighted=cfg.weighted_qkv)
-            q, k, v = qkv.view(B, T, 3 * d).split(d, dim=-1)
-            keep = plan.chosen.view(B, T) if cfg.skip_in_attention == "mask" else None
-            a = causal_attention(q, k, v, cfg.n_heads, keep=keep, cache=cache,
-                                 cache_key=(cache_key, step),
-                                 dropout=cfg.dropout if self.training else 0.0)
-            h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
-            halves = halves + plan.chosen
-            attn_counts.append(plan.counts)
-            step_aux = route.aux_loss
-            # --- FFN half ----------------------------------------------------------------
-            route, g_ffn = self.ffn_router(h, g_ffn, step, exited)
-            plan = make_plan(route.ids, route.weights, Fn, cap)
-            if exited is not None:
-                exited = exited | ~plan.chosen
-            h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
-            halves = halves + plan.chosen
-            ffn_counts.append(plan.counts)
-            aux.append(step_aux + route.aux_loss)
+            args = (h, g_attn, g_ffn, exited, halves, step, (B, T), cache, cache_key)
+            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_aux = \
+                checkpointed(self._step, *args) if per_step else self._step(*args)
+            attn_counts.append(counts_a)
+            ffn_counts.append(counts_f)
+            aux.append(step_aux)
         # scatter_add, not bincount: bincount reads its input's max on the host
         depth_hist = torch.zeros(2 * cfg.depth + 1, dtype=torch.long, device=x.device)
         depth_hist.scatter_add_(0, halves, torch.ones_like(halves))
         routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
                                torch.stack(aux))
         return h.view(B, T, d), routing
+
+    def _step(self, h: torch.Tensor, g_attn: Optional[torch.Tensor],
+              g_ffn: Optional[torch.Tensor], exited: Optional[torch.Tensor],
+              halves: torch.Tensor, step: int, shape: tuple[int, int],
+              cache: Optional[dict], cache_key: object) -> tuple:
+        """One routing step: the attention half, then the FFN half. Returns the new
+        (h, router states, exited, halves) and the step's choice counts and balancing loss."""
+        cfg = self.config
+        (B, T), d = shape, h.shape[1]
+        A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
+        attn, ffn = self.attn_pool, self.ffn_pool
+        # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
+        with record_function("route"):
+            route, g_attn = self.attn_router(h, g_attn, step, exited)
+            plan = make_plan(route.ids, route.weights, A, cap)
+        if exited is not None:
+            exited = exited | ~plan.chosen
+        qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
+                                       weighted=cfg.weighted_qkv)
+        q, k, v = qkv.view(B, T, 3 * d).split(d, dim=-1)
+        keep = plan.chosen.view(B, T) if cfg.skip_in_attention == "mask" else None
+        with record_function("attention"):
+            a = causal_attention(q, k, v, cfg.n_heads, keep=keep, cache=cache,
+                                 cache_key=(cache_key, step),
+                                 dropout=cfg.dropout if self.training else 0.0)
+        h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
+        halves = halves + plan.chosen
+        attn_counts, step_aux = plan.counts, route.aux_loss
+        # --- FFN half ----------------------------------------------------------------
+        with record_function("route"):
+            route, g_ffn = self.ffn_router(h, g_ffn, step, exited)
+            plan = make_plan(route.ids, route.weights, Fn, cap)
+        if exited is not None:
+            exited = exited | ~plan.chosen
+        h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
+        halves = halves + plan.chosen
+        return (h, g_attn, g_ffn, exited, halves, attn_counts, plan.counts,
+                step_aux + route.aux_loss)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import MoMForCausalLM, MoMOutput
+from ..model.checkpointing import MODES, checkpointed
 from ..model.flops import attention_module_params, ffn_module_params
 from .assembly import Assembly, check, sample, uniform
 from .config import ModularConfig
@@ -54,12 +55,20 @@ class ModularStudent(nn.Module):
         self.eval_assembly = uniform(self.n_layers,
                                      settings.eval_granularity or self.granularities[0])
         self.seed = seed
+        self.checkpointing = False
         self.begin_step(0)
 
     def train(self, mode: bool = True) -> "ModularStudent":
         super().train(mode)
         self.teacher.eval()  # frozen: never dropout, whatever the engine asks
         return self
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """train.activation_checkpointing: under layer or block, each tile of the assembly
+        (a teacher layer or a module) is recomputed in the backward."""
+        if mode not in MODES:
+            raise ValueError(f"activation checkpointing {mode!r} is not one of {MODES}")
+        self.checkpointing = mode != "none"
 
     def num_params(self) -> int:
         """Trained parameters: the modules (the teacher is frozen)."""
@@ -84,10 +93,12 @@ class ModularStudent(nn.Module):
             else self.teacher.bottom[tile.start]
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                assembly: Optional[Assembly] = None) -> ModularOutput:
+                assembly: Optional[Assembly] = None, loss_chunk_tokens: int = 0) -> ModularOutput:
         """The student through `assembly` (default: this step's draw in training, the
         eval_granularity assembly in evaluation). With labels: the weighted sum of the LM,
-        logit-distillation and hidden-distillation losses, each also in out.terms."""
+        logit-distillation and hidden-distillation losses, each also in out.terms.
+        loss_chunk_tokens is accepted for the training loop and not used: distillation
+        compares the whole logits."""
         if assembly is None:
             assembly = self.step_assembly if self.training else self.eval_assembly
         else:
@@ -112,7 +123,9 @@ class ModularStudent(nn.Module):
         for tile in assembly:
             if tile.start < start:
                 continue
-            x = self.layer(tile)(x)
+            layer = self.layer(tile)
+            x = checkpointed(layer, x) if self.checkpointing and self.training \
+                and torch.is_grad_enabled() else layer(x)
             if tile.is_module and distil:
                 pairs.append((x, states[tile.end]))
         logits = F.linear(teacher.ln_f(x), teacher.wte.weight)

@@ -7,12 +7,15 @@ each exchange makes exactly one device-to-host sync (the count table below), no 
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
+from ..model.checkpointing import recomputing
 from ..model.dispatch import LocalDispatcher, ModuleFn, RoutePlan, combine
 from ..model.pools import RowGroups
 from .placement import ModulePlacement
@@ -99,53 +102,56 @@ class AllToAllDispatcher(LocalDispatcher):
         seconds = self.timings.pop("exchange", 0.0) if self.timings is not None else 0.0
         return dropped, sent, seconds
 
-    def _lap(self, phase: str, t0: float) -> float:
-        """Add the time since t0 to `timings[phase]` when timing is on (benchmarks, the
-        monitor); forward only, wall clock (no device sync: on GPUs, time with the profiler)."""
-        now = time.perf_counter()
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """A labelled phase of an exchange: a record_function range for the profiler and,
+        when timing is on (benchmarks, the monitor), wall-clock seconds added to
+        `timings[name]` (forward only, no device sync: on GPUs, time with the profiler)."""
+        start = time.perf_counter()
+        with record_function(name):
+            yield
         if self.timings is not None:
-            self.timings[phase] = self.timings.get(phase, 0.0) + now - t0
-        return now
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     def run(self, x: torch.Tensor, plan: RoutePlan, fn: ModuleFn,
             weighted: bool = True) -> torch.Tensor:
-        t = time.perf_counter()
-        self.dropped = self.dropped + plan.dropped
+        first_run = not recomputing()  # a checkpointed step's second run counts nothing
+        if first_run:
+            self.dropped = self.dropped + plan.dropped
         placement = self.placement
         E, L = placement.ep_size, placement.per_rank
-        sizes, recv_counts = self._exchange_counts(plan, placement, x.shape[1])
+        with self._phase("exchange"):
+            sizes, recv_counts = self._exchange_counts(plan, placement, x.shape[1])
         send_sizes = [sum(sizes[r * L:(r + 1) * L]) for r in range(E)]
         recv_sizes = [sum(c) for c in recv_counts]
-        t = self._lap("exchange", t)
-        # the plan's rows in a module are contiguous and sorted by module, so by owner too
-        rows = x.index_select(0, plan.token[:sum(send_sizes)])
-        t = self._lap("permute", t)
-        received = _AllToAll.apply(rows, send_sizes, recv_sizes, self.group)
-        t = self._lap("exchange", t)
-        # Received rows come source-major; regroup them module-major for the grouped GEMM.
-        flat_counts = torch.tensor([c for row in recv_counts for c in row], device=x.device)
-        module_of_row = torch.repeat_interleave(
-            torch.arange(L, device=x.device).repeat(E), flat_counts,
-            output_size=sum(recv_sizes))
-        order = torch.argsort(module_of_row, stable=True)
-        per_module = [sum(recv_counts[s][m] for s in range(E)) for m in range(L)]
-        regrouped = received.index_select(0, order)
-        t = self._lap("permute", t)
-        y = fn(regrouped, RowGroups.from_sorted(module_of_row[order],
-                                                torch.tensor(per_module, device=x.device),
-                                                per_module))
-        t = self._lap("compute", t)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=x.device)
-        y = y.index_select(0, inverse)
-        t = self._lap("permute", t)
-        returned = _AllToAll.apply(y, recv_sizes, send_sizes, self.group)
-        t = self._lap("exchange", t)
-        # Row bytes that crossed to another rank, both ways (rows to oneself stay local).
-        self.bytes_sent += (sum(send_sizes) - send_sizes[self.ep_rank]) * rows[0:1].nbytes + \
-            (sum(recv_sizes) - recv_sizes[self.ep_rank]) * y[0:1].nbytes
-        # the plan's rows in no module (SKIP, over capacity) come back as zeros
-        padding = returned.new_zeros(len(plan.token) - len(returned), returned.shape[1])
-        out = combine(torch.cat([returned, padding]), plan, weighted)
-        self._lap("combine", t)
-        return out
+        with self._phase("permute"):
+            # the plan's rows in a module are contiguous and sorted by module, so by owner too
+            rows = x.index_select(0, plan.token[:sum(send_sizes)])
+        with self._phase("exchange"):
+            received = _AllToAll.apply(rows, send_sizes, recv_sizes, self.group)
+        with self._phase("permute"):
+            # Received rows come source-major; regroup them module-major for the grouped GEMM.
+            flat_counts = torch.tensor([c for row in recv_counts for c in row], device=x.device)
+            module_of_row = torch.repeat_interleave(
+                torch.arange(L, device=x.device).repeat(E), flat_counts,
+                output_size=sum(recv_sizes))
+            order = torch.argsort(module_of_row, stable=True)
+            per_module = [sum(recv_counts[s][m] for s in range(E)) for m in range(L)]
+            regrouped = received.index_select(0, order)
+        with self._phase("compute"):
+            y = fn(regrouped, RowGroups.from_sorted(module_of_row[order],
+                                                    torch.tensor(per_module, device=x.device),
+                                                    per_module))
+        with self._phase("permute"):
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(order.numel(), device=x.device)
+            y = y.index_select(0, inverse)
+        with self._phase("exchange"):
+            returned = _AllToAll.apply(y, recv_sizes, send_sizes, self.group)
+        if first_run:  # row bytes that crossed to another rank, both ways
+            self.bytes_sent += (sum(send_sizes) - send_sizes[self.ep_rank]) * rows[0:1].nbytes + \
+                (sum(recv_sizes) - recv_sizes[self.ep_rank]) * y[0:1].nbytes
+        with self._phase("combine"):
+            # the plan's rows in no module (SKIP, over capacity) come back as zeros
+            padding = returned.new_zeros(len(plan.token) - len(returned), returned.shape[1])
+            return combine(torch.cat([returned, padding]), plan, weighted)

@@ -75,6 +75,12 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
         cfg["bf16"] = {"enabled": bf16}
     if t.nan_policy == "skip":
         _check_skippable(cfg, bf16, where)
+    if t.compile and cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        # ZeRO-3 gathers each partitioned parameter in a module hook; torch.compile traces
+        # the compiled layers past those hooks and meets 0-element parameters.
+        raise ConfigError(f"train.compile = true does not work with ZeRO stage 3 ({where}): "
+                          f"torch.compile traces the layers with their parameters still "
+                          f"partitioned. Fix: ZeRO stage 1 or 2, or train.compile false.")
     cfg["optimizer"] = {"type": "AdamW", "params": {
         "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
         # DeepSpeed's FusedAdam needs a CUDA build; elsewhere torch's AdamW is the same math.

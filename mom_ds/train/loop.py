@@ -17,6 +17,7 @@ from ..config import RunConfig, TrainConfig
 from . import checkpoint
 from .batches import Batches
 from .health import Health
+from .profiling import StepProfiler
 from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
@@ -46,7 +47,8 @@ def mean_over_ranks(values: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(engine, make_val: Callable[[], Batches], n_batches: int) -> dict[str, float]:
+def evaluate(engine, make_val: Callable[[], Batches], n_batches: int,
+             loss_chunk_tokens: int = 0) -> dict[str, float]:
     """Mean LM loss (cross-entropy only, no balancing loss) over the same val windows every
     time, averaged over ranks; perplexity = exp(loss)."""
     engine.eval()
@@ -54,7 +56,7 @@ def evaluate(engine, make_val: Callable[[], Batches], n_batches: int) -> dict[st
     total = 0.0
     for _ in range(n_batches):
         x, y = val.next()
-        total += float(engine(x, labels=y).lm_loss)
+        total += float(engine(x, labels=y, loss_chunk_tokens=loss_chunk_tokens).lm_loss)
     engine.train()
     loss, = mean_over_ranks(torch.tensor([total / n_batches], device=val.device))
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
@@ -82,6 +84,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
     health = Health(batches.device, ckpt_dir, t.nan_policy, t.max_skipped_steps)
+    profiler = StepProfiler(t.profile_steps, t.out_dir)
     window_start, window_steps = time.perf_counter(), 0
     while progress.step < stop:
         step = progress.step
@@ -89,11 +92,12 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                                       or step + 1 == t.max_steps)
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
         model.begin_step(step)
+        profiler.before_step(step)
         stats = RoutingStats() if logging else None
         sums: dict[str, torch.Tensor] = {}  # loss and its terms: no host sync per step
         for _ in range(t.grad_accum_steps):
             x, y = batches.next()
-            out = engine(x, labels=y)
+            out = engine(x, labels=y, loss_chunk_tokens=t.loss_chunk_tokens)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
             health.record(step + 1, out.loss)
@@ -104,6 +108,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         health.stepped(engine.was_step_applied())
         progress.step += 1
         progress.tokens_seen += tokens_per_step
+        profiler.after_step(progress.step)
         window_steps += 1
 
         if logging:
@@ -141,7 +146,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         if (evaluating or saving) and not logging:  # a logging step was checked above
             health.check(progress.step, engine.get_global_grad_norm())
         if evaluating:
-            last_eval = evaluate(engine, make_val, t.eval_batches)
+            last_eval = evaluate(engine, make_val, t.eval_batches, t.loss_chunk_tokens)
             monitor.scalars(progress.step, last_eval, echo=(
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))

@@ -40,11 +40,42 @@ def device_peak_tflops(configured: float) -> tuple[float, str]:
     return CPU_PEAK_TFLOPS, "CPU placeholder (set train.peak_tflops)"
 
 
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (0 where /proc is missing)."""
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: /proc's VmHWM, which starts afresh at exec (and at
+    reset_peak_rss). ru_maxrss, the fallback, starts at the parent's peak after fork + exec
+    on Linux, so a child of a large process reports its parent's size."""
+    hwm = _status_kib("VmHWM")
+    return (hwm if hwm is not None
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Set the peak resident set to the current one (Linux >= 4.0), to measure one phase."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def memory_gb() -> float:
     """Peak memory of this process: CUDA allocations on GPU, resident set on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    return peak_rss_bytes() / 2 ** 30
 
 
 class RoutingStats:

@@ -9,6 +9,7 @@ from typing import Any
 from ..config import ConfigError, RunConfig, load_deepspeed_json
 from ..parallel.placement import sharded_pools, validate_expert_parallel
 from .engine import build_ds_config, device_type, world_size_from_env
+from .profiling import PROFILE_DIR
 
 
 def check_data(run: RunConfig, world_size: int) -> None:
@@ -61,7 +62,7 @@ def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
 
 
 # What a run writes into train.out_dir (a fresh run refuses to mix with them)
-RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml", PROFILE_DIR)
 
 
 def check_writable(directory: Path) -> None:

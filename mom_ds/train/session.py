@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig
 from ..model import MoMForCausalLM
+from ..model.compiling import compile_parts
 from ..parallel.parallelize import parallelize
 from ..parallel.placement import describe_placement
 from . import checkpoint
@@ -36,6 +37,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
     run.data.data_dir = str(Path(run.data.data_dir).resolve())
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
+    model.set_activation_checkpointing(run.train.activation_checkpointing)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
     if resume:
         tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
@@ -43,6 +45,7 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
             print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
+    compiled = compile_parts(model) if run.train.compile else 0
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
@@ -72,6 +75,9 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
         if run.model.n_chunks:
             print(describe_placement(run.model, ep_size), flush=True)
+        if compiled:
+            print(f"torch.compile: {compiled} parts (vanilla and MoD layers, routers); the "
+                  f"first steps include their compilation", flush=True)
     try:
         # val windows: a fixed seed so every evaluation scores the same tokens
         return train(run, engine, model, layout, train_batches, lambda: batches("val", 0),
