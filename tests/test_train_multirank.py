@@ -194,7 +194,11 @@ def test_two_ranks_follow_one_rank_in_modular_training(runs, name):
     want, got = metrics(runs["modular_reference"]), metrics(runs[name])
     for step in range(1, STEPS + 1):
         for term in ("train/loss", "train/kd_loss", "train/hidden_loss"):
-            assert got[step][term] == pytest.approx(want[step][term], rel=RTOL), (step, term)
+            # KL(teacher || student) of a student that starts as the teacher's layers is a
+            # difference of nearly equal log-probabilities (about 1e-4 from terms of order
+            # 1): fp32 leaves it an absolute error near 1e-8 (measured 2e-8), hence abs.
+            assert got[step][term] == pytest.approx(want[step][term], rel=RTOL, abs=1e-7), \
+                (step, term)
     assert got[STEPS]["eval/loss"] == pytest.approx(want[STEPS]["eval/loss"], rel=RTOL)
     assert any(want[s]["train/kd_loss"] > 0 for s in range(1, STEPS + 1))
 
