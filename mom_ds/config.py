@@ -94,8 +94,8 @@ class TrainConfig:
     uses 1.0 (a documented placeholder: set it for your CPU)."""
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the LM head + cross-entropy in training and validation: the
-    (tokens x vocab) logits are never whole in memory (the backward recomputes each chunk's
-    logits); 0 builds them whole. Modular runs keep them whole (distillation reads them)."""
+    (tokens x vocab) logits are never whole in memory (each chunk's gradients are formed
+    as its loss is, mom_ds/model/lm_loss.py); 0 builds them whole. Modular runs keep them whole (distillation reads them)."""
     activation_checkpointing: str = "none"
     """Keep fewer activations and recompute them in the backward (torch.utils.checkpoint;
     the same dropout masks and routing come back): none, layer (each vanilla or MoD layer
