@@ -43,8 +43,11 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
             return gpt2_vanilla_config(source), {}
         model = from_hf_gpt2(source)
         return model.config, model.state_dict()
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        if kind in ("weights file", "run"):
+            raise
+        # a Hugging Face source's own message (not GPT-2, not to be had offline, ...)
+        raise ConfigError(f"modular.teacher = {source!r} ({kind}): {err}") from None
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise ConfigError(f"modular.teacher = {source!r} ({kind}) cannot be read: {err}. Fix: "
                           f"name a mom-train run directory, a mom-convert .pt file, or a "
