@@ -4,7 +4,6 @@ process so the start-up is paid once."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -4,14 +4,12 @@ profiler writes a trace that names the routed blocks' phases (multi-rank and ZeR
 variants: test_train_multirank.py)."""
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import pytest
 
 from test_train_fixtures import (REPO, metrics, mom_train, run_python, tiny_args,
-                                 write_byte_data)
+                                 trace_event_names, write_byte_data)
 
 pytestmark = pytest.mark.slow
 STEPS = ["--train.max_steps", "5", "--train.eval_interval", "5", "--train.ckpt_interval", "0"]
@@ -60,19 +58,12 @@ def test_compiled_run_follows_eager(data, tmp_path):
     assert_same_curve(compiled, eager, 1e-5)
 
 
-def trace_events(out: Path) -> set[str]:
-    traces = sorted((out / "profile").glob("rank0*.pt.trace.json*"))
-    assert traces, sorted((out / "profile").iterdir()) if (out / "profile").exists() else out
-    opener = gzip.open if traces[0].suffix == ".gz" else open
-    with opener(traces[0], "rt") as f:
-        return {e.get("name") for e in json.load(f)["traceEvents"]}
-
-
 def test_profiler_trace_names_the_phases_and_the_report_points_to_it(data, tmp_path):
     out = tmp_path / "profiled"
     proc = mom_train(*tiny_args(data, out, *STEPS, "--train.profile_steps", "2,4"))
     assert f"profiler trace of steps 3-4 in {out / 'profile'}" in proc.stdout
-    assert {"route", "permute", "compute", "combine", "attention"} <= trace_events(out)
+    assert {"route", "permute", "compute", "combine", "attention"} <= \
+        trace_event_names(out / "profile")
     report = run_python(["-m", "mom_ds.cli.report", str(out)])
     assert report.returncode == 0, report.stderr
     assert "profiler traces (train.profile_steps)" in report.stdout

@@ -2,6 +2,7 @@
 mom-train in a subprocess (with a timeout, so a hung collective fails the test)."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -71,6 +72,13 @@ def poisoned(self, *args, **kwargs):
     return out
 MoMForCausalLM.forward = poisoned
 """
+
+
+def trace_event_names(profile_dir: Path, rank: int = 0) -> set[str]:
+    """The event names of rank `rank`'s torch.profiler trace in a run's profile/."""
+    trace, = profile_dir.glob(f"rank{rank}*.pt.trace.json*")
+    with (gzip.open if trace.suffix == ".gz" else open)(trace, "rt") as f:
+        return {event.get("name") for event in json.load(f)["traceEvents"]}
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -21,11 +21,12 @@ from .routers import Router
 def compile_parts(model: nn.Module) -> int:
     """Compile the parts of `model` named above, in place; returns how many."""
     parts: list[nn.Module] = []
-    for m in model.modules():
-        inside = any(m in list(p.modules()) for p in parts)  # a MoD block's own layer
-        if not inside and (isinstance(m, (VanillaLayer, MoDBlock))
-                           or (isinstance(m, Router) and m.learned)):
+    taken: set[int] = set()  # submodules of a compiled part (a MoD block's own layer)
+    for m in model.modules():  # parents come before their children
+        if id(m) not in taken and (isinstance(m, (VanillaLayer, MoDBlock))
+                                   or (isinstance(m, Router) and m.learned)):
             parts.append(m)
+            taken.update(id(sub) for sub in m.modules())
     for part in parts:
         part.compile()
     return len(parts)

@@ -38,8 +38,7 @@ class Health:
     each such step (it syncs the host for its overflow check anyway, so whether a step was
     applied is a host bool); the run ends once `max_skipped` steps in a row were skipped."""
 
-    def __init__(self, device: torch.device, ckpt_dir: Path, policy: str = "stop",
-                 max_skipped: int = 1):
+    def __init__(self, device: torch.device, ckpt_dir: Path, policy: str, max_skipped: int):
         self.ckpt_dir = ckpt_dir
         self.skip = policy == "skip"
         self.max_skipped = max_skipped
