@@ -64,7 +64,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------- Slurm
 SLURM_CONF = """\
 ClusterName=momtest
-SlurmctldHost={host}
+SlurmctldHost={ctld_host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 SlurmUser=root
@@ -73,11 +73,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={run}/munge/munge.socket
 StateSaveLocation={run}/state
-SlurmdSpoolDir={run}/spool
+SlurmdSpoolDir={run}/spool-%n
 SlurmctldPidFile={run}/slurmctld.pid
-SlurmdPidFile={run}/slurmd.pid
+SlurmdPidFile={run}/slurmd-%n.pid
 SlurmctldLogFile={run}/slurmctld.log
-SlurmdLogFile={run}/slurmd.log
+SlurmdLogFile={run}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -89,21 +89,26 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 KillWait=5
-NodeName={host} CPUs={cpus} RealMemory=2000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name}{addr} CPUs={cpus} RealMemory=2000 State=UNKNOWN"
 
 
 class Slurm:
-    """A running slurmctld + slurmd (+ munged) on this host, driven through SLURM_CONF."""
+    """A running slurmctld + slurmd(s) (+ munged), driven through SLURM_CONF: on this host,
+    or on the namespace hosts of two_hosts.py (one slurmd each; the controller and every
+    client command on the first)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, hosts=None):
         self.run_dir = run_dir
         self.conf = run_dir / "slurm.conf"
-        self.env = env(SLURM_CONF=str(self.conf))
+        self.hosts = hosts
+        self.env = (hosts.env if hosts else env)(SLURM_CONF=str(self.conf))
 
     def cmd(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return run(list(args), timeout=timeout, env=self.env)
+        cmd = self.hosts.hosts[0].enter(args) if self.hosts else list(args)
+        return run(cmd, timeout=timeout, env=self.env)
 
     def wait_job(self, job_id: str, timeout: float) -> str:
         """Poll until the job has left the queue; return its final state."""
@@ -132,7 +137,7 @@ class Slurm:
         return ""
 
     def log_tail(self) -> str:
-        logs = [self.run_dir / "slurmctld.log", self.run_dir / "slurmd.log"]
+        logs = [self.run_dir / "slurmctld.log", *sorted(self.run_dir.glob("slurmd-*.log"))]
         return "\n".join(p.read_text()[-1500:] for p in logs if p.is_file())
 
     def diagnose(self, job_id: str) -> str:
@@ -203,23 +208,40 @@ def _spawn(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def local_slurm() -> Iterator[Slurm]:
-    """munged, slurmctld and slurmd started by hand (no systemd here), stopped by pid.
-    Their directory is a fresh one under /tmp that the munge user can reach (pytest's
-    tmp_path lies under a root-only directory)."""
+def local_slurm(hosts=None) -> Iterator[Slurm]:
+    """munged, slurmctld and slurmd started by hand (no systemd here), stopped by pid: one
+    node, this host, or with `hosts` (a two_hosts.TwoHosts) one node per namespace host,
+    each slurmd inside its host (`slurmd -N NAME`). munged serves all of them through its
+    socket, a file both hosts see. The directory is a fresh one under /tmp that the munge
+    user can reach (pytest's tmp_path lies under a root-only directory)."""
     why = slurm_missing()
     if why:
         pytest.skip(f"no local Slurm: {why}")
     run_dir = Path(tempfile.mkdtemp(prefix="mom-slurm-"))
     run_dir.chmod(0o755)
-    host = socket.gethostname().split(".")[0]
-    for sub in ("state", "spool", "munge"):
+    for sub in ("state", "munge"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     shutil.chown(run_dir / "munge", "munge", "munge")
     os.chmod(run_dir / "munge", 0o755)  # munged insists that everyone can reach its socket
-    slurm = Slurm(run_dir)
-    slurm.conf.write_text(SLURM_CONF.format(host=host, run=run_dir, cpus=os.cpu_count(),
-                                            ctld_port=free_port(), d_port=free_port()))
+    slurm = Slurm(run_dir, hosts)
+    if hosts:
+        nodes = [(h.name, f" NodeAddr={h.addr}") for h in hosts.hosts]
+        ctld_host = f"{nodes[0][0]}({hosts.hosts[0].addr})"
+    else:
+        nodes = [(socket.gethostname().split(".")[0], "")]
+        ctld_host = nodes[0][0]
+    slurm.conf.write_text(SLURM_CONF.format(
+        ctld_host=ctld_host, run=run_dir, ctld_port=free_port(), d_port=free_port(),
+        nodes=",".join(name for name, _ in nodes),
+        node_lines="\n".join(NODE_LINE.format(name=name, addr=addr, cpus=os.cpu_count())
+                             for name, addr in nodes)))
+
+    def start(daemon: str, node: int, *args: str) -> subprocess.Popen:
+        cmd = [f"/usr/sbin/{daemon}", "-D", "-f", str(slurm.conf), *args]
+        log = run_dir / f"{daemon}-{nodes[node][0]}.out"
+        if hosts:
+            return hosts.spawn(node, cmd, log, SLURM_CONF=str(slurm.conf))
+        return _spawn(cmd, log, env=slurm.env)
     # Our own munged socket (AuthInfo above): a system munged, if one runs, is left alone.
     socket_path = run_dir / "munge" / "munge.socket"
     procs: list[subprocess.Popen] = []
@@ -230,11 +252,10 @@ def local_slurm() -> Iterator[Slurm]:
                              f"--seed-file={run_dir}/munge/munged.seed"],
                             run_dir / "munged.out"))
         _wait_for(lambda: socket_path.exists(), 10, "munged socket", run_dir / "munged.out")
-        for daemon in ("slurmctld", "slurmd"):
-            procs.append(_spawn([f"/usr/sbin/{daemon}", "-D", "-f", str(slurm.conf)],
-                                run_dir / f"{daemon}.out", env=slurm.env))
-        _wait_for(lambda: "idle" in slurm.cmd("sinfo", "-h", "-o", "%T").stdout, 30,
-                  "an idle Slurm node", run_dir / "slurmctld.log")
+        procs.append(start("slurmctld", 0))
+        procs += [start("slurmd", i, "-N", name) for i, (name, _) in enumerate(nodes)]
+        _wait_for(lambda: slurm.cmd("sinfo", "-h", "-N", "-o", "%T").stdout.split().count("idle")
+                  == len(nodes), 30, f"{len(nodes)} idle Slurm node(s)", run_dir / "slurmctld.log")
         yield slurm
     finally:
         for proc in reversed(procs):

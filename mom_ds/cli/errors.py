@@ -10,8 +10,8 @@ from typing import Callable, Optional
 
 
 def exit_code(err: BaseException) -> Optional[int]:
-    """2 for bad input (config, data, checkpoint, file system), 3 for a diverged run, None
-    for anything else."""
+    """2 for bad input (config, data, checkpoint, file system), 3 for a diverged run, 4 for
+    a lost rank (resume once its host is back), None for anything else."""
     from data_prep.format import DataError
 
     from ..model.config import ConfigError  # imports torch: only once an error happened
@@ -19,11 +19,14 @@ def exit_code(err: BaseException) -> Optional[int]:
     if isinstance(err, (ConfigError, DataError, OSError)):
         return 2
     # raised only by modules already imported: importing them here would cost torch
-    checkpoint, health = (sys.modules.get(f"mom_ds.train.{m}") for m in ("checkpoint", "health"))
+    checkpoint, health, peers = (sys.modules.get(f"mom_ds.train.{m}")
+                                 for m in ("checkpoint", "health", "peers"))
     if checkpoint is not None and isinstance(err, checkpoint.CheckpointError):
         return 2
     if health is not None and isinstance(err, health.DivergenceError):
         return 3
+    if peers is not None and isinstance(err, peers.LostRankError):
+        return peers.LOST_RANK_EXIT
     return None
 
 
@@ -34,6 +37,6 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         code = exit_code(err)
         if code is None or os.environ.get("MOM_DEBUG"):
             raise
-        if os.environ.get("RANK", "0") == "0":
+        if getattr(err, "report", os.environ.get("RANK", "0") == "0"):
             print(f"{prog}: error: {err}", file=sys.stderr)
         return code

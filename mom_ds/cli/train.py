@@ -16,7 +16,7 @@ from typing import Optional
 
 from ..config import ConfigError, RunConfig, load_run_config, override_help
 from .args import positive_int
-from .errors import run_command
+from .errors import exit_code, run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -83,11 +83,18 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
         choose_accelerator_quietly()
     run = load_config(args, overrides)
-    from ..train.preflight import check_run_dir, preflight
-    ds_config = preflight(run)  # every rank, before any process group: one message, exit 2
-    check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
+    from ..train.engine import world_size_from_env
+    from ..train.preflight import StartCheck, check_run_dir, preflight
+
+    def checks() -> dict:  # every rank, before any process group
+        ds_config = preflight(run)
+        check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
+        return ds_config
+
+    # alone: one message, exit 2, before torch starts; one of several: agreed on at start
+    start = StartCheck.of(checks, lambda err: exit_code(err) == 2, world_size_from_env())
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
-    run_training(run, ds_config, resume=args.resume, stop_after=args.stop_after,
+    run_training(run, start, resume=args.resume, stop_after=args.stop_after,
                  overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose)
     return 0
 

@@ -3,8 +3,9 @@ starts, so a bad run stops with one clear message instead of a hang or a stack p
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..config import ConfigError, RunConfig, load_deepspeed_json
 from ..parallel.placement import sharded_pools, validate_expert_parallel
@@ -118,3 +119,24 @@ def preflight(run: RunConfig) -> dict[str, Any]:
                                 device_type())
     check_expert_clipping(run, ds_config)
     return ds_config
+
+
+@dataclass
+class StartCheck:
+    """The outcome of this rank's start-up checks: their result, or the error (a bad-input
+    error, see cli/errors.exit_code) that agreement.agree() raises on every rank once the
+    process group is up."""
+    result: Any = None
+    error: Optional[str] = None
+
+    @classmethod
+    def of(cls, checks: Callable[[], Any], is_bad_input: Callable[[BaseException], bool],
+           world_size: int) -> "StartCheck":
+        """Run the checks. Alone, an error is raised at once; as one of several ranks it is
+        kept for agree()."""
+        try:
+            return cls(result=checks())
+        except Exception as err:  # noqa: BLE001 - re-raised unless it is bad input
+            if world_size == 1 or not is_bad_input(err):
+                raise
+            return cls(error=str(err))

@@ -16,19 +16,26 @@ from ..model.compiling import compile_parts
 from ..parallel.parallelize import parallelize
 from ..parallel.placement import describe_placement
 from . import checkpoint
+from .agreement import agree, check_shared_storage
 from .batches import Batches
 from .engine import build_engine, init_distributed
 from .loop import Progress, lr_factor, train
 from .monitor import Monitor
+from .peers import describe, gather_peers, is_peer_failure, lost_rank_error
+from .preflight import StartCheck
 
 
-def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False,
+def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                  stop_after: Optional[int] = None, overwrite: bool = False,
                  resume_from: Optional[str] = None, verbose: bool = False) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run, verbose)
     rank, world = dist.get_rank(), dist.get_world_size()
+    peers = gather_peers()
+    ds_config = agree(start, peers)  # a rank's failed start-up check, on every rank
+    if world > 1:
+        check_shared_storage(run, peers)
     out_dir = Path(run.train.out_dir)
     if overwrite and rank == 0:
         remove_run(out_dir)
@@ -70,6 +77,8 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
         run.save(out_dir / "config.yaml")  # the exact config, overrides included
     monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
     if rank == 0:
+        if world > 1:
+            print(describe(peers), flush=True)
         trained = "trained (modules) " if run.modular.enabled else ""
         print(f"model: {n_params / 1e6:.2f}M {trained}parameters; run dir {out_dir}; "
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
@@ -82,6 +91,10 @@ def run_training(run: RunConfig, ds_config: dict[str, Any], resume: bool = False
         # val windows: a fixed seed so every evaluation scores the same tokens
         return train(run, engine, model, layout, train_batches, lambda: batches("val", 0),
                      progress, monitor, stop_after)
+    except Exception as err:
+        if world > 1 and is_peer_failure(err):
+            raise lost_rank_error(err, peers, rank, progress.step, out_dir / "ckpt") from None
+        raise
     finally:
         monitor.close()
 
