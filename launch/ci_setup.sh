@@ -1,24 +1,28 @@
 #!/bin/bash
-# Installs what the launcher tests use: Slurm + munge (apt, needs root) and MPICH, mpi4py
-# and matplotlib (pip, into the venv; matplotlib draws mom-report). Idempotent and quiet;
-# a part that cannot be installed is reported and its tests skip, so this script itself
-# never fails CI.
+# Installs what the launcher tests use: Slurm + munge, sshd + pdsh (apt, needs root) and
+# MPICH, mpi4py and matplotlib (pip, into the venv; matplotlib draws mom-report). Idempotent
+# and quiet; a part that cannot be installed is reported and its tests skip, so this script
+# itself never fails CI.
 #   launch/ci_setup.sh [VENV]      (default .venv)
 set -uo pipefail
 venv=${1:-.venv}
 
-if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
-    echo "ci_setup: slurm-wlm and munge already installed"
+# slurm-wlm + munge: Slurm; openssh-server + pdsh + iproute2: the two-host tests (network
+# namespaces with an sshd each, reached by the deepspeed launcher's pdsh and MPICH's ssh).
+packages=(slurm-wlm munge openssh-server openssh-client pdsh iproute2)
+if command -v slurmctld >/dev/null && command -v munged >/dev/null && [ -x /usr/sbin/sshd ] \
+        && command -v pdsh >/dev/null && command -v ip >/dev/null; then
+    echo "ci_setup: ${packages[*]} already installed"
 elif [ "$(id -u)" != 0 ]; then
-    echo "ci_setup: not root, skipping slurm-wlm/munge (Slurm tests will skip)"
+    echo "ci_setup: not root, skipping ${packages[*]} (Slurm and two-host tests will skip)"
 else
     export DEBIAN_FRONTEND=noninteractive
-    apt_install() { timeout 600 apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null; }
+    apt_install() { timeout 600 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; }
     # The package lists may be missing or stale on a fresh image: update once and retry.
     if apt_install || { timeout 300 apt-get update -qq >/dev/null && apt_install; }; then
-        echo "ci_setup: installed slurm-wlm and munge"
+        echo "ci_setup: installed ${packages[*]}"
     else
-        echo "ci_setup: apt-get install slurm-wlm munge failed (Slurm tests will skip)"
+        echo "ci_setup: apt-get install ${packages[*]} failed (Slurm and two-host tests will skip)"
     fi
 fi
 

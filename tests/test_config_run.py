@@ -123,8 +123,18 @@ def test_lr_schedule_warmup_then_cosine():
 
 # --- preflight through mom-train itself: one message, exit 2, no process group -----------
 def mom_train_error(monkeypatch, capsys, *args: str) -> str:
+    """The error mom-train gives rank 0 of 2. One of several ranks keeps its start-up error
+    until the ranks agree on it once the process group is up (test_launch_two_nodes.py runs
+    that for real, the error on the other host); a lone test rank cannot start a group of
+    2, so here the agreement is its own error, and nothing else of run_training runs."""
     from mom_ds.cli.train import main
+    import mom_ds.train.session as session
 
+    def agreed_alone(run, start, **_) -> None:
+        assert start.result is None
+        raise ConfigError(start.error)
+
+    monkeypatch.setattr(session, "run_training", agreed_alone)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under the launcher: checked against the JSON
     monkeypatch.setenv("RANK", "0")
     assert main(["--config", str(TINY), *args]) == 2
@@ -200,6 +210,27 @@ def test_readme_reference_matches_the_docstrings():
     modular = readme[readme.index("<!-- section:modular -->"):readme.index("<!-- /section:modular -->")]
     assert reference_markdown(("modular",)).strip() in modular, \
         "regenerate with: python -m mom_ds.config modular"
+
+
+def test_one_rank_of_several_keeps_bad_input_for_the_agreement_and_raises_bugs():
+    from mom_ds.cli.errors import exit_code
+    from mom_ds.train.preflight import StartCheck
+
+    def bad_input():
+        raise ConfigError("data.data_dir = '/x' does not exist")
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    def bad(err):
+        return exit_code(err) == 2
+
+    assert StartCheck.of(bad_input, bad, 2).error == "data.data_dir = '/x' does not exist"
+    assert StartCheck.of(lambda: {"ok": 1}, bad, 2).result == {"ok": 1}
+    with pytest.raises(ConfigError):  # alone: at once, before any process group
+        StartCheck.of(bad_input, bad, 1)
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback on every rank
+        StartCheck.of(bug, bad, 2)
 
 
 def test_srun_without_rank_variables_is_refused(monkeypatch, capsys):

@@ -1,7 +1,7 @@
 """The launchers across two real hosts (network namespaces on this machine, two_hosts.py):
 the deepspeed launcher over pdsh/ssh with a two-host hostfile, MPICH's mpirun over ssh,
 Slurm with a slurmd per host; shared and node-local directories; a rank killed on the
-second host, and the resume that follows."""
+second host or its link taken down, and the resume that follows."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import REPO, local_slurm, prepare_data, run, tiny_args
+from launch_support import REPO, local_slurm, prepare_data, processes_with, run, tiny_args
+from test_launch_mpi import require_mpi
 from test_train_fixtures import metrics
 from two_hosts import TwoHosts, two_hosts
 
@@ -95,6 +96,7 @@ def test_deepspeed_launcher_over_ssh_equals_one_process(hosts, shared, one_proce
 
 
 def test_mpirun_across_two_hosts(hosts, shared, one_process):
+    require_mpi()
     out = shared / "mpi"
     result = hosts.run(0, ["launch/mpi.sh", "-np", "2", "-hosts", "mom-a,mom-b", "--",
                            *ep2_args(shared / "data", out)], timeout=240)
@@ -136,7 +138,7 @@ def test_node_local_out_dir_is_refused_at_start(hosts, shared):
     log = result.stdout + result.stderr
     assert result.returncode != 0
     message = (f"mom-train: error: train.out_dir = '{out}' is not one directory for all ranks: "
-               f"rank 1 on mom-b do(es) not see the file rank 0 on mom-a wrote there.")
+               f"rank 1 on mom-b cannot see the file rank 0 on mom-a wrote there.")
     assert log.count(message) == 1, log[-4000:]
     assert "Fix: put train.out_dir on a file system every node mounts" in log
     assert "Traceback" not in log and time.monotonic() - start < 90
@@ -179,11 +181,19 @@ def training_process(host: TwoHosts, index: int, marker: str) -> int:
     raise AssertionError(f"no training process for {marker} on {host.hosts[index].name}")
 
 
-def test_killed_rank_on_second_host_is_named_and_the_run_resumes(hosts, shared):
-    out = shared / "killed"
+# How the second host is lost mid-run: its rank killed (the kernel closes its sockets, the
+# survivor's collective fails at once), or its link taken down (nothing arrives any more: the
+# survivor's collective fails at parallel.timeout_minutes).
+FAULTS = {"killed": ("1", 0, 40), "link_down": ("0.5", 25, 75)}  # timeout, seconds min/max
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_lost_second_host_is_named_and_the_run_resumes(hosts, shared, fault):
+    timeout_minutes, at_least, at_most = FAULTS[fault]
+    out = shared / fault
     args = [*ep2_args(shared / "data", out, steps=400, ckpt_interval=2),
-            "--train.eval_interval", "0", "--parallel.timeout_minutes", "1"]
-    proc_log = shared / "killed.log"
+            "--train.eval_interval", "0", "--parallel.timeout_minutes", timeout_minutes]
+    proc_log = shared / f"{fault}.log"
     cmd, extra_env = ds_command(shared, args)
     launcher = hosts.spawn(0, cmd, proc_log, **extra_env)
     deadline = time.monotonic() + 150
@@ -194,18 +204,29 @@ def test_killed_rank_on_second_host_is_named_and_the_run_resumes(hosts, shared):
     # the hostfile's .deepspeed_env reached the other host's rank
     environ = Path(f"/proc/{victim}/environ").read_bytes().split(b"\0")
     assert f"{ENV_MARK}=crossed".encode() in environ and b"RANK=1" in environ
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
-    launcher.wait(timeout=90)
+    if fault == "killed":
+        os.kill(victim, signal.SIGKILL)
+    else:
+        hosts.link(1, up=False)
+    lost_at = time.monotonic()
+    try:
+        launcher.wait(timeout=120)
+    finally:
+        hosts.link(1, up=True)
     log = proc_log.read_text()
-    assert time.monotonic() - killed_at < 60, log[-4000:]  # parallel.timeout_minutes = 1
+    took = time.monotonic() - lost_at
+    # the check-in adds peers.CHECK_IN_WAIT_S (15 s) to the failed collective
+    assert at_least <= took < at_most, f"{took:.0f} s\n{log[-4000:]}"
     assert launcher.returncode != 0
-    lost = re.search(r"mom-train: error: lost rank 1 on mom-b during step (\d+) \(.*\)\. the last "
-                     r"complete checkpoint is (step_\d+): once every host is back, restart the "
-                     r"same launch with --resume\.", log)
+    lost = re.search(r"mom-a: mom-train: error: lost rank 1 on mom-b during step (\d+) \(.*\)\. "
+                     r"the last complete checkpoint is (step_\d+): once every host is back, "
+                     r"restart the same launch with --resume\.", log)
     assert lost, log[-4000:]
     tag = lost.group(2)
     assert (out / "ckpt" / "latest").read_text() == tag
+    while processes_with(str(out)):  # mom-b's rank ends on its own timeout
+        assert time.monotonic() - lost_at < 150, processes_with(str(out))
+        time.sleep(0.5)
 
     resumed_at = int(tag.split("_")[1])
     result = ds_launch(hosts, shared, [*args, "--resume", "--stop-after", str(resumed_at + 2)])

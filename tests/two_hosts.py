@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,6 +32,7 @@ from launch_support import REPO, _spawn, _wait_for, env
 SUBNET = "10.231.7"
 HOST_NAMES = ("mom-a", "mom-b")
 SSH_PORT = 22
+VETH = ("mom0", "mom1")  # each host's end of the pair
 
 
 @dataclass
@@ -91,6 +91,12 @@ class TwoHosts:
         self.procs.append(proc)
         return proc
 
+    def link(self, host: int, up: bool) -> None:
+        """Bring a host's end of the veth pair up or down (a cable pulled and put back)."""
+        dev = VETH[host]
+        subprocess.run(self.hosts[host].enter(["ip", "link", "set", dev, "up" if up else "down"]),
+                       check=True, timeout=30)
+
     def local_dir(self, host: int) -> Path:
         """Where NODE_LOCAL's contents of a host live, seen from outside the hosts."""
         return self.root / f"{self.hosts[host].name}-local"
@@ -100,9 +106,9 @@ def missing() -> str | None:
     """Why two namespace hosts cannot be made here, or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for tool in ("unshare", "nsenter", "ip", "/usr/sbin/sshd", "ssh", "ssh-keygen"):
+    for tool in ("unshare", "nsenter", "ip", "/usr/sbin/sshd", "ssh", "ssh-keygen", "pdsh"):
         if shutil.which(tool) is None:
-            return f"{tool} not found (launch/ci_setup.sh installs iproute2 and openssh)"
+            return f"{tool} not found (launch/ci_setup.sh installs iproute2, openssh and pdsh)"
     probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True,
                            text=True, timeout=30)
     if probe.returncode != 0:
@@ -140,6 +146,9 @@ Host {hosts}
     UserKnownHostsFile /dev/null
     LogLevel ERROR
     BatchMode yes
+    # a host that stops answering ends its session (and pdsh's wait) within 15 s
+    ServerAliveInterval 5
+    ServerAliveCountMax 3
 """
 
 
@@ -182,9 +191,9 @@ def _link(cluster: TwoHosts) -> None:
             h.enter(["hostname"]), capture_output=True, text=True).stdout.strip() == h.name,
             10, f"host {host.name}", Path("/dev/null"))
     # Created inside host a and moved: the root namespace never holds either end.
-    subprocess.run(a.enter(["ip", "link", "add", "mom0", "type", "veth", "peer", "name",
-                            "mom1", "netns", str(b.holder.pid)]), check=True, timeout=30)
-    for host, dev in ((a, "mom0"), (b, "mom1")):
+    subprocess.run(a.enter(["ip", "link", "add", VETH[0], "type", "veth", "peer", "name",
+                            VETH[1], "netns", str(b.holder.pid)]), check=True, timeout=30)
+    for host, dev in zip(cluster.hosts, VETH):
         for cmd in (["ip", "link", "set", "lo", "up"],
                     ["ip", "addr", "add", f"{host.addr}/24", "dev", dev],
                     ["ip", "link", "set", dev, "up"]):

@@ -61,7 +61,7 @@ def check_shared_storage(run: RunConfig, peers: list[Peer]) -> None:
     if blind:
         raise ConfigError(
             f"train.out_dir = {str(out_dir)!r} is not one directory for all ranks: "
-            f"{where(blind)} do(es) not see the file rank 0 on {peers[0].host} wrote there. "
+            f"{where(blind)} cannot see the file rank 0 on {peers[0].host} wrote there. "
             f"Every rank writes its part of each checkpoint into it and rank 0 publishes it. "
             f"Fix: put train.out_dir on a file system every node mounts (NFS, Lustre, ...).")
     prints: list[Optional[str]] = [None] * len(peers)

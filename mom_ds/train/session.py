@@ -18,7 +18,7 @@ from ..parallel.placement import describe_placement
 from . import checkpoint
 from .agreement import agree, check_shared_storage
 from .batches import Batches
-from .engine import build_engine, init_distributed
+from .engine import apply_timeout_to_every_group, build_engine, init_distributed
 from .loop import Progress, lr_factor, train
 from .monitor import Monitor
 from .peers import describe, gather_peers, is_peer_failure, lost_rank_error
@@ -54,6 +54,7 @@ def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     layout = parallelize(model, ep_size)
     compiled = compile_parts(model) if run.train.compile else 0
     engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
+    apply_timeout_to_every_group(run)
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
 
