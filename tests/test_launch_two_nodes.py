@@ -167,9 +167,9 @@ def test_node_local_data_copies_train_and_a_missing_copy_is_named(hosts, shared,
     assert "Traceback" not in log and time.monotonic() - start < 90
 
 
-def training_process(host: TwoHosts, index: int, marker: str) -> int:
+def training_process(hosts: TwoHosts, index: int, marker: str) -> int:
     """The pid of the mom-train rank on a host (not its launcher), found by its out_dir."""
-    for pid in host.hosts[index].processes():
+    for pid in hosts.hosts[index].processes():
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -178,7 +178,7 @@ def training_process(host: TwoHosts, index: int, marker: str) -> int:
         launcher = "deepspeed.launcher.launch" in text  # its command line names rank.py too
         if marker in text and any(a.endswith("rank.py") for a in text) and not launcher:
             return pid
-    raise AssertionError(f"no training process for {marker} on {host.hosts[index].name}")
+    raise AssertionError(f"no training process for {marker} on {hosts.hosts[index].name}")
 
 
 # How the second host is lost mid-run: its rank killed (the kernel closes its sockets, the

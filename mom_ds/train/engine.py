@@ -122,20 +122,19 @@ def init_distributed(run: RunConfig, verbose: bool = False) -> None:
     release_shm_buffer_names()
 
 
-def apply_timeout_to_every_group(run: RunConfig) -> int:
+def apply_timeout_to_every_group(run: RunConfig) -> None:
     """parallel.timeout_minutes for every process group, not only the world group: DeepSpeed
     creates its expert, expert-data and data-parallel groups with torch's new_group and no
     timeout, which gives them torch's default (30 minutes on gloo, 10 on NCCL), so a peer
     whose network is gone would hang an all-to-all that long. Call once every group exists
-    (after deepspeed.initialize); returns the number of groups."""
+    (after deepspeed.initialize)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d
 
     timeout = timedelta(minutes=run.parallel.timeout_minutes)
-    groups = [pg for pg in distributed_c10d._world.pg_map if isinstance(pg, dist.ProcessGroup)]
-    for group in groups:
-        distributed_c10d._set_pg_timeout(timeout, group)
-    return len(groups)
+    for group in distributed_c10d._world.pg_map:
+        if isinstance(group, dist.ProcessGroup):
+            distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def choose_accelerator_quietly() -> None:
