@@ -75,8 +75,8 @@ class TrainConfig:
     seed: int = 1337
     """Seed of the model initialisation and of dropout."""
     init_from: str = ""
-    """Weights to start from instead of a random init: a file written by mom-convert (fp32
-    or from-hf, e.g. a GPT-2 donor cut into modules for two-stage training); ignored by
+    """Weights to start from instead of a random init: a .safetensors file written by
+    mom-convert (fp32 or from-hf, e.g. a GPT-2 donor cut into modules for two-stage training); ignored by
     --resume."""
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
@@ -213,6 +213,10 @@ class RunConfig:
         if p.expert_parallel_size < 1:
             fail("parallel.expert_parallel_size", p.expert_parallel_size, "must be >= 1",
                  "use 1 (no expert parallelism) or a divisor of the pool sizes")
+        if t.init_from and not t.init_from.endswith(".safetensors"):
+            fail("train.init_from", t.init_from, "is not a .safetensors file (mom-ds reads no "
+                 "pickled weights: a pickle can run code when loaded)",
+                 "write the weights with mom-convert fp32 or from-hf, which write safetensors")
         if self.modular.enabled and t.init_from:
             fail("train.init_from", t.init_from, "a modular run starts from modular.teacher",
                  "drop train.init_from (the modules are initialised from the teacher)")

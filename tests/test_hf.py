@@ -8,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from mom_ds import ConfigError, MoMConfig, MoMForCausalLM
-from mom_ds.model.hf import LayerTarget, from_hf_gpt2, to_hf_gpt2, two_stage_layer_map
+from mom_ds.model.hf import LayerTarget, from_hf_gpt2, gpt2_lm_head, two_stage_layer_map
+from mom_ds.model.hf_export import to_hf
 
 D, HEADS, VOCAB, POS = 64, 4, 100, 32
 SHAPE = dict(d_model=D, n_heads=HEADS, vocab_size=VOCAB, n_positions=POS)
@@ -89,7 +90,7 @@ def test_round_trip_through_directories_is_exact(tmp_path):
     hf = tiny_gpt2(n_layer=2)
     hf.save_pretrained(tmp_path / "donor")
     ours = from_hf_gpt2(tmp_path / "donor")
-    out = to_hf_gpt2(ours, tmp_path / "export")
+    out = to_hf(ours, tmp_path / "export")
 
     assert out == tmp_path / "export"
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
@@ -100,14 +101,6 @@ def test_round_trip_through_directories_is_exact(tmp_path):
     for name, tensor in before.items():
         assert torch.equal(after[name], tensor), name
     assert back.lm_head.weight.data_ptr() == back.transformer.wte.weight.data_ptr()
-
-
-def test_export_refuses_a_non_empty_directory(tmp_path):
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="not an empty directory"):
-        to_hf_gpt2(from_hf_gpt2(tiny_gpt2(n_layer=1)), tmp_path / "taken")
-    assert (tmp_path / "taken" / "keep.txt").read_text() == "user data"
 
 
 # --- two-stage map ---------------------------------------------------------------------
@@ -219,11 +212,10 @@ def test_refuses_a_layout_with_the_wrong_layer_count():
     dict(n_chunks=1, n_attn_modules=2, n_ffn_modules=2, depth=2, router_width=16),
     dict(n_bottom=2, n_chunks=0, mod_capacity=0.5),
 ], ids=["routed", "mod"])
-def test_export_refuses_a_mom_model(tmp_path, layout):
+def test_gpt2_refuses_a_mom_model(layout):
     model = MoMForCausalLM(MoMConfig(**layout, **SHAPE))
-    with pytest.raises(ConfigError, match="exports a vanilla preset only.*Fix"):
-        to_hf_gpt2(model, tmp_path / "out")
-    assert not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="holds a vanilla preset only.*Fix"):
+        gpt2_lm_head(model)
 
 
 def test_a_hub_name_that_cannot_be_had_is_one_error(monkeypatch):

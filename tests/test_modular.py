@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mom_ds.model import ConfigError, MoMConfig, MoMForCausalLM
 from mom_ds.model.presets import mom, vanilla
+from mom_ds.model.weights_file import save_weights
 from mom_ds.modular.assemble import assembled_model, choose
 from mom_ds.modular.assembly import (Tile, coarsest_first, depth_for_ratio, finest_first,
                                      offered_depths, ratio, sample, tilings, uniform)
@@ -250,9 +251,8 @@ def test_a_granularity_that_does_not_divide_the_teacher_is_refused():
 
 def test_a_teacher_that_is_not_vanilla_is_refused(tmp_path):
     config = mom(n_bottom=1, router_width=16, **SHAPE)
-    path = tmp_path / "mom.pt"
-    torch.save({"model_config": config.to_dict(), "state_dict": MoMForCausalLM(config).state_dict()},
-               path)
+    path = save_weights(tmp_path / "mom.safetensors", config.to_dict(),
+                        MoMForCausalLM(config).state_dict(), 0)
     with pytest.raises(ConfigError, match="is a MoM model.*vanilla GPT-2 stack"):
         teacher_config(str(path))
     with pytest.raises(ConfigError, match="Mixture-of-Depths"):
@@ -265,11 +265,12 @@ def test_a_teacher_that_is_not_vanilla_is_refused(tmp_path):
 def test_a_student_from_another_teacher_is_refused(tmp_path):
     a, b = make_teacher(seed=0), make_teacher(seed=1)
     for name, teacher in (("a", a), ("b", b)):
-        torch.save({"model_config": teacher.config.to_dict(), "state_dict": teacher.state_dict()},
-                   tmp_path / f"{name}.pt")
-    assert load_teacher(str(tmp_path / "a.pt"), fingerprint(a)).fingerprint == fingerprint(a)
+        save_weights(tmp_path / f"{name}.safetensors", teacher.config.to_dict(),
+                     teacher.state_dict(), 0)
+    assert load_teacher(str(tmp_path / "a.safetensors"), fingerprint(a)).fingerprint == \
+        fingerprint(a)
     with pytest.raises(ConfigError, match="belong to another teacher"):
-        load_teacher(str(tmp_path / "b.pt"), fingerprint(a))
+        load_teacher(str(tmp_path / "b.safetensors"), fingerprint(a))
 
 
 def test_search_picks_the_lowest_held_out_loss():

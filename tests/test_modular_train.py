@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mom_ds.model.weights_file import save_weights
 from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
 
 pytestmark = pytest.mark.slow
@@ -95,9 +96,7 @@ def test_assembled_models_evaluate_export_and_ratio_one_is_the_teacher(runs, tmp
 
 def save_model_file(model, path: Path) -> Path:
     """A model as mom-convert writes it (a teacher source)."""
-    torch.save({"model_config": model.config.to_dict(), "state_dict": model.state_dict(),
-                "step": 0}, path)
-    return path
+    return save_weights(path, model.config.to_dict(), model.state_dict(), 0)
 
 
 def test_modular_errors_name_the_cause(runs, tmp_path):
@@ -108,7 +107,7 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     # a MoM model as teacher (the tiny recipe's, untrained)
     _, teacher_model, _ = load_model(runs["teacher"])
     mom_file = save_model_file(MoMForCausalLM(load_model_config("configs/tiny.yaml")),
-                               tmp_path / "mom.pt")
+                               tmp_path / "mom.safetensors")
     proc = cli("train", *modular_args(data, tmp_path / "x", mom_file))
     assert proc.returncode == 2 and "is a MoM model" in proc.stderr
     # a granularity that does not divide the teacher's layers
@@ -117,7 +116,7 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     assert proc.returncode == 2 and "[3] do not divide the teacher's 4 layers" in proc.stderr
     # tools that want a whole model, given the modules
     for args in (("evaluate", str(runs["student"])), ("convert", "fp32", str(runs["student"]),
-                                                      str(tmp_path / "x.pt"))):
+                                                      str(tmp_path / "x.safetensors"))):
         proc = cli(*args)
         assert proc.returncode == 2 and "is a modular run" in proc.stderr and "mom-assemble" \
             in proc.stderr, args
@@ -128,7 +127,7 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     # resumed against it; the run directory is left as it was
     with torch.no_grad():
         teacher_model.bottom[0].ffn.fc.bias.add_(1.0)
-    other = save_model_file(teacher_model, tmp_path / "other_teacher.pt")
+    other = save_model_file(teacher_model, tmp_path / "other_teacher.safetensors")
     proc = cli("assemble", str(runs["student"]), "--ratio", "2", "--teacher", str(other))
     assert proc.returncode == 2 and "belong to another teacher" in proc.stderr
     config_before = (runs["stopped"] / "config.yaml").read_text()

@@ -133,16 +133,18 @@ def test_convert_fp32_to_hf_and_back(data, tmp_path):
     from transformers import GPT2LMHeadModel
 
     from mom_ds import MoMConfig, MoMForCausalLM
+    from mom_ds.model.weights_file import load_weights
 
     vanilla = ["--model.n_chunks", "0", "--model.n_bottom", "2", "--model.n_top", "0",
                "--train.max_steps", "2", "--train.warmup_steps", "1"]
     run_dir = tmp_path / "vanilla"
     mom_train(*tiny_args(data, run_dir), *vanilla)
     assert run_python(["-m", "mom_ds.cli.convert", "fp32", str(run_dir),
-                       str(tmp_path / "v.pt")]).returncode == 0
-    saved = torch.load(tmp_path / "v.pt", weights_only=False)
-    model = MoMForCausalLM(MoMConfig.from_dict(saved["model_config"])).eval()
-    model.load_state_dict(saved["state_dict"])
+                       str(tmp_path / "v.safetensors")]).returncode == 0
+    saved = load_weights(tmp_path / "v.safetensors", "test")
+    assert saved.step == 2
+    model = MoMForCausalLM(MoMConfig.from_dict(saved.model_config)).eval()
+    model.load_state_dict(saved.state_dict)
     proc = run_python(["-m", "mom_ds.cli.convert", "to-hf", str(run_dir), str(tmp_path / "hf")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -150,15 +152,50 @@ def test_convert_fp32_to_hf_and_back(data, tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-5)
     proc = run_python(["-m", "mom_ds.cli.convert", "from-hf", str(tmp_path / "hf"),
-                       str(tmp_path / "back.pt")])
+                       str(tmp_path / "back.safetensors")])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    back = torch.load(tmp_path / "back.pt", weights_only=False)["state_dict"]
-    for name, value in saved["state_dict"].items():
+    back = load_weights(tmp_path / "back.safetensors", "test").state_dict
+    for name, value in saved.state_dict.items():
         assert torch.allclose(back[name], value), name
     # and a run starts from it
     out = tmp_path / "stage2"
-    mom_train(*tiny_args(data, out), *vanilla, "--train.init_from", str(tmp_path / "back.pt"))
+    mom_train(*tiny_args(data, out), *vanilla, "--train.init_from", str(tmp_path / "back.safetensors"))
     assert metrics(out)[1]["train/lm_loss"] < metrics(run_dir)[1]["train/lm_loss"]
+
+
+def test_a_mom_run_exports_to_hf_and_imports_back(data, reference, tmp_path):
+    """to-hf of a MoM run (remote code, the run's tokenizer), then from-hf of that directory:
+    the same tensors, read back without running the exported code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mom_ds.model.weights_file import load_weights
+    from mom_ds.train.export import load_model
+
+    proc = run_python(["-m", "mom_ds.cli.convert", "to-hf", str(reference), str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, model, _ = load_model(reference)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    ids = torch.tensor([tokenizer("def main(argv):\n    return 0")["input_ids"]])
+    assert ids.tolist()[0] == list("def main(argv):\n    return 0".encode())  # bytes data
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    proc = run_python(["-m", "mom_ds.cli.convert", "from-hf", str(tmp_path / "hf"),
+                       str(tmp_path / "back.safetensors")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    back = load_weights(tmp_path / "back.safetensors", "test")
+    assert back.model_config == model.config.to_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(back.state_dict[name], value), name
+    # into a directory that holds something: one error, the directory as it was
+    proc = run_python(["-m", "mom_ds.cli.convert", "to-hf", str(reference), str(tmp_path / "hf")])
+    assert proc.returncode == 2 and "not an empty directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # a pickled weights file is refused before training starts
+    torch.save({"state_dict": {}}, tmp_path / "old.pt")
+    proc = run_python(["-m", "mom_ds.cli.train", *tiny_args(data, tmp_path / "x"),
+                       "--train.init_from", str(tmp_path / "old.pt")])
+    assert proc.returncode == 2 and "not a .safetensors file" in proc.stderr
 
 
 def test_bf16_follows_fp32(data, reference, tmp_path):

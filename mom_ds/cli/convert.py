@@ -1,12 +1,17 @@
 """mom-convert: move weights between mom-train checkpoints, plain PyTorch files and HF GPT-2.
 
-  mom-convert fp32 CKPT OUT.pt               mom-train checkpoint -> one fp32 state dict
-                                             ({"model_config", "state_dict", "step"})
-  mom-convert to-hf CKPT OUT_DIR             vanilla-preset checkpoint -> GPT2LMHeadModel dir
-  mom-convert from-hf HF_DIR OUT.pt [--config configs/X.yaml]
+  mom-convert fp32 CKPT OUT.safetensors      mom-train checkpoint -> one fp32 weights file
+                                             (the model config and step in its metadata)
+  mom-convert to-hf CKPT OUT_DIR [--data-dir D]
+                                             any checkpoint -> Hugging Face directory: a vanilla
+                                             preset as GPT2LMHeadModel, every other model with
+                                             its modeling code (trust_remote_code=True); with
+                                             the tokenizer of the run's data
+  mom-convert from-hf HF_DIR OUT.safetensors [--config configs/X.yaml]
                                              GPT-2 donor -> MoM (two-stage init: the recipe's
-                                             model layout; no --config: the vanilla preset)
-Start a run from OUT.pt with `mom-train --train.init_from OUT.pt`.
+                                             model layout; no --config: the vanilla preset),
+                                             or a to-hf export of any model back as it is
+Start a run from OUT.safetensors with `mom-train --train.init_from OUT.safetensors`.
 """
 from __future__ import annotations
 
@@ -15,17 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .errors import run_command
-
-
-def save_weights(path: str | Path, model_config: dict, state_dict: dict, step: int) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model_config": model_config, "state_dict": state_dict, "step": step}, tmp)
-    tmp.replace(path)  # a killed conversion leaves no half file under the real name
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -34,20 +29,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fp32", help="mom-train checkpoint -> one fp32 state dict")
     p.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
-    p.add_argument("out", help="the .pt file to write (for --train.init_from)")
-    p = sub.add_parser("to-hf", help="vanilla-preset checkpoint -> HF GPT-2 directory")
+    p.add_argument("out", help="the .safetensors file to write (for --train.init_from)")
+    p = sub.add_parser("to-hf", help="checkpoint -> Hugging Face model directory")
     p.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
     p.add_argument("out", help="the directory to write (must be new or empty)")
+    p.add_argument("--data-dir", help="where the tokenizer comes from (default: the run's "
+                                      "data.data_dir)")
     p = sub.add_parser("from-hf", help="HF GPT-2 donor -> MoM weights for --train.init_from")
     p.add_argument("donor", help="GPT2LMHeadModel directory (or hub name, with the network)")
-    p.add_argument("out", help="the .pt file to write")
+    p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--config", help="recipe whose model: section is the target layout")
     args = parser.parse_args(argv)
     return run_command("mom-convert", lambda: convert(args))
 
 
 def convert(args: argparse.Namespace) -> int:
-    from ..model.hf import from_hf_gpt2, to_hf_gpt2
+    from ..model import ConfigError
+    from ..model.hf import from_hf_gpt2
+    from ..model.weights_file import save_weights
     from ..train.export import consolidated_state_dict, load_model, require_whole_model
 
     if args.command == "fp32":
@@ -55,16 +54,39 @@ def convert(args: argparse.Namespace) -> int:
         require_whole_model(run, args.checkpoint)
         save_weights(args.out, run.model.to_dict(), weights, int(client["step"]))
     elif args.command == "to-hf":
-        _, model, _ = load_model(args.checkpoint)
-        to_hf_gpt2(model, args.out)
+        from ..model.hf_export import check_target, to_hf
+
+        check_target(Path(args.out))  # before the checkpoint is read
+        run, model, _ = load_model(args.checkpoint)
+        to_hf(model, args.out, run_tokenizer(args.data_dir or run.data.data_dir))
     else:
         from ..config import load_run_config
+        from ..model.hf_export import is_mom_export, read_exported
 
         layout = load_run_config(args.config).model if args.config else None
-        model = from_hf_gpt2(args.donor, layout=layout)
-        save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
+        if is_mom_export(args.donor):
+            if layout is not None:
+                raise ConfigError(f"{args.donor} is a mom-ds export, which imports as it is. "
+                                  f"Fix: drop --config (it cuts a GPT-2 donor into a layout).")
+            config, weights = read_exported(args.donor)
+            save_weights(args.out, config.to_dict(), weights, 0)
+        else:
+            model = from_hf_gpt2(args.donor, layout=layout)
+            save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
     print(f"mom-convert {args.command}: wrote {args.out}")
     return 0
+
+
+def run_tokenizer(data_dir: str):
+    """The run's data tokenizer in transformers' form; the data directory must be at hand."""
+    from data_prep.tokenizer_export import transformers_tokenizer
+    from ..data import DataError, load_data_tokenizer
+
+    try:
+        return transformers_tokenizer(load_data_tokenizer(data_dir))
+    except (DataError, OSError) as err:
+        raise DataError(f"the run's tokenizer cannot be read from {data_dir} ({err}). Fix: pass "
+                        f"--data-dir with the mom-prep directory the run was trained on.") from None
 
 
 if __name__ == "__main__":

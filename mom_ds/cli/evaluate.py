@@ -1,13 +1,18 @@
 """mom-eval: validation loss, perplexity and FLOPs per token of a mom-train checkpoint
-(one process).
+(one process), or lm-evaluation-harness tasks on it.
 
   mom-eval runs/tiny [--split val] [--max-windows N | --all] [--batch-size 8]
            [--depth H'] [--top-k K']
+  mom-eval runs/tiny --tasks lambada_openai,hellaswag,arc_easy [--limit N] [--num-fewshot K]
+           [--include-path DIR] [--output FILE.json]
 By default it scores the windows the run's own validation scored (train.eval_batches x
 micro_batch_size x ranks windows of the seed-0 window order), so its loss is the run's last
 eval/loss; --max-windows N takes the first N of that order, --all the whole split.
 --depth / --top-k run a trained MoM with H' routing steps or K' modules per step (compute
 chosen at inference); the FLOPs reported are those of the routing executed (forward only).
+--tasks runs the harness (pip install 'mom-ds[eval]'; hub tasks download their data) and
+writes its results JSON to RUN/lm_eval/step_<N>_<tasks>.json. mom_cloze, built from the run's
+own val split, needs no network; --include-path adds a directory of task YAMLs.
 """
 from __future__ import annotations
 
@@ -81,8 +86,49 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="routing steps per routed block (default: as trained)")
     parser.add_argument("--top-k", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained)")
+    harness = parser.add_argument_group("lm-evaluation-harness")
+    harness.add_argument("--tasks", type=task_list, help="comma-separated harness task names")
+    harness.add_argument("--limit", type=positive_number,
+                         help="documents per task (a fraction < 1: that share of each task)")
+    harness.add_argument("--num-fewshot", type=int, metavar="K", help="default: the task's own")
+    harness.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                         help="a directory of task YAMLs (repeatable)")
+    harness.add_argument("--output", help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
     args = parser.parse_args(argv)
-    return run_command("mom-eval", lambda: evaluate(args))
+    if not args.tasks and (args.limit or args.num_fewshot is not None or args.include_path
+                           or args.output):
+        parser.error("--limit, --num-fewshot, --include-path and --output go with --tasks")
+    body = run_tasks if args.tasks else evaluate
+    return run_command("mom-eval", lambda: body(args))
+
+
+def task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise argparse.ArgumentTypeError("name at least one task, e.g. --tasks mom_cloze")
+    return tasks
+
+
+def positive_number(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from ..harness import HarnessRequest, require_lm_eval, run_harness
+
+    require_lm_eval()
+    from lm_eval.utils import make_table
+
+    request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
+                             args.batch_size, args.include_path, args.output,
+                             str(device(args.device)))
+    out, results = run_harness(request)
+    print(make_table(results))
+    print(f"mom-eval: wrote {out}")
+    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:

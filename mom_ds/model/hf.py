@@ -2,15 +2,14 @@
 
 `from_hf_gpt2` turns a GPT2LMHeadModel into a vanilla preset with the same outputs, or, given
 a MoM layout, cuts it into modules by the two-stage layer map of mom-spec.md section 1.
-`to_hf_gpt2` writes a vanilla preset back as a GPT2LMHeadModel directory.
+`gpt2_lm_head` turns a vanilla preset back into a GPT2LMHeadModel (hf_export.py writes it,
+and every other model as remote code).
 
 Both directions are driven by one table, `tensor_map`, so what is imported is exactly what
 is exported.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -172,9 +171,16 @@ def _from_pretrained(loader, path: Union[str, Path]):
     """`loader.from_pretrained(path)`; a hub name comes from the cache alone when the hub
     cannot be reached (data_prep/hub.py), and a miss is one error naming the name."""
     if Path(path).exists():
-        return loader.from_pretrained(path)
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if loader is not AutoConfig and not any((Path(path) / w).is_file() for w in weights):
+            raise HFInteropError(f"{path} holds no model.safetensors. mom-ds reads no pickled "
+                                 f"weights (pytorch_model.bin can run code when loaded). Fix: "
+                                 f"save the model with save_pretrained(DIR) (safetensors is "
+                                 f"its default).")
+        return loader.from_pretrained(path, use_safetensors=True)
     try:
-        return loader.from_pretrained(path, local_files_only=cache_only())
+        return loader.from_pretrained(path, local_files_only=cache_only(),
+                                      **({} if loader is AutoConfig else {"use_safetensors": True}))
     except OSError as err:
         raise HFInteropError(f"{path} is neither a directory nor a Hugging Face model the cache or "
                              f"the hub could provide ({type(err).__name__}{offline_note()}). Fix: "
@@ -257,10 +263,10 @@ def from_hf_gpt2(path_or_model: Union[str, Path, PreTrainedModel],
 def _check_exportable(config: MoMConfig) -> None:
     if config.n_chunks or config.mod_layer_indices():
         raise HFInteropError(
-            f"to_hf_gpt2 exports a vanilla preset only, but this model has "
+            f"GPT2LMHeadModel holds a vanilla preset only, but this model has "
             f"{config.n_chunks} routed block(s) and {len(config.mod_layer_indices())} MoD "
-            f"block(s), which GPT2LMHeadModel cannot express. Fix: export a model with "
-            f"n_chunks = 0 and mod_capacity = 0, or keep the MoM checkpoint.")
+            f"block(s). Fix: export it with hf_export.to_hf (remote code), or use a model "
+            f"with n_chunks = 0 and mod_capacity = 0.")
 
 
 def _hf_config(config: MoMConfig) -> GPT2Config:
@@ -274,33 +280,13 @@ def _hf_config(config: MoMConfig) -> GPT2Config:
                       tie_word_embeddings=True)
 
 
-def _save_atomically(model: GPT2LMHeadModel, out_dir: Path) -> None:
-    """save_pretrained into a temporary directory beside out_dir, then rename: a crash
-    leaves no half-written out_dir that from_pretrained would half-load."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked by the caller; rename cannot replace a directory
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def to_hf_gpt2(model: MoMForCausalLM, out_dir: Union[str, Path]) -> Path:
-    """Write a vanilla-preset model as a GPT2LMHeadModel directory (config.json +
-    model.safetensors) that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
+def gpt2_lm_head(model: MoMForCausalLM) -> GPT2LMHeadModel:
+    """A vanilla-preset model as the GPT2LMHeadModel with the same outputs (hf_export.py
+    writes it)."""
     config = model.config
     _check_exportable(config)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty directory. Fix: "
-                              f"export to a new directory or remove it first.")
     hf_model = GPT2LMHeadModel(_hf_config(config)).to(model.wte.weight.dtype)
     pairs = [(mom, hf, transpose)
              for hf, mom, transpose in tensor_map(config.n_vanilla_layers, config)]
     _transfer(pairs, dict(model.named_parameters()), hf_model.state_dict())
-    _save_atomically(hf_model, out_dir)
-    return out_dir
+    return hf_model

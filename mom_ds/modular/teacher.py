@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..model import ConfigError, MoMConfig, MoMForCausalLM
+from ..model.weights_file import load_weights
 
 
 def _kind(source: str) -> str:
@@ -33,8 +34,8 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
     kind = _kind(source)
     try:
         if kind == "weights file":
-            saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-            return MoMConfig.from_dict(saved["model_config"]), saved["state_dict"]
+            saved = load_weights(source, "modular.teacher")
+            return MoMConfig.from_dict(saved.model_config), saved.state_dict
         if kind == "run":
             return _run_parts(source)
         from ..model.hf import from_hf_gpt2, gpt2_vanilla_config
@@ -50,7 +51,7 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
         raise ConfigError(f"modular.teacher = {source!r} ({kind}): {err}") from None
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise ConfigError(f"modular.teacher = {source!r} ({kind}) cannot be read: {err}. Fix: "
-                          f"name a mom-train run directory, a mom-convert .pt file, or a "
+                          f"name a mom-train run directory, a mom-convert .safetensors file, or a "
                           f"Hugging Face GPT-2 directory (hub names need the network).") from None
 
 

@@ -143,10 +143,12 @@ def check_same_teacher(run: RunConfig, client: dict[str, Any]) -> None:
 
 def load_initial_weights(model: MoMForCausalLM, path: str) -> None:
     """Weights written by mom-convert; every tensor must match the run's model."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    from ..model.weights_file import load_weights
+
+    saved = load_weights(path, "train.init_from")
     try:
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(saved.state_dict)
     except RuntimeError as err:
         raise ValueError(f"train.init_from = {path!r} does not fit this run's model (it was "
-                         f"made for {saved['model_config']}): {err}. Fix: convert with this "
+                         f"made for {saved.model_config}): {err}. Fix: convert with this "
                          f"recipe's --config.") from None

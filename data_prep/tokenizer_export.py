@@ -1,0 +1,75 @@
+"""Any mom-prep tokenizer as a transformers tokenizer (PreTrainedTokenizerFast), with the
+same ids: what `mom-convert to-hf` writes beside an exported model, so that
+AutoTokenizer.from_pretrained(DIR) encodes text as the run's data was encoded."""
+from __future__ import annotations
+
+from .tokenizer import EOT_TEXT, BytesTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer
+
+
+def _byte_alphabet() -> list[str]:
+    """The printable character byte-level BPE uses for each byte value (GPT-2's table)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
+
+
+def _byte_level(vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str | None):
+    """A byte-level BPE tokenizers.Tokenizer: `pattern` splits the text before the bytes
+    are merged (tiktoken's regex), None keeps the text whole (the bytes tokenizer)."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.pre_tokenizer = byte_level if pattern is None else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _from_bytes(tokenizer: BytesTokenizer):
+    backend = _byte_level({c: b for b, c in enumerate(_byte_alphabet())}, [], None)
+    backend.add_special_tokens([EOT_TEXT])  # id 256, the next one
+    return backend
+
+
+def _from_tiktoken(tokenizer: TiktokenTokenizer):
+    """tiktoken's ranks as BPE merges: a token of rank r is made by merging two shorter
+    tokens, each pair ordered by r and then by the parts' ranks (a token may have several
+    splits; the one of lowest ranks is met first, as tiktoken's merge loop meets it)."""
+    encoding = tokenizer.encoding
+    alphabet = _byte_alphabet()
+    spell = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
+    ranks = encoding._mergeable_ranks
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += [(rank, left, right, token[:i], token[i:]) for left, right, i in splits]
+    merges.sort()
+    vocab = {spell(token): rank for token, rank in ranks.items()}
+    backend = _byte_level(vocab, [(spell(a), spell(b)) for *_, a, b in merges],
+                          encoding._pat_str)
+    for text, token_id in sorted(encoding._special_tokens.items(), key=lambda item: item[1]):
+        backend.add_special_tokens([text])
+        assert backend.token_to_id(text) == token_id, (text, token_id)  # ids stay dense
+    return backend
+
+
+def transformers_tokenizer(tokenizer: Tokenizer):
+    """A PreTrainedTokenizerFast with the tokenizer's ids; end-of-text is its bos, eos and
+    pad token (GPT-2's convention)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, BytesTokenizer):
+        backend = _from_bytes(tokenizer)
+    elif isinstance(tokenizer, TiktokenTokenizer):
+        backend = _from_tiktoken(tokenizer)
+    elif isinstance(tokenizer, HFTokenizer):
+        backend = tokenizer.backend
+    else:
+        raise TypeError(f"no transformers form for {type(tokenizer).__name__}")
+    eot = backend.id_to_token(tokenizer.info.eot_id)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot,
+                                   pad_token=eot, unk_token=None,
+                                   model_max_length=int(1e30), clean_up_tokenization_spaces=False)

@@ -1,0 +1,66 @@
+"""EleutherAI's lm-evaluation-harness on a mom-train checkpoint (`mom-eval RUN --tasks ...`):
+the `lm_eval` package, installed by the optional extra `mom-ds[eval]`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..model import ConfigError
+
+
+@dataclass
+class HarnessRequest:
+    """What mom-eval --tasks asks of the harness."""
+
+    checkpoint: str
+    tasks: list[str]
+    limit: Optional[float] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+    include_paths: list[str] = field(default_factory=list)
+    output: Optional[str] = None
+    device: str = "cpu"
+
+
+def require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("--tasks runs lm-evaluation-harness, which is not installed. Fix: "
+                          "pip install 'mom-ds[eval]' (the lm_eval package).")
+
+
+def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
+    """Evaluate the checkpoint on the tasks; (where the results JSON went, the results)."""
+    require_lm_eval()
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable
+
+    from data_prep.tokenizer import load_data_tokenizer
+    from ..train.export import load_model, resolve
+    from .lm import MoMHarnessLM
+    from .tasks import LOCAL_TASK, results_path, task_manager, write_local_task
+
+    ckpt_dir, _ = resolve(request.checkpoint)
+    run_dir = ckpt_dir.parent if ckpt_dir.name == "ckpt" else ckpt_dir
+    run, model, client = load_model(request.checkpoint)
+    include = [Path(p) for p in request.include_paths]
+    if LOCAL_TASK in request.tasks:
+        include.append(write_local_task(run_dir / "lm_eval" / "tasks", run.data.data_dir,
+                                        run.data.seq_len))
+    manager = task_manager(request.tasks, include)  # an unknown name fails before scoring
+    model.to(request.device)
+    lm = MoMHarnessLM(model, load_data_tokenizer(run.data.data_dir), request.batch_size)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(request.tasks),
+                                      num_fewshot=request.num_fewshot, limit=request.limit,
+                                      task_manager=manager, log_samples=False,
+                                      bootstrap_iters=0)
+    results["mom_ds"] = {"checkpoint": str(request.checkpoint), "step": int(client["step"]),
+                         "model": run.model.to_dict()}
+    out = results_path(run_dir, request.tasks, int(client["step"]), request.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+    tmp.replace(out)
+    return out, results

@@ -1,0 +1,93 @@
+"""A mom-ds model as a Hugging Face model: `AutoModelForCausalLM` loads it, `generate()`
+samples from it.
+
+This file is shipped: `mom-convert to-hf` copies it, as modeling_mom.py, beside copies of
+the model files it imports (hf_export.py), so an exported directory loads with
+`trust_remote_code=True` and transformers alone. Its imports therefore stay inside
+mom_ds/model: the same code runs in mom-ds and in the exported directory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import MoMConfig
+from .model import MoMForCausalLM
+
+MODEL_TYPE = "mom_ds"
+
+
+class MoMHFConfig(PretrainedConfig):
+    """`mom` holds the MoMConfig's fields; the other fields repeat the ones that
+    transformers and lm-evaluation-harness look up by name."""
+
+    model_type = MODEL_TYPE
+    attribute_map = {"max_position_embeddings": "n_positions", "hidden_size": "d_model",
+                     "num_attention_heads": "n_heads"}
+    mom: Optional[dict] = None
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    d_model: int = 768
+    n_heads: int = 12
+    # the head is wte itself (F.linear on wte.weight), not a second tensor to tie
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def of(cls, config: MoMConfig, **kwargs) -> "MoMHFConfig":
+        return cls(mom=config.to_dict(), vocab_size=config.vocab_size,
+                   n_positions=config.n_positions, d_model=config.d_model,
+                   n_heads=config.n_heads, **kwargs)
+
+
+class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
+    """MoMForCausalLM under the name `model`. The loss follows transformers: `labels` are
+    the input ids, shifted inside. Generation keeps mom-ds's own key/value cache (a dict)
+    and routes MoD blocks by their causal threshold, as `MoMForCausalLM.generate` does."""
+
+    config_class = MoMHFConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MoMHFConfig):
+        super().__init__(config)
+        self.model = MoMForCausalLM(MoMConfig.from_dict(config.mom))
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """MoMForCausalLM initialises itself (GPT-2's scheme); from_pretrained then loads
+        every tensor, so transformers has nothing to initialise."""
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # the cache is mom-ds's dict, made in prepare_inputs_for_generation
+        return False
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.wte
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
+                mod_routing: str = "topk", **kwargs) -> CausalLMOutputWithPast:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("mom-ds models take no padding mask: every token attends to all "
+                             "before it. Fix: pass prompts of equal length (or one at a "
+                             "time) without padding.")
+        out = self.model(input_ids, cache=cache, mod_routing=mod_routing)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
+                                   labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=cache)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: Optional[dict] = None,
+                                      attention_mask: Optional[torch.Tensor] = None,
+                                      use_cache: bool = True, **kwargs) -> dict:
+        if use_cache and cache is None:
+            cache = {}
+        seen = cache.get("length", 0) if cache is not None else 0
+        return {"input_ids": input_ids[:, seen:], "cache": cache,
+                "attention_mask": attention_mask, "mod_routing": "threshold"}

@@ -1,0 +1,147 @@
+"""`mom-convert to-hf` for every preset: the exported directory loads with transformers alone
+(a subprocess in which mom_ds and data_prep cannot be imported) and gives mom-ds's logits,
+loss and greedy generate() output; bad targets and incomplete directories are one error."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer_export import transformers_tokenizer
+from mom_ds import MoMConfig, MoMForCausalLM
+from mom_ds.model.hf_export import ExportError, check_exported, to_hf
+from mom_ds.model.presets import preset
+
+SHAPE = dict(vocab_size=257, n_positions=48, d_model=32, n_heads=2, router_width=16)
+# Every preset, and MoM across routers, SKIP modes and layouts.
+MODELS = {
+    "vanilla": preset("vanilla", n_layer=2, **SHAPE),
+    "vanilla_routed": preset("vanilla_routed", n_layer=2, **SHAPE),
+    "shared_layers": preset("shared_layers", n_steps=3, **SHAPE),
+    "moe": preset("moe", n_layer=2, n_experts=4, top_k=2, **SHAPE),
+    "early_exit": preset("early_exit", n_layer=3, **SHAPE),
+    "mod": preset("mod", n_layer=4, capacity=0.25, every=2, **SHAPE),
+    "mom_gru": preset("mom", n_attn_modules=3, n_ffn_modules=4, depth=3, top_k=2, **SHAPE),
+    "mom_mlp_mask": preset("mom", router="mlp", skip_in_attention="mask", weighted_qkv=True,
+                           depth=2, **SHAPE),
+    "mom_layout": preset("mom", n_bottom=1, n_chunks=2, anchor_layers=True, n_top=1, depth=2,
+                         top_k=2, weighting="renorm", **SHAPE),
+    "mom_mod": MoMConfig(n_bottom=2, mod_capacity=0.5, mod_every=2, n_chunks=1, depth=2,
+                         **SHAPE),
+}
+PROMPT_TOKENS, NEW_TOKENS = 10, 12
+
+LOAD_WITHOUT_MOM_DS = """
+import sys
+sys.modules["mom_ds"] = None      # import mom_ds -> ImportError: transformers alone
+sys.modules["data_prep"] = None
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+ids = torch.load(sys.argv[2])
+results = {}
+for name in json.loads(sys.argv[1]):
+    directory = sys.argv[3] + "/" + name
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    new = model.generate(ids[:, :%d], max_new_tokens=%d, do_sample=False)
+    results[name] = {"class": type(model).__name__, "logits": out.logits, "loss": out.loss,
+                     "generated": new, "text": tokenizer.decode(tokenizer("Hello, world")["input_ids"])}
+torch.save(results, sys.argv[4])
+""" % (PROMPT_TOKENS, NEW_TOKENS)
+
+
+def byte_tokenizer():
+    return transformers_tokenizer(load_tokenizer("bytes"))
+
+
+def mom_ds_outputs(model: MoMForCausalLM, ids: torch.Tensor) -> dict:
+    """What mom-ds itself computes: logits, the loss on the next tokens, greedy generation."""
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        out = model(ids, labels=targets)
+    new = model.generate(ids[:, :PROMPT_TOKENS], NEW_TOKENS, temperature=0, eos_token_id=256)
+    return {"logits": out.logits, "loss": out.lm_loss, "generated": new}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every model exported, then loaded and run once in a process without mom_ds."""
+    root = tmp_path_factory.mktemp("exports")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 24))
+    torch.save(ids, root / "ids.pt")
+    expected = {}
+    for name, config in MODELS.items():
+        torch.manual_seed(1)
+        model = MoMForCausalLM(config).eval()
+        to_hf(model, root / name, byte_tokenizer())
+        expected[name] = mom_ds_outputs(model, ids)
+    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MOM_DS, json.dumps(list(MODELS)),
+                           str(root / "ids.pt"), str(root), str(root / "got.pt")],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root, expected, torch.load(root / "got.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_loads_with_transformers_alone_and_matches(exported, name):
+    root, expected, got = exported
+    want, have = expected[name], got[name]
+    assert have["class"] == ("GPT2LMHeadModel" if name == "vanilla" else "MoMHFForCausalLM")
+    torch.testing.assert_close(have["logits"], want["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(have["loss"], want["loss"], atol=1e-5, rtol=1e-5)
+    assert have["generated"].tolist() == want["generated"].tolist()
+    assert have["text"] == "Hello, world"
+    files = {p.name for p in (root / name).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert ("modeling_mom.py" in files) == (name != "vanilla")
+    assert not any(p.suffix in (".bin", ".pt") for p in (root / name).iterdir())
+
+
+def test_shipped_code_is_mom_ds_own(exported):
+    """The modeling files are copies of mom_ds/model, with a header naming their source."""
+    root, _, _ = exported
+    package = Path(__file__).resolve().parent.parent / "mom_ds" / "model"
+    for path in (root / "mom_gru").glob("*.py"):
+        source = package / ("hf_modeling.py" if path.name == "modeling_mom.py" else path.name)
+        header, body = path.read_text().split("\n", 1)
+        assert header.startswith("# Generated by mom-convert to-hf") and body == source.read_text()
+
+
+def test_gpt2_tokenizer_round_trip(shared_gpt2_tokenizer_dir, tmp_path):
+    """The exported GPT-2 tokenizer gives tiktoken's ids (the data's own encoding)."""
+    from transformers import AutoTokenizer
+
+    ours = load_tokenizer(f"gpt2:{shared_gpt2_tokenizer_dir}")
+    transformers_tokenizer(ours).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world! It's 2026:  naïve café —\n\n\tdon't we'll 12345 x"
+    assert theirs(text)["input_ids"] == ours.encode(text).tolist()
+    assert theirs.decode(ours.encode(text).tolist()) == text
+    assert theirs.eos_token_id == 50256
+
+
+def test_export_into_a_non_empty_directory_is_refused(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("user data")
+    with pytest.raises(ExportError, match="not an empty directory.*Fix"):
+        to_hf(MoMForCausalLM(MODELS["mom_gru"]), tmp_path / "taken", byte_tokenizer())
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"], "no temporary directory left"
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "tokenizer.json", "routers.py",
+                                     "modeling_mom.py"])
+def test_an_exported_directory_missing_a_file_is_named(tmp_path, missing):
+    to_hf(MoMForCausalLM(MODELS["mom_gru"]), tmp_path / "out", byte_tokenizer())
+    check_exported(tmp_path / "out")
+    (tmp_path / "out" / missing).unlink()
+    with pytest.raises(ExportError, match=f"lacks {missing}.*Fix: export it again"):
+        check_exported(tmp_path / "out")
