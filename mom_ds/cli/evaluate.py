@@ -124,7 +124,7 @@ def run_tasks(args: argparse.Namespace) -> int:
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
                              args.batch_size, args.include_path, args.output,
-                             str(device(args.device)))
+                             str(device(args.device)), args.depth, args.top_k)
     out, results = run_harness(request)
     print(make_table(results))
     print(f"mom-eval: wrote {out}")

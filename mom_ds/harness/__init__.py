@@ -23,6 +23,8 @@ class HarnessRequest:
     include_paths: list[str] = field(default_factory=list)
     output: Optional[str] = None
     device: str = "cpu"
+    depth: Optional[int] = None   # H' and K': compute chosen at inference (train/export.py)
+    top_k: Optional[int] = None
 
 
 def require_lm_eval() -> None:
@@ -44,7 +46,7 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
 
     ckpt_dir, _ = resolve(request.checkpoint)
     run_dir = ckpt_dir.parent if ckpt_dir.name == "ckpt" else ckpt_dir
-    run, model, client = load_model(request.checkpoint)
+    run, model, client = load_model(request.checkpoint, request.depth, request.top_k)
     include = [Path(p) for p in request.include_paths]
     if LOCAL_TASK in request.tasks:
         include.append(write_local_task(run_dir / "lm_eval" / "tasks", run.data.data_dir,
