@@ -159,7 +159,10 @@ def choose_tag(ckpt_dir: str | Path, requested: Optional[str] = None
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    # numpy's key array is stored as a tensor: the file then loads with weights_only=True
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -168,7 +171,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -421,12 +425,10 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 
 # --- read -----------------------------------------------------------------------------------
-def _load(path: Path, rng: bool = False) -> Any:
-    """torch.load of one checkpoint file, its damage named: tensors and plain data only,
-    memory-mapped, except a rank's RNG file (numpy's state is an array)."""
+def _load(path: Path) -> Any:
+    """torch.load of one checkpoint file, its damage named: tensors and plain data only
+    (weights_only: no pickle runs code), memory-mapped."""
     try:
-        if rng:
-            return torch.load(path, map_location="cpu", weights_only=False)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -474,7 +476,7 @@ def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, tag: str
         local = _cut_to_this_rank(params, model, layout)
         same_layout = client["world_size"] == layout.world_size
         rank_file = ckpt_dir / tag / f"run_state_rank{dist.get_rank()}.pt"
-        rng = _load(rank_file, rng=True)["rng"] if same_layout and rank_file.is_file() \
+        rng = _load(rank_file)["rng"] if same_layout and rank_file.is_file() \
             else None
     except (CheckpointError, KeyError, ValueError) as err:
         problem = str(err)
