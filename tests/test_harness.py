@@ -165,3 +165,8 @@ def test_mom_eval_tasks_runs_the_shipped_task_and_names_unknown_tasks(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "knows no task 'lambada_opena'" in proc.stderr and "lambada_openai" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "no.json").exists()
+    # a hub task offline (conftest sets HF_DATASETS_OFFLINE): one error with the fix
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(run), "--tasks", "arc_easy",
+                       "--limit", "2", "--output", str(tmp_path / "no.json")], timeout=600)
+    assert proc.returncode == 2 and "Fix: run where the Hugging Face hub is reachable" in \
+        proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -54,10 +54,16 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
     manager = task_manager(request.tasks, include)  # an unknown name fails before scoring
     model.to(request.device)
     lm = MoMHarnessLM(model, load_data_tokenizer(run.data.data_dir), request.batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(request.tasks),
-                                      num_fewshot=request.num_fewshot, limit=request.limit,
-                                      task_manager=manager, log_samples=False,
-                                      bootstrap_iters=0)
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(request.tasks),
+                                          num_fewshot=request.num_fewshot, limit=request.limit,
+                                          task_manager=manager, log_samples=False,
+                                          bootstrap_iters=0)
+    except OSError as err:  # datasets' ConnectionError when a hub task's data cannot be had
+        raise ConfigError(f"--tasks {','.join(request.tasks)}: a task's data could not be "
+                          f"read ({err}). Fix: run where the Hugging Face hub is reachable "
+                          f"(or its datasets are cached), or use {LOCAL_TASK} or a task YAML "
+                          f"over local files (--include-path).") from None
     results["mom_ds"] = {"checkpoint": str(request.checkpoint), "step": int(client["step"]),
                          "model": run.model.to_dict()}
     out = results_path(run_dir, request.tasks, int(client["step"]), request.output)
