@@ -23,8 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", nargs="+", default=["openwebtext"], metavar="SOURCE",
                    help="'builtin' (the Python standard library's .py files, no download); local files "
-                        "(.txt, .jsonl, .json, .parquet), folders (searched recursively) or globs; a directory "
-                        "written by datasets.save_to_disk; or a Hugging Face hub dataset name (default: openwebtext)")
+                        "(.txt, .jsonl, .json, .parquet, and .html / .htm pages, read as their visible text), "
+                        "folders (searched recursively) or globs; a directory written by datasets.save_to_disk; "
+                        "or a Hugging Face hub dataset name (default: openwebtext)")
     p.add_argument("--tokenizer", default="gpt2",
                    help="gpt2 (tiktoken, as nanoGPT; offline use gpt2:DIR with vocab.json + merges.txt, or set "
                         "MOM_GPT2_DIR), another tiktoken encoding, bytes (256 bytes + end-of-text), a local "

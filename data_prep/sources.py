@@ -2,7 +2,8 @@
 
 Every source yields documents (str) one at a time, in a fixed order, without holding the
 corpus in memory (except a `.json` array or a `--txt-mode file` document, which are read
-whole; use `.jsonl`, `.parquet` or `--txt-mode blank-line` for big files).
+whole; use `.jsonl`, `.parquet` or `--txt-mode blank-line` for big files). An `.html` page is
+one document: its readable text (html_text.py).
 
 Non-UTF-8 policy: by default bytes that are not valid UTF-8 stop the run with the file and
 byte offset named (silently altered training text is worse than a clear failure);
@@ -22,7 +23,7 @@ from typing import Iterator
 from .format import DataError
 from .hub import hub_unreachable
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".html", ".htm")
 # A `--txt-mode file` document is read whole; beyond this the user must pick a streaming layout.
 MAX_WHOLE_FILE_BYTES = 1 << 30
 HF_BATCH = 1000
@@ -90,7 +91,8 @@ class FilesSource(Source):
         self.total = (sum(p.stat().st_size for p in files), "bytes")
 
     def documents(self) -> Iterator[str]:
-        readers = {".txt": self._txt, ".jsonl": self._jsonl, ".json": self._json, ".parquet": self._parquet}
+        readers = {".txt": self._txt, ".jsonl": self._jsonl, ".json": self._json, ".parquet": self._parquet,
+                   ".html": self._html, ".htm": self._html}
         for path in self.files:
             yield from readers[path.suffix](path)
 
@@ -115,6 +117,14 @@ class FilesSource(Source):
                     lines = []
         if lines:
             yield "".join(lines).rstrip("\n")
+
+    def _html(self, path: Path) -> Iterator[str]:
+        """One document per page: its readable text (html_text.py); a page with none is skipped."""
+        from .html_text import html_to_text
+
+        text = html_to_text(_decode(path.read_bytes(), self.options.encoding_errors, str(path)))
+        if text:
+            yield text
 
     def _text_of(self, record, where: str) -> str:
         field = self.options.text_field

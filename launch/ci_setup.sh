@@ -1,11 +1,31 @@
 #!/bin/bash
 # Installs what the launcher tests use: Slurm + munge, sshd + pdsh (apt, needs root) and
-# MPICH, mpi4py and matplotlib (pip, into the venv; matplotlib draws mom-report). Idempotent
+# MPICH, mpi4py and matplotlib (pip, into the venv; matplotlib draws mom-report), plus
+# Debian's Python documentation, the English corpus of bench/repro.py (apt). Idempotent
 # and quiet; a part that cannot be installed is reported and its tests skip, so this script
 # itself never fails CI.
 #   launch/ci_setup.sh [VENV]      (default .venv)
 set -uo pipefail
 venv=${1:-.venv}
+export DEBIAN_FRONTEND=noninteractive
+
+# apt_install WHAT_SKIPS PACKAGE...: one apt-get install per group, so a package this
+# distribution lacks (python3.11-doc outside bookworm) does not take the others down with it.
+apt_install() {
+    local skips=$1
+    shift
+    if [ "$(id -u)" != 0 ]; then
+        echo "ci_setup: not root, skipping $* ($skips)"
+        return
+    fi
+    install() { timeout 600 apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+    # The package lists may be missing or stale on a fresh image: update once and retry.
+    if install "$@" || { timeout 300 apt-get update -qq >/dev/null && install "$@"; }; then
+        echo "ci_setup: installed $*"
+    else
+        echo "ci_setup: apt-get install $* failed ($skips)"
+    fi
+}
 
 # slurm-wlm + munge: Slurm; openssh-server + pdsh + iproute2: the two-host tests (network
 # namespaces with an sshd each, reached by the deepspeed launcher's pdsh and MPICH's ssh).
@@ -13,17 +33,16 @@ packages=(slurm-wlm munge openssh-server openssh-client pdsh iproute2)
 if command -v slurmctld >/dev/null && command -v munged >/dev/null && [ -x /usr/sbin/sshd ] \
         && command -v pdsh >/dev/null && command -v ip >/dev/null; then
     echo "ci_setup: ${packages[*]} already installed"
-elif [ "$(id -u)" != 0 ]; then
-    echo "ci_setup: not root, skipping ${packages[*]} (Slurm and two-host tests will skip)"
 else
-    export DEBIAN_FRONTEND=noninteractive
-    apt_install() { timeout 600 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null; }
-    # The package lists may be missing or stale on a fresh image: update once and retry.
-    if apt_install || { timeout 300 apt-get update -qq >/dev/null && apt_install; }; then
-        echo "ci_setup: installed ${packages[*]}"
-    else
-        echo "ci_setup: apt-get install ${packages[*]} failed (Slurm and two-host tests will skip)"
-    fi
+    apt_install "Slurm and two-host tests will skip" "${packages[@]}"
+fi
+
+# python3.11-doc: HTML under /usr/share/doc/python3.11/html, which bench/repro.py prepares
+# with mom-prep when it is given no --data.
+if [ -f /usr/share/doc/python3.11/html/index.html ]; then
+    echo "ci_setup: python3.11-doc already installed"
+else
+    apt_install "bench/repro.py will need --data" python3.11-doc
 fi
 
 # The mpich wheel has no Python module; its mpirun lands in the venv's bin.

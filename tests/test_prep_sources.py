@@ -96,3 +96,48 @@ def test_val_gets_the_last_document_when_the_draw_gives_none(tmp_path):
     assert result.meta["splits"]["val"]["n_documents"] == 1
     val = np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2")
     assert bytes(val[:-1].astype(np.uint8)) == b"doc 4"
+
+
+PAGE = """<!DOCTYPE html>
+<html><head><title>json</title><style>body { color: red }</style>
+<script>var nav = "not text";</script></head>
+<body>
+<div class="related" role="navigation"><ul><li><a href="index.html">index</a></li></ul></div>
+<nav>Table of contents</nav>
+<div class="body">
+<h1>json &mdash; JSON encoder<a class="headerlink" href="#json">&para;</a></h1>
+<p>JSON is a <em>lightweight</em>
+   data interchange   format.</p>
+<pre>&gt;&gt;&gt; import json
+&gt;&gt;&gt; json.dumps([1, 2])
+'[1, 2]'
+</pre>
+<ul><li>dumps</li><li>loads &amp; load</li></ul>
+</div>
+<div class="sphinxsidebar">Quick search</div>
+<footer>&copy; Copyright</footer>
+</body></html>
+"""
+PAGE_TEXT = ("json \u2014 JSON encoder\n\n"
+             "JSON is a lightweight data interchange format.\n\n"
+             ">>> import json\n>>> json.dumps([1, 2])\n'[1, 2]'\n\n"
+             "dumps\n\n"
+             "loads & load")
+
+
+def test_html_page_is_one_document_of_its_readable_text(tmp_path):
+    (tmp_path / "a.html").write_text(PAGE, encoding="utf-8")
+    (tmp_path / "b.htm").write_text("<p>second page</p>", encoding="utf-8")
+    (tmp_path / "empty.html").write_text("<script>only code</script>", encoding="utf-8")
+    assert docs_of([tmp_path]) == [PAGE_TEXT, "second page"]  # a page without text is skipped
+
+
+def test_html_round_trip_through_mom_prep(tmp_path):
+    from data_prep.cli import main as mom_prep
+
+    (tmp_path / "pages").mkdir()
+    (tmp_path / "pages" / "a.html").write_text(PAGE, encoding="utf-8")
+    assert mom_prep(["--source", str(tmp_path / "pages" / "*.html"), "--tokenizer", "bytes",
+                     "--val-fraction", "0", "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype="<u2")
+    assert load_data_tokenizer(tmp_path / "out").decode(ids) == PAGE_TEXT + "<|endoftext|>"
