@@ -97,7 +97,9 @@ class MoMHarnessLM(LM):
         for n, request in enumerate(requests):
             context, settings = request.args
             settings = dict(settings or {})
-            limit = int(settings.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            # prompt + new tokens fit n_positions; the prompt keeps at least one token
+            limit = min(int(settings.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS)),
+                        self.max_length - 1)
             ids = self.encode(context)[-(self.max_length - limit):] or [self.eot]
             prompts.append(ids)
             key = (len(ids), limit, repr(sorted(settings.items())))
