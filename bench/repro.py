@@ -21,7 +21,8 @@ trained by mom-train, one process per run, one run at a time.
              per token: 3 x (4 + 2 x 8) = 5 x 12 d^2), both from scratch for N1 tokens.
   modular    bench/modular.py's Modular Transformers comparison on the donor as teacher:
              modules of 2 and 3 layers trained once, assembled at 2x and 3x (search on
-             held-out windows) against drop + fine-tune and a KD student.
+             held-out windows) against drop + fine-tune and a KD student, each trained
+             on N2 / 4 tokens.
 
 Columns: parameters; training FLOPs per token as mom-train logs them (the routing executed;
 the mean over log windows); val loss and perplexity on the first --eval-windows val windows
@@ -30,7 +31,7 @@ local lm-evaluation-harness task (mom-eval --tasks mom_cloze; 4 choices, chance 
 where mom-eval cannot run it); tokens/s (median of the log
 windows after the first); peak memory of the rank's process; wall time of the mom-train
 process (start-up included). Token counts scale with --budget; the default takes about
-80 minutes on 2 cores. --quick trains every arm for a few steps with every mom-ds command
+75 minutes on 2 cores (about 18 of them fixed: start-ups, validation, the harness). --quick trains every arm for a few steps with every mom-ds command
 in this one process, so that the start-up is paid once (its numbers mean nothing, the peak
 memory is this process's, and the harness runs on the donor only). One line per paper
 claim says whether it holds at this scale.
@@ -80,8 +81,8 @@ GPT2_DIR = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
 ROUTER_WIDTH = 64
 MICRO = 8  # windows per step: twice bench/modular's steps for the same tokens
 # Steps of MICRO x SEQ tokens at --budget 1 (N1 = N2 = STAGE_STEPS x 1024 tokens); the
-# compression table trains bench/modular's batches of 16 windows for half of N2.
-STAGE_STEPS = 160
+# compression table trains bench/modular's batches of 16 windows for a quarter of N2.
+STAGE_STEPS = 128
 QUICK_STEPS = 2
 HARNESS_DOCS = 100  # of mom_cloze's 400: a full pass costs about 90 s per model here
 # "keeps quality" / "matches": val loss at most this much worse, relatively
@@ -135,8 +136,8 @@ def settings_for(args: argparse.Namespace) -> Settings:
     return Settings(False, args.seed, stage, d_model=128, n_heads=4, micro=MICRO,
                     eval_points=8, eval_batches=2, eval_windows=args.eval_windows,
                     search_windows=64, harness_limit=HARNESS_DOCS,
-                    # half of N2's tokens in bench/modular's batches of 16 windows
-                    compression_steps=max(2, stage * MICRO // (2 * MODULAR_MICRO)),
+                    # a quarter of N2's tokens in bench/modular's batches of 16 windows
+                    compression_steps=max(2, stage * MICRO // (4 * MODULAR_MICRO)),
                     compressed_depths=(3, 2))  # 2x and 3x of the 6-layer donor
 
 
@@ -543,7 +544,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="scales every token count (default 1: about 80 minutes on 2 cores)")
+                        help="scales every token count (default 1: about 75 minutes on 2 cores)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps per stage, for CI (the numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=1337,
