@@ -28,13 +28,14 @@ Columns: parameters; training FLOPs per token as mom-train logs them (the routin
 the mean over log windows); val loss and perplexity on the first --eval-windows val windows
 (the same windows for every model); accuracy on the first 100 documents of mom_cloze, the
 local lm-evaluation-harness task (mom-eval --tasks mom_cloze; 4 choices, chance 0.25; "n/a"
-where mom-eval cannot run it); tokens/s (median of the log
-windows after the first); peak memory of the rank's process; wall time of the mom-train
-process (start-up included). Token counts scale with --budget; the default takes about
-75 minutes on 2 cores (about 18 of them fixed: start-ups, validation, the harness). --quick trains every arm for a few steps with every mom-ds command
-in this one process, so that the start-up is paid once (its numbers mean nothing, the peak
-memory is this process's, and the harness runs on the donor only). One line per paper
-claim says whether it holds at this scale.
+where mom-eval cannot run it); tokens/s (median of the log windows after the first); peak
+memory of the rank's process; wall time of the mom-train process (start-up included).
+Token counts scale with --budget: --budget 0.4 took 32 minutes on 2 cores, of which about
+11 do not scale (start-ups, scoring, the harness), so the default should take about 70.
+--quick trains every arm for a few steps with every mom-ds command in this one process, so
+that the start-up is paid once (its numbers mean nothing, the peak memory is this
+process's, and the harness runs on the donor only). One line per paper claim says whether
+it holds at this scale.
 Writes OUT/repro.md, OUT/repro.json and OUT/repro.png; runs under OUT/runs.
 """
 from __future__ import annotations
@@ -277,7 +278,7 @@ def train_arm(arm: Arm, data: Path, runs: Path, s: Settings, hf_dir: Optional[Pa
            "mom_cloze_acc": harness, **scores(model, data, s.eval_windows),
            **logged_performance(run_dir)}
     if arm.ablate:
-        row["routing"] = routing_redundancy(model, data, s.eval_windows)
+        row["routing"] = routing_redundancy(model, data, s.eval_windows, row["val_loss"])
     print(f"repro: {arm.key} done: val loss {row['val_loss']:.4f}, {wall:.0f} s", flush=True)
     return row
 
@@ -311,20 +312,19 @@ def logged_performance(run_dir: Path) -> dict:
 
 # --- attention against FFN redundancy ------------------------------------------------------------
 @torch.no_grad()
-def routing_redundancy(model, data: Path, n_windows: int) -> dict:
-    """SKIP shares of the routers, and the val loss with the least-used half of every pool's
-    attention modules silenced against a quarter of its FFN modules (the paper's finding:
-    50% of attention modules can go, only 25% of FFN modules)."""
+def routing_redundancy(model, data: Path, n_windows: int, loss: float) -> dict:
+    """SKIP shares of the routers, and the val loss (`loss` as trained) with the least-used
+    half of every pool's attention modules silenced against a quarter of its FFN modules
+    (the paper's finding: 50% of attention modules can go, only 25% of FFN modules)."""
     rows = torch.from_numpy(TokenizedDataset(data, split="val", seq_len=SEQ)
                             .windows(range(min(16, n_windows))).astype("int64"))
     routing = model(rows[:, :-1]).routing
     attn = torch.stack([r.attn_counts.sum(0) for r in routing]).double()  # (blocks, A + 1)
     ffn = torch.stack([r.ffn_counts.sum(0) for r in routing]).double()
     c = model.config
-    base = scores(model, data, n_windows)["val_loss"]
     return {"attn_skip_share": float(attn[:, -1].sum() / attn.sum()),
             "ffn_skip_share": float(ffn[:, -1].sum() / ffn.sum()),
-            "loss": base,
+            "loss": loss,
             "loss_without_half_attention": silenced_loss(
                 model, data, n_windows, "attn_modules", ("qkv", "proj"), attn[:, :-1],
                 c.n_attn_modules // 2),
@@ -400,7 +400,7 @@ def claim(text: str, holds: bool, evidence: str) -> str:
 
 def versus(rows: dict[str, dict], a: str, b: str, field: str = "val_loss",
            scale: float = 1.0, digits: int = 4) -> str:
-    """'a vs b (+x%)' for one field of two arms."""
+    """'x vs y, +z%': one field of arms a and b, and a's difference relative to b."""
     x, y = rows[a][field], rows[b][field]
     return f"{x * scale:.{digits}f} vs {y * scale:.{digits}f}, {100 * (x / y - 1):+.2f}%"
 
@@ -544,7 +544,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="scales every token count (default 1: about 75 minutes on 2 cores)")
+                        help="scales every token count (default 1: about 70 minutes on 2 cores)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps per stage, for CI (the numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=1337,
