@@ -39,7 +39,10 @@ def _from_tiktoken(tokenizer: TiktokenTokenizer):
     splits; the one of lowest ranks is met first, as tiktoken's merge loop meets it)."""
     encoding = tokenizer.encoding
     alphabet = _byte_alphabet()
-    spell = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
     ranks = encoding._mergeable_ranks
     merges = []
     for token, rank in ranks.items():

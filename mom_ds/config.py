@@ -76,8 +76,8 @@ class TrainConfig:
     """Seed of the model initialisation and of dropout."""
     init_from: str = ""
     """Weights to start from instead of a random init: a .safetensors file written by
-    mom-convert (fp32 or from-hf, e.g. a GPT-2 donor cut into modules for two-stage training); ignored by
-    --resume."""
+    mom-convert (fp32 or from-hf, e.g. a GPT-2 donor cut into modules for two-stage
+    training); ignored by --resume."""
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
     eval_interval: int = 200

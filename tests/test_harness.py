@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("lm_eval")
+pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional extra "
+                                "mom-ds[eval]")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from data_prep.tokenizer import load_tokenizer  # noqa: E402

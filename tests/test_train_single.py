@@ -159,7 +159,8 @@ def test_convert_fp32_to_hf_and_back(data, tmp_path):
         assert torch.allclose(back[name], value), name
     # and a run starts from it
     out = tmp_path / "stage2"
-    mom_train(*tiny_args(data, out), *vanilla, "--train.init_from", str(tmp_path / "back.safetensors"))
+    mom_train(*tiny_args(data, out), *vanilla,
+              "--train.init_from", str(tmp_path / "back.safetensors"))
     assert metrics(out)[1]["train/lm_loss"] < metrics(run_dir)[1]["train/lm_loss"]
 
 

@@ -93,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     harness.add_argument("--num-fewshot", type=int, metavar="K", help="default: the task's own")
     harness.add_argument("--include-path", action="append", default=[], metavar="DIR",
                          help="a directory of task YAMLs (repeatable)")
-    harness.add_argument("--output", help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
+    harness.add_argument("--output",
+                         help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
     args = parser.parse_args(argv)
     if not args.tasks and (args.limit or args.num_fewshot is not None or args.include_path
                            or args.output):
@@ -117,15 +118,14 @@ def positive_number(text: str) -> float:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    from ..harness import HarnessRequest, require_lm_eval, run_harness
-
-    require_lm_eval()
-    from lm_eval.utils import make_table
+    from ..harness import HarnessRequest, run_harness
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
                              args.batch_size, args.include_path, args.output,
                              str(device(args.device)), args.depth, args.top_k)
     out, results = run_harness(request)
+    from lm_eval.utils import make_table  # installed: run_harness checked
+
     print(make_table(results))
     print(f"mom-eval: wrote {out}")
     return 0

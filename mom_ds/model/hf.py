@@ -52,6 +52,8 @@ _GLOBAL_TENSORS = (
 )
 # Both names compute GPT-2's tanh-approximated GELU, which FFNModule uses.
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+# The weight files read (sharded or not); pytorch_model.bin is a pickle and is never read.
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 # GPT-2's <|endoftext|> id, written as bos/eos when the vocabulary holds it.
 _GPT2_EOT = 50256
 
@@ -170,17 +172,17 @@ def _check_donor_config(config) -> None:
 def _from_pretrained(loader, path: Union[str, Path]):
     """`loader.from_pretrained(path)`; a hub name comes from the cache alone when the hub
     cannot be reached (data_prep/hub.py), and a miss is one error naming the name."""
+    weights = loader is not AutoConfig
+    options = {"use_safetensors": True} if weights else {}  # never a pickled .bin
     if Path(path).exists():
-        weights = ("model.safetensors", "model.safetensors.index.json")
-        if loader is not AutoConfig and not any((Path(path) / w).is_file() for w in weights):
+        if weights and not any((Path(path) / w).is_file() for w in _SAFETENSORS):
             raise HFInteropError(f"{path} holds no model.safetensors. mom-ds reads no pickled "
                                  f"weights (pytorch_model.bin can run code when loaded). Fix: "
                                  f"save the model with save_pretrained(DIR) (safetensors is "
                                  f"its default).")
-        return loader.from_pretrained(path, use_safetensors=True)
+        return loader.from_pretrained(path, **options)
     try:
-        return loader.from_pretrained(path, local_files_only=cache_only(),
-                                      **({} if loader is AutoConfig else {"use_safetensors": True}))
+        return loader.from_pretrained(path, local_files_only=cache_only(), **options)
     except OSError as err:
         raise HFInteropError(f"{path} is neither a directory nor a Hugging Face model the cache or "
                              f"the hub could provide ({type(err).__name__}{offline_note()}). Fix: "
@@ -260,8 +262,13 @@ def from_hf_gpt2(path_or_model: Union[str, Path, PreTrainedModel],
 
 
 # --- export ------------------------------------------------------------------------------
+def is_gpt2_shaped(config: MoMConfig) -> bool:
+    """A vanilla preset: no routed block, no MoD block (what GPT2LMHeadModel can hold)."""
+    return not (config.n_chunks or config.mod_layer_indices())
+
+
 def _check_exportable(config: MoMConfig) -> None:
-    if config.n_chunks or config.mod_layer_indices():
+    if not is_gpt2_shaped(config):
         raise HFInteropError(
             f"GPT2LMHeadModel holds a vanilla preset only, but this model has "
             f"{config.n_chunks} routed block(s) and {len(config.mod_layer_indices())} MoD "
