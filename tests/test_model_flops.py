@@ -45,3 +45,15 @@ def test_mom_flops_count_the_modules_actually_run():
     run_ffn = float(r.ffn_counts[:, :4].sum()) / (2 * T)
     taken = base + 6 * (run_attn * attention_module_params(d) + run_ffn * ffn_module_params(d))
     assert abs(flops_per_token(cfg, T, out.routing) - taken) < 1e-6 * taken
+
+
+def test_moe_flops_count_one_attention_and_k_experts_per_layer():
+    """A fixed attention router sends each token to one module whatever top_k is: the MoE
+    preset costs vanilla plus, per layer, one more FFN expert and the expert router."""
+    moe, plain = presets.moe(2, n_experts=4, top_k=2, **SHAPE), presets.vanilla(2, **SHAPE)
+    d, T = 32, 64
+    extra = 6 * 2 * (ffn_module_params(d) + router_params(moe, "mlp"))
+    expected = flops_per_token(plain, T) + extra
+    assert flops_per_token(moe, T) == expected
+    out = MoMForCausalLM(moe)(torch.randint(0, 100, (2, T)))
+    assert abs(flops_per_token(moe, T, out.routing) - expected) < 1e-9 * expected

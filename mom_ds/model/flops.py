@@ -45,8 +45,8 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     """FLOPs to train on one token of a seq_len-token window.
 
     routing / mod_routing: what a forward pass chose (MoMOutput.routing / .mod_routing).
-    Without them, every routed step runs K modules per half (no SKIP) and every MoD block
-    processes its capacity share: the planned cost.
+    Without them, every routed step runs K modules per learned half and one per fixed half
+    (no SKIP), and every MoD block processes its capacity share: the planned cost.
     """
     d, T = config.d_model, seq_len
     layer = attention_module_params(d) + ffn_module_params(d)
@@ -61,13 +61,15 @@ def flops_per_token(config: MoMConfig, seq_len: int,
             else min(1.0, max(1, round(config.mod_capacity * T)) / T)
         params += share * layer + mod_router_params(config)
         attentions += share * share  # the selected share of tokens attends over that share
+    k_attn = choices_per_step(config, config.attn_router_kind)
+    k_ffn = choices_per_step(config, config.ffn_router_kind)
     per_block = []
     for c in range(config.n_chunks):
         if routing:
-            attn = _modules_per_token(routing[c].attn_counts, config.n_attn_modules, config.top_k)
-            ffn = _modules_per_token(routing[c].ffn_counts, config.n_ffn_modules, config.top_k)
+            attn = _modules_per_token(routing[c].attn_counts, config.n_attn_modules, k_attn)
+            ffn = _modules_per_token(routing[c].ffn_counts, config.n_ffn_modules, k_ffn)
         else:
-            attn = ffn = [float(config.top_k)] * config.depth
+            attn, ffn = [float(k_attn)] * config.depth, [float(k_ffn)] * config.depth
         per_block.append(sum(attn) * attention_module_params(d)
                          + sum(ffn) * ffn_module_params(d))
     routers = config.depth * (router_params(config, config.attn_router_kind)
@@ -77,11 +79,17 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     return 6.0 * params + 12.0 * attentions * d * T
 
 
-def _modules_per_token(counts, pool: int, top_k: int) -> list[float]:
+def choices_per_step(config: MoMConfig, router_kind: str) -> int:
+    """Modules a token is sent to at one routing step: a fixed router names exactly one (the
+    MoE preset's attention half), a learned router its top K."""
+    return 1 if router_kind == "fixed" else config.top_k
+
+
+def _modules_per_token(counts, pool: int, choices: int) -> list[float]:
     """counts (H, pool + 1): choices per module at each step (last = SKIP); each token made
-    top_k choices, so tokens = row sum / top_k."""
+    `choices` choices, so tokens = row sum / choices."""
     counts = counts.double()
-    tokens = counts.sum(dim=1) / top_k
+    tokens = counts.sum(dim=1) / choices
     return (counts[:, :pool].sum(dim=1) / tokens).tolist()
 
 
