@@ -101,4 +101,4 @@ def describe(config: MoMConfig, seq_len: int) -> str:
         n = MoMForCausalLM(config).num_params(exclude_positions=False)
     gflops = flops_per_token(config, seq_len) / 1e9
     return (f"{n / 1e6:.1f}M parameters; {gflops:.3f} GFLOPs/token to train at "
-            f"seq_len {seq_len} (planned routing: K modules per step, no SKIP)")
+            f"seq_len {seq_len} (planned routing: top-K modules per learned step, no SKIP)")
