@@ -160,6 +160,41 @@ def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Pat
     return model.eval()
 
 
+# --- one compressed depth ----------------------------------------------------------------------
+def modular_settings(teacher: Path, steps: int) -> dict:
+    """The modular run's section: granularities 2 and 3, replacing probability 0.3 rising
+    linearly to 1 at the last step, LM + logit + hidden-state distillation."""
+    return dict(teacher=str(teacher), granularities=GRAINS, replace_prob=0.3,
+                replace_prob_slope=0.7 / steps, lm_weight=1.0, kd_weight=1.0,
+                kd_temperature=2.0, hidden_weight=1.0)
+
+
+def compression_row(student, teacher: MoMForCausalLM, depth: int, held_out: torch.Tensor,
+                    data: Path, steps: int, modular_cfg: dict, score,
+                    strategies: tuple[str, ...] = ("coarsest", "finest", "search")
+                    ) -> tuple[dict, dict[str, MoMForCausalLM]]:
+    """The teacher compressed to `depth` layers: the student assembled by each strategy,
+    and the teacher with its best drop pattern (on the held-out rows) fine-tuned alone
+    ("drop") and with distillation ("kd") for `steps`. `score(model)` is the loss
+    reported. Returns the row and the models (the drop model untrained, for timing)."""
+    row: dict = {"ratio": LAYERS / depth, "layers": depth}
+    models = {}
+    for strategy in strategies:
+        assembly, _ = choose(student, depth, strategy, held_out)
+        models[strategy] = assembled_model(student, assembly)
+        row[strategy] = {"loss": score(models[strategy]), "assembly": describe(assembly)}
+    patterns = drop_patterns(LAYERS, depth)
+    best = min(patterns, key=lambda name: rows_loss(dropped(teacher, patterns[name]), held_out))
+    models["drop"] = dropped(teacher, patterns[best])
+    for name, kd in (("drop", False), ("kd", True)):
+        trained = train_baseline(dropped(teacher, patterns[best]), teacher, data, steps, kd,
+                                 modular_cfg)
+        row[name] = {"loss": score(trained), "init": f"{best} {patterns[best]}"}
+    row["drop"]["untrained_loss"] = score(models["drop"])
+    row["flops_per_token"] = forward_flops(models["drop"])
+    return row, models
+
+
 # --- measurement -----------------------------------------------------------------------------
 @torch.no_grad()
 def tokens_per_s(models: dict[str, MoMForCausalLM], repeats: int) -> dict[str, list[float]]:
@@ -261,9 +296,7 @@ def main() -> int:
                                       depth=4, top_k=2, router_width=64, **SHAPE),
                      args.mom_steps, data))
     # stage 2: one modular run
-    # replacing curriculum from p = 0.3 to 1 at the end of the run
-    modular_cfg = dict(teacher=str(work / "teacher"), granularities=GRAINS, replace_prob=0.3,
-                       replace_prob_slope=0.7 / args.student_steps, lm_weight=1.0, kd_weight=1.0, kd_temperature=2.0, hidden_weight=1.0)
+    modular_cfg = modular_settings(work / "teacher", args.student_steps)
     mom_train(recipe(work, "modular", None, args.student_steps, data, **modular_cfg))
     print("teacher, MoM and modular runs trained", flush=True)
 
@@ -273,24 +306,10 @@ def main() -> int:
     teacher_loss = score(teacher)
     rows, models = [], {"teacher": teacher}
     for depth in offered_depths(LAYERS, tuple(GRAINS))[1:]:
-        ratio = LAYERS / depth
-        row = {"ratio": ratio, "layers": depth}
-        for strategy in ("coarsest", "finest", "search"):
-            assembly, _ = choose(student, depth, strategy, held_out)
-            model = assembled_model(student, assembly)
-            row[strategy] = {"loss": score(model), "assembly": describe(assembly)}
-            models[f"{ratio:.2g}x {strategy}"] = model
-        patterns = {name: dropped(teacher, keep) for name, keep in drop_patterns(LAYERS, depth).items()}
-        best = min(patterns, key=lambda name: rows_loss(patterns[name], held_out))
-        keep = drop_patterns(LAYERS, depth)[best]
-        for name, kd in (("drop", False), ("kd", True)):
-            model = train_baseline(dropped(teacher, keep), teacher, data, args.student_steps, kd,
-                                   modular_cfg)
-            row[name] = {"loss": score(model), "init": f"{best} {keep}"}
-        row["drop"]["untrained_loss"] = score(patterns[best])
-        models[f"{ratio:.2g}x drop"] = patterns[best]
-        row["flops_per_token"] = forward_flops(patterns[best])
+        row, compressed = compression_row(student, teacher, depth, held_out, data,
+                                          args.student_steps, modular_cfg, score)
         rows.append(row)
+        models.update({f"{row['ratio']:.2g}x {name}": m for name, m in compressed.items()})
         print(json.dumps(row), flush=True)
     rates = tokens_per_s(models, args.repeats)
     learned = learned_assembly(student, data, score_rows(data, args.eval_windows), rows,

@@ -30,8 +30,8 @@ the mean over log windows); val loss and perplexity on the first --eval-windows 
 local lm-evaluation-harness task (mom-eval --tasks mom_cloze; 4 choices, chance 0.25; "n/a"
 where mom-eval cannot run it); tokens/s (median of the log windows after the first); peak
 memory of the rank's process; wall time of the mom-train process (start-up included).
-Token counts scale with --budget: --budget 0.4 took 32 minutes on 2 cores, of which about
-11 do not scale (start-ups, scoring, the harness), so the default should take about 70.
+Token counts scale with --budget: the default (1.0) took 42 minutes on an idle 2-core
+machine, of which about 11 do not scale (start-ups, scoring, the harness).
 --quick trains every arm for a few steps with every mom-ds command in this one process, so
 that the start-up is paid once (its numbers mean nothing, the peak memory is this
 process's, and the harness runs on the donor only). One line per paper claim says whether
@@ -62,9 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from modular import (GRAINS, LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
-                     drop_patterns, dropped, forward_flops, recipe as modular_recipe, rows_loss,
-                     train_baseline)
+from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
+                     compression_row, forward_flops, modular_settings,
+                     recipe as modular_recipe)
 from mom_ds.cli.evaluate import evaluate_model  # noqa: E402
 from mom_ds.cli.report import load_events  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig  # noqa: E402
@@ -73,8 +73,7 @@ from mom_ds.model import MoMConfig  # noqa: E402
 from mom_ds.model.flops import flops_per_token  # noqa: E402
 from mom_ds.model.presets import mixture_of_depths, mom, moe, vanilla  # noqa: E402
 from mom_ds.model.weights_file import SUFFIX as WEIGHTS_SUFFIX  # noqa: E402
-from mom_ds.modular.assemble import (assembled_model, choose, load_student,  # noqa: E402
-                                     search_windows)
+from mom_ds.modular.assemble import load_student, search_windows  # noqa: E402
 from mom_ds.train.export import load_model  # noqa: E402
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")  # Debian's python3.11-doc
@@ -349,16 +348,8 @@ def silenced_loss(model, data: Path, n_windows: int, pool: str, parts: tuple[str
 
 
 # --- the modular compression table ---------------------------------------------------------------
-def modular_settings(steps: int, teacher: Path) -> dict:
-    """bench/modular.py's modular run: granularities 2 and 3, replacing probability 0.3
-    rising linearly to 1 at the last step, LM + logit + hidden-state distillation."""
-    return dict(teacher=str(teacher), granularities=GRAINS, replace_prob=0.3,
-                replace_prob_slope=0.7 / steps, lm_weight=1.0, kd_weight=1.0,
-                kd_temperature=2.0, hidden_weight=1.0)
-
-
 def train_modular(runs: Path, data: Path, s: Settings) -> float:
-    config = modular_settings(s.compression_steps, runs / "donor")
+    config = modular_settings(runs / "donor", s.compression_steps)
     recipe = modular_recipe(runs, "modular", None, s.compression_steps, data, **config)
     return command("mom_ds.cli.train", ["--config", str(recipe), "--overwrite", "--train.seed",
                                         str(s.seed), "--data.seed", str(s.seed)],
@@ -366,13 +357,13 @@ def train_modular(runs: Path, data: Path, s: Settings) -> float:
 
 
 def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
-    """The teacher and, per compressed depth, the searched modular assembly against the
-    teacher with layers dropped (the best pattern on the held-out windows) fine-tuned
-    alone and with distillation, for the modular run's tokens (bench/modular.py's loop)."""
+    """The teacher and, per compressed depth, bench/modular.py's row: the searched modular
+    assembly against the teacher with layers dropped (the best pattern on the held-out
+    windows) fine-tuned alone and with distillation, for the modular run's tokens."""
     _, teacher, _ = load_model(runs / "donor")
     run_cfg, student, _ = load_student(runs / "modular")
     held_out = search_windows(run_cfg, s.search_windows)
-    config = modular_settings(s.compression_steps, runs / "donor")
+    config = modular_settings(runs / "donor", s.compression_steps)
 
     def score(model) -> float:
         return scores(model.eval(), data, s.eval_windows)["val_loss"]
@@ -380,15 +371,8 @@ def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
     rows = [{"layers": LAYERS, "ratio": 1.0, "flops_per_token": forward_flops(teacher),
              "teacher": score(teacher)}]
     for depth in s.compressed_depths:
-        assembly, _ = choose(student, depth, "search", held_out)
-        patterns = drop_patterns(LAYERS, depth)
-        best = min(patterns, key=lambda name: rows_loss(dropped(teacher, patterns[name]), held_out))
-        row = {"layers": depth, "ratio": LAYERS / depth, "drop_pattern": best,
-               "modular": score(assembled_model(student, assembly))}
-        for name, kd in (("drop", False), ("kd", True)):
-            row[name] = score(train_baseline(dropped(teacher, patterns[best]), teacher, data,
-                                             s.compression_steps, kd, config))
-        row["flops_per_token"] = forward_flops(dropped(teacher, patterns[best]))
+        row, _ = compression_row(student, teacher, depth, held_out, data,
+                                 s.compression_steps, config, score, strategies=("search",))
         rows.append(row)
     return rows
 
@@ -413,7 +397,7 @@ def fewer_flops(rows: dict[str, dict], a: str, b: str) -> bool:
     return rows[a]["train_flops_per_token"] < rows[b]["train_flops_per_token"]
 
 
-def claims(rows: dict[str, dict]) -> list[str]:
+def claims(rows: dict[str, dict], compression: list[dict]) -> list[str]:
     """One plain line per claim of the papers, with the numbers it rests on."""
     loss = {key: row["val_loss"] for key, row in rows.items()}
     flops = dict(field="train_flops_per_token", scale=1e-6, digits=2)
@@ -448,7 +432,22 @@ def claims(rows: dict[str, dict]) -> list[str]:
         claim("Two-stage training beats MoM from scratch at equal total tokens",
               loss["mom_deep"] < loss["mom_scratch"],
               f"val loss {versus(rows, 'mom_deep', 'mom_scratch')}"),
+        modular_claim(compression[1:]),
     ]
+
+
+def modular_claim(compressed: list[dict]) -> str:
+    """Modular Transformers: one modular run, assembled per ratio, against a model trained
+    for that ratio (layers dropped, then fine-tuned or distilled) on the same tokens."""
+    evidence = "; ".join(
+        f"{c['ratio']:.2g}x: {c['search']['loss']:.4f} vs {c['drop']['loss']:.4f} and "
+        f"{c['kd']['loss']:.4f}" for c in compressed)
+    holds = all(c["search"]["loss"] < min(c["drop"]["loss"], c["kd"]["loss"])
+                for c in compressed)
+    return claim("Modular Transformers compress better than dropping layers and fine-tuning "
+                 "or distilling", holds,
+                 f"val loss of the searched modular assembly vs the best drop pattern "
+                 f"fine-tuned and the KD student, {evidence}")
 
 
 # --- the outputs ------------------------------------------------------------------------------
@@ -485,8 +484,8 @@ def markdown(results: dict) -> str:
               "| KD student |", "|---|---|---|---|---|---|"]
     for c in results["compression"][1:]:
         lines.append(f"| {c['ratio']:.2g}x | {c['layers']} | {c['flops_per_token'] / 1e6:.2f} | "
-                     f"{c['modular']:.4f} | {c['drop']:.4f} ({c['drop_pattern']}) | "
-                     f"{c['kd']:.4f} |")
+                     f"{c['search']['loss']:.4f} | {c['drop']['loss']:.4f} ({c['drop']['init']}) | "
+                     f"{c['kd']['loss']:.4f} |")
     lines += ["", "**The papers' claims at this scale**", ""]
     lines += [f"- {claim}" for claim in results["claims"]]
     return "\n".join(lines) + "\n"
@@ -518,9 +517,10 @@ def plot(results: dict, path: Path) -> None:
     ax = axes[3]
     comp = results["compression"]
     flops = [c["flops_per_token"] / 1e6 for c in comp]
-    for key, label in (("modular", "modular (search)"), ("drop", "drop + fine-tune"),
+    for key, label in (("search", "modular (search)"), ("drop", "drop + fine-tune"),
                        ("kd", "KD student")):
-        ax.plot(flops, [comp[0]["teacher"]] + [c[key] for c in comp[1:]], marker="o", label=label)
+        ax.plot(flops, [comp[0]["teacher"]] + [c[key]["loss"] for c in comp[1:]], marker="o",
+                label=label)
     ax.set(title="Compressing the donor", xlabel="forward MFLOPs per token", ylabel="val loss")
     ax.legend(fontsize=8)
     fig.suptitle(results["header"].splitlines()[0], fontsize=9)
@@ -544,7 +544,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="scales every token count (default 1: about 70 minutes on 2 cores)")
+                        help="scales every token count (default 1: 42 minutes on an idle 2-core machine)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps per stage, for CI (the numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=1337,
@@ -593,7 +593,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                "compression": compression_rows(runs, data, s),
                "compression_tokens": s.compression_steps * MODULAR_MICRO * SEQ,
                "step_tokens": s.step_tokens, "settings": vars(args)}
-    results["claims"] = claims(results["rows"])
+    results["claims"] = claims(results["rows"], results["compression"])
     results["header"] = header(args, data, donor, s, time.perf_counter() - start)
     write_outputs(results, out)
     for claim in results["claims"]:

@@ -60,9 +60,21 @@ def test_quick_runs_every_arm_and_writes_table_claims_and_figure(tmp_path,
     rows = [line for line in table.splitlines() if line.startswith("| ") and line != header]
     assert all(line.count("|") == len(repro.COLUMNS) + 1 for line in rows[:9])  # 9 arm rows
     claims = [line for line in table.splitlines() if line.startswith("- ")]
-    assert len(claims) == 6
+    assert len(claims) == 7  # the four of the issue, MoE, two-stage vs scratch, modular
     assert all(" HOLDS at this scale" in c or "DOES NOT HOLD at this scale" in c for c in claims)
     assert (out / "repro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_modular_claim_needs_every_ratio_to_beat_both_baselines():
+    def row(ratio, search, drop, kd):
+        return {"ratio": ratio, "search": {"loss": search}, "drop": {"loss": drop},
+                "kd": {"loss": kd}}
+
+    beats = [row(2, 5.0, 5.1, 5.2), row(3, 5.3, 5.4, 5.35)]
+    assert "HOLDS at this scale" in repro.modular_claim(beats)
+    worse_at_3x = [beats[0], row(3, 5.36, 5.4, 5.35)]  # the KD student wins at 3x
+    line = repro.modular_claim(worse_at_3x)
+    assert "DOES NOT HOLD" in line and "3x: 5.3600 vs 5.4000 and 5.3500" in line
 
 
 def test_bad_data_directory_is_one_error(tmp_path):
