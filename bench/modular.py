@@ -333,12 +333,15 @@ def main() -> int:
     return 0
 
 
-def write_outputs(results: dict, out: Path) -> None:
+def write_outputs(results: dict, out: Path, stem: str = "modular", render=None,
+                  draw=None) -> None:
+    """OUT/STEM.json, OUT/STEM.md (render(results), printed too) and OUT/STEM.png
+    (draw(results, path)); this script's markdown and plot unless given (bench/repro.py)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "modular.json").write_text(json.dumps(results, indent=1))
-    table = markdown(results)
-    (out / "modular.md").write_text(table)
-    plot(results, out / "modular.png")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    table = (render or markdown)(results)
+    (out / f"{stem}.md").write_text(table)
+    (draw or plot)(results, out / f"{stem}.png")
     print(table)
 
 

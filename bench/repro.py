@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
                      compression_row, forward_flops, modular_settings,
-                     recipe as modular_recipe)
+                     recipe as modular_recipe, write_outputs)
 from mom_ds.cli.evaluate import evaluate_model  # noqa: E402
 from mom_ds.cli.report import load_events  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig  # noqa: E402
@@ -529,22 +529,13 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "repro.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results)
-    (out / "repro.md").write_text(text)
-    plot(results, out / "repro.png")
-    print(text)
-    print(f"repro: wrote {out / 'repro.md'}, {out / 'repro.json'} and {out / 'repro.png'}")
-
-
 # --- main -------------------------------------------------------------------------------------
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="scales every token count (default 1: 42 minutes on an idle 2-core machine)")
+                        help="scales every token count (default 1: 42 minutes on an idle "
+                             "2-core machine)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps per stage, for CI (the numbers mean nothing)")
     parser.add_argument("--seed", type=int, default=1337,
@@ -595,7 +586,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                "step_tokens": s.step_tokens, "settings": vars(args)}
     results["claims"] = claims(results["rows"], results["compression"])
     results["header"] = header(args, data, donor, s, time.perf_counter() - start)
-    write_outputs(results, out)
+    write_outputs(results, out, "repro", markdown, plot)
+    print(f"repro: wrote {out / 'repro.md'}, {out / 'repro.json'} and {out / 'repro.png'}")
     for claim in results["claims"]:
         print(claim)
     return 0
