@@ -146,20 +146,42 @@ def test_generate_until_is_greedy_decoding_cut_at_the_stop(model):
         assert text == want, prompt
 
 
+def plant_task_that_runs_code(tasks_dir, tmp_path):
+    """What a downloaded run directory could hold: task YAMLs named mom_cloze (one sorted
+    before mom_cloze.yaml) whose `!function` hooks and module write a marker file."""
+    marker = tmp_path / "code-ran"
+    tasks_dir.mkdir(parents=True)
+    (tasks_dir / "hook.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('imported')\n"
+        f"def docs(dataset):\n    Path({str(marker)!r}).write_text('called')\n"
+        f"    return dataset\n")
+    docs = tasks_dir / "three.jsonl"
+    docs.write_text("".join(json.dumps({"context": "a", "choices": ["b", "c"], "gold": 0}) + "\n"
+                            for _ in range(3)))
+    evil = TASK_YAML.replace("tiny_choice", "mom_cloze").format(jsonl=docs) + \
+        "process_docs: !function hook.docs\n"
+    for name in ("a_mom_cloze.yaml", "mom_cloze.yaml"):
+        (tasks_dir / name).write_text(evil.replace("{{question}}", "{{context}}")
+                                      .replace("{{answer}}", "{{gold}}"))
+    return marker
+
+
 @pytest.mark.slow
 def test_mom_eval_tasks_runs_the_shipped_task_and_names_unknown_tasks(tmp_path):
     data = write_byte_data(tmp_path / "data")
     run = tmp_path / "run"
     mom_train(*tiny_args(data, run, "--train.max_steps", "4", "--train.eval_interval", "4"))
+    marker = plant_task_that_runs_code(run / "lm_eval" / "tasks", tmp_path)
     out = tmp_path / "results.json"
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(run), "--tasks", "mom_cloze",
                        "--limit", "12", "--output", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the planted task neither ran its code nor replaced mom_cloze (it has 3 documents)
+    assert not marker.exists(), marker.read_text()
     results = json.loads(out.read_text())
     acc = results["results"]["mom_cloze"]["acc,none"]
     assert 0 <= acc <= 1 and results["n-samples"]["mom_cloze"]["effective"] == 12
     assert results["mom_ds"]["step"] == 4 and "mom_cloze" in proc.stdout
-    assert (run / "lm_eval" / "tasks" / "mom_cloze.jsonl").is_file()
     # a name the harness does not know: one error with the close names, nothing written
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(run), "--tasks", "lambada_opena",
                        "--output", str(tmp_path / "no.json")], timeout=600)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,28 +43,28 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
     from data_prep.tokenizer import load_data_tokenizer
     from ..train.export import load_model, resolve
     from .lm import MoMHarnessLM
-    from .tasks import LOCAL_TASK, results_path, task_manager, write_local_task
+    from .tasks import LOCAL_TASK, local_task, results_path, task_manager
 
     ckpt_dir, _ = resolve(request.checkpoint)
     run_dir = ckpt_dir.parent if ckpt_dir.name == "ckpt" else ckpt_dir
     run, model, client = load_model(request.checkpoint, request.depth, request.top_k)
-    include = [Path(p) for p in request.include_paths]
-    if LOCAL_TASK in request.tasks:
-        include.append(write_local_task(run_dir / "lm_eval" / "tasks", run.data.data_dir,
-                                        run.data.seq_len))
-    manager = task_manager(request.tasks, include)  # an unknown name fails before scoring
+    manager = task_manager(request.tasks, [Path(p) for p in request.include_paths])
     model.to(request.device)
     lm = MoMHarnessLM(model, load_data_tokenizer(run.data.data_dir), request.batch_size)
-    try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(request.tasks),
-                                          num_fewshot=request.num_fewshot, limit=request.limit,
-                                          task_manager=manager, log_samples=False,
-                                          bootstrap_iters=0)
-    except OSError as err:  # datasets' ConnectionError when a hub task's data cannot be had
-        raise ConfigError(f"--tasks {','.join(request.tasks)}: a task's data could not be "
-                          f"read ({err}). Fix: run where the Hugging Face hub is reachable "
-                          f"(or its datasets are cached), or use {LOCAL_TASK} or a task YAML "
-                          f"over local files (--include-path).") from None
+    with tempfile.TemporaryDirectory(prefix="mom-eval-") as private:
+        tasks: list[str | dict] = [
+            local_task(Path(private), run.data.data_dir, run.data.seq_len)
+            if t == LOCAL_TASK else t for t in request.tasks]
+        try:
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks,
+                                              num_fewshot=request.num_fewshot,
+                                              limit=request.limit, task_manager=manager,
+                                              log_samples=False, bootstrap_iters=0)
+        except OSError as err:  # datasets' ConnectionError when a hub task's data cannot be had
+            raise ConfigError(f"--tasks {','.join(request.tasks)}: a task's data could not be "
+                              f"read ({err}). Fix: run where the Hugging Face hub is reachable "
+                              f"(or its datasets are cached), or use {LOCAL_TASK} or a task "
+                              f"YAML over local files (--include-path).") from None
     results["mom_ds"] = {"checkpoint": str(request.checkpoint), "step": int(client["step"]),
                          "model": run.model.to_dict()}
     out = results_path(run_dir, request.tasks, int(client["step"]), request.output)

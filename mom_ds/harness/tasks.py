@@ -1,6 +1,7 @@
 """The harness's tasks for mom-eval: hub tasks by name, task YAMLs from --include-path, and
 the one task mom-ds ships, `mom_cloze`, built from the run's own val split so that the
-harness path runs without the network.
+harness path runs without the network. Nothing under a run directory is handed to the
+harness: a task YAML can run Python (`!function`), and a run directory may come from anyone.
 
 mom_cloze: each document is a passage of the val split cut in two; the model chooses the
 passage's true continuation among it and three continuations of other passages (4-way
@@ -24,26 +25,17 @@ CHOICES = 4
 DOCUMENTS = 400
 SEED = 1234
 
-_YAML = """\
-# Written by mom-eval from {data_dir} (val split); rebuilt when missing.
-task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {jsonl}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: gold
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+
+def _config(jsonl: Path) -> dict:
+    """mom_cloze's harness config, handed to the harness as a dict (never a YAML on disk:
+    a YAML is parsed with the harness's `!function` tag, which imports and runs Python)."""
+    return {"task": LOCAL_TASK, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(jsonl)}}, "test_split": "test",
+            "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "gold", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean",
+                             "higher_is_better": True}],
+            "metadata": {"version": 1.0}}
 
 
 def cloze_documents(data_dir: str, seq_len: int) -> list[dict]:
@@ -74,34 +66,26 @@ def cloze_documents(data_dir: str, seq_len: int) -> list[dict]:
     return documents
 
 
-def write_local_task(directory: Path, data_dir: str, seq_len: int) -> Path:
-    """mom_cloze's jsonl and YAML in `directory` (the include path); rewritten each time,
-    each file through a temporary name."""
-    directory.mkdir(parents=True, exist_ok=True)
+def local_task(directory: Path, data_dir: str, seq_len: int) -> dict:
+    """mom_cloze's documents written to `directory/mom_cloze.jsonl`; its harness config.
+    `directory` is a private temporary directory mom-eval creates: nothing under the run
+    directory is read, so a file planted there can neither replace the task nor its data."""
     jsonl = directory / f"{LOCAL_TASK}.jsonl"
-    lines = "".join(json.dumps(d) + "\n" for d in cloze_documents(data_dir, seq_len))
-    _write(jsonl, lines)
-    _write(directory / f"{LOCAL_TASK}.yaml",
-           _YAML.format(task=LOCAL_TASK, jsonl=json.dumps(str(jsonl.resolve())),
-                        data_dir=data_dir))
-    return directory
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    jsonl.write_text("".join(json.dumps(d) + "\n" for d in cloze_documents(data_dir, seq_len)))
+    return _config(jsonl)
 
 
 def task_manager(tasks: Sequence[str], include_paths: Sequence[Path]):
-    """A TaskManager that knows `tasks`, or one error naming each unknown task and the known
-    names closest to it. The harness's own tasks (14,000 names, about 15 s to index) are
-    indexed only when a task is not found in the include paths."""
+    """A TaskManager that knows `tasks` (mom_cloze aside: local_task builds it), or one error
+    naming each unknown task and the known names closest to it. The harness's own tasks
+    (14,000 names, about 15 s to index) are indexed only when a task is not found in the
+    include paths, which are only those the user named (--include-path)."""
     from lm_eval.tasks import TaskManager
 
+    tasks = [t for t in tasks if t != LOCAL_TASK]
     paths = [str(p) for p in include_paths]
-    local = TaskManager(include_path=paths, include_defaults=False) if paths else None
-    if local is not None and all(t in local.all_tasks for t in tasks):
+    local = TaskManager(include_path=paths or None, include_defaults=False)
+    if all(t in local.all_tasks for t in tasks):
         return local
     manager = TaskManager(include_path=paths or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
