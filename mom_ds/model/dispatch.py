@@ -17,6 +17,7 @@ import torch
 from torch.profiler import record_function
 
 from .checkpointing import recomputing
+from .counting import count_ids
 from .pools import RowGroups
 
 # A pool's computation of one half-step: rows sorted by module -> their outputs.
@@ -50,9 +51,7 @@ def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
     rows, the earliest tokens in sequence order (the stable sort keeps that order)."""
     N, K = ids.shape
     flat = ids.reshape(-1).clamp_max(n_modules)  # every SKIP-acting slot -> one bucket
-    # scatter_add, not bincount: bincount reads its input's max on the host
-    counts = torch.zeros(n_modules + 1, dtype=torch.long, device=ids.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    counts = count_ids(flat, n_modules + 1)
     order = torch.argsort(flat, stable=True)
     module = flat[order]
     kept = counts[:n_modules]

@@ -11,6 +11,7 @@ from torch.profiler import record_function
 
 from .checkpointing import checkpointed
 from .config import MoMConfig
+from .counting import count_ids
 from .dispatch import LocalDispatcher, make_plan
 from .modules import causal_attention
 from .pools import AttentionPool, FFNPool
@@ -85,9 +86,7 @@ class RoutedBlock(nn.Module):
             attn_counts.append(counts_a)
             ffn_counts.append(counts_f)
             aux.append(step_aux)
-        # scatter_add, not bincount: bincount reads its input's max on the host
-        depth_hist = torch.zeros(2 * cfg.depth + 1, dtype=torch.long, device=x.device)
-        depth_hist.scatter_add_(0, halves, torch.ones_like(halves))
+        depth_hist = count_ids(halves, 2 * cfg.depth + 1)
         routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
                                torch.stack(aux))
         return h.view(B, T, d), routing

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoMConfig
+from .counting import count_ids
 
 
 @dataclass
@@ -111,7 +112,7 @@ class Router(nn.Module):
         """Switch: N_cls * sum_e f_e * P_e, f_e = share of tokens whose top-1 is e,
         P_e = mean probability of e. SKIP-acting classes optionally left out."""
         n = self.n_classes if self.count_skip else self.pool_size
-        f = torch.bincount(top1, minlength=self.n_classes)[:n].float() / top1.shape[0]
+        f = count_ids(top1, self.n_classes)[:n].float() / top1.shape[0]
         P = probs[:, :n].mean(dim=0)
         if self.stat_mean is not None:
             f, P = self.stat_mean(f), self.stat_mean(P)
