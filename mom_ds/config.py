@@ -23,6 +23,7 @@ import yaml
 from .model import ConfigError, MoMConfig
 from .model.checkpointing import MODES as CHECKPOINTING
 from .modular.config import ModularConfig
+from .strict_yaml import read_yaml
 
 ModelConfig = MoMConfig
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -341,10 +342,7 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> Ru
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist. Fix: pass a recipe such "
                               f"as configs/tiny.yaml.")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections.")
     values = _expand_preset(values)
@@ -382,10 +380,31 @@ def load_deepspeed_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"parallel.deepspeed = {str(path)!r}: file not found. Fix: use one "
                           f"of ds_configs/zero0.json .. zero3.json.")
     try:
-        return json.loads(path.read_text())
+        values = json.loads(path.read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as err:
         raise ConfigError(f"parallel.deepspeed = {str(path)!r} is not valid JSON: {err}") \
             from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"parallel.deepspeed = {str(path)!r} gives the key {err.args[0]!r} "
+                          f"twice in one object; JSON readers keep the last without a word. "
+                          f"Fix: delete the one you do not mean.") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"parallel.deepspeed = {str(path)!r} holds a JSON "
+                          f"{type(values).__name__}, not an object of DeepSpeed settings. "
+                          f"Fix: start from ds_configs/zero1.json.")
+    return values
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
 
 
 def field_docs(klass: type) -> dict[str, str]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -53,6 +54,8 @@ DENSE = "dense.pt"
 MANIFEST = "manifest.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _EXPERTS = re.compile(r"^experts_ep(\d+)_of_(\d+)\.pt$")
+# how torch.save's C++ writer reports a write that failed (full disk, file-size limit)
+_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write failed")
 
 
 class CheckpointError(RuntimeError):
@@ -297,8 +300,24 @@ def _refresh_low_precision(engine) -> None:
 
 # --- save -----------------------------------------------------------------------------------
 def _write(obj: Any, path: Path) -> None:
+    """torch.save under a temporary name, then renamed. A write that fails (the disk filled
+    after check_space, a quota, a file-size limit) removes the partial file and is one line
+    naming the file and the free space: torch reports it as a C++ `enforce fail at
+    inline_container.cc` RuntimeError, or as an OSError naming no file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (RuntimeError, OSError) as err:
+        if isinstance(err, RuntimeError) and not _WRITE_FAILED.search(str(err)):
+            raise  # not a failed write: a bug, keeps its traceback
+        tmp.unlink(missing_ok=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "the write failed"
+        error = CheckpointError(
+            f"cannot write {path} ({reason}); {size_text(shutil.disk_usage(path.parent).free)} "
+            f"are free on its file system. Fix: free space or lower train.keep_checkpoints, then "
+            f"--resume from the last published checkpoint ({path.parent.parent / LATEST}).")
+        error.report = True  # this rank's own file: it says so, whatever its rank
+        raise error from None
     tmp.replace(path)
 
 
@@ -365,6 +384,17 @@ def checkpoint_bytes(model) -> int:
                if p.requires_grad)
 
 
+def size_text(count: int) -> str:
+    """A byte count for a message, to three significant digits (exact bytes under 10 KB),
+    so that two close sizes, such as what a checkpoint needs and what is free, differ."""
+    if count < 10 * 2 ** 10:
+        return f"{count:,} bytes"
+    unit = next(u for u, scale in (("GB", 2 ** 30), ("MB", 2 ** 20), ("KB", 2 ** 10))
+                if count >= scale)
+    value = count / 2 ** (10 * ("KB", "MB", "GB").index(unit) + 10)
+    return f"{value:,.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+
+
 def check_space(ckpt_dir: Path, needed: int, step: int) -> None:
     """Refuse to start writing a checkpoint that cannot fit (a full disk mid-write is an
     unreadable error and a half-written tag). Collective: every rank checks its own file
@@ -375,8 +405,9 @@ def check_space(ckpt_dir: Path, needed: int, step: int) -> None:
     dist.all_reduce(short)
     if float(short):
         raise CheckpointError(f"no space left on {ckpt_dir} for the checkpoint of step {step}: "
-                              f"it needs about {needed / 2 ** 20:,.0f} MB, "
-                              f"{free / 2 ** 20:,.0f} MB are free on this rank. Fix: free space "
+                              f"it needs about {size_text(needed)} plus a 10% margin "
+                              f"({size_text(int(1.1 * needed))}), "
+                              f"{size_text(free)} are free on this rank. Fix: free space "
                               f"or lower train.keep_checkpoints, then --resume from the last "
                               f"published checkpoint.")
 
@@ -430,7 +461,14 @@ def _load(path: Path) -> Any:
     (weights_only: no pickle runs code), memory-mapped."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        if "weights_only" in str(err):  # torch's own advice there is the unsafe option
+            wants = re.search(r"GLOBAL (\S+)", str(err))
+            raise CheckpointError(
+                f"{path} is not a tensors-only checkpoint: it holds pickled Python objects"
+                f"{f' ({wants.group(1)})' if wants else ''} that mom-ds never writes, and it "
+                f"was not loaded because unpickling them could run code. Fix: use a checkpoint "
+                f"written by mom-train (--resume-from TAG) from a source you trust.") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} cannot be read ({first}): the file is damaged. Fix: "
                               f"resume from an earlier checkpoint (--resume-from TAG).") from None

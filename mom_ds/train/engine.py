@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..parallel.parallelize import engine_param_groups
+from .ds_schema import check_deepspeed_json
 
 
 def world_size_from_env() -> int:
@@ -43,10 +44,12 @@ def use_bf16(run: RunConfig, device: str) -> bool:
 
 def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
                     device: str) -> dict[str, Any]:
-    """The DeepSpeed JSON completed from run.train; ConfigError where they disagree."""
+    """The DeepSpeed JSON completed from run.train; ConfigError where they disagree or where
+    DeepSpeed's own parser refuses the JSON (ds_schema.py)."""
     t = run.train
-    cfg = copy.deepcopy(ds_json)
     where = f"DeepSpeed config {run.parallel.deepspeed}"
+    check_deepspeed_json(ds_json, where)
+    cfg = copy.deepcopy(ds_json)
     for key in ("optimizer", "scheduler"):
         if key in cfg:
             raise ConfigError(f"{where} has an {key!r} block. Fix: remove it; mom-train builds "

@@ -6,11 +6,13 @@ are summed over all ranks before they are written, so they describe the global b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,27 +138,43 @@ class Monitor:
         self.enabled = enabled
         self.writer = None
         self.metrics = None
+        self.metrics_path = Path(out_dir) / "metrics.jsonl"
+        self.tb_dir = Path(out_dir) / "tb"
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            path = Path(out_dir) / "metrics.jsonl"
-            if resumed_step and path.is_file():
-                keep = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resumed_step]
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(line + "\n" for line in keep))
-                tmp.replace(path)
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"),
-                                        purge_step=resumed_step + 1 if resumed_step else None)
-            self.metrics = open(path, "a")
+            if resumed_step and self.metrics_path.is_file():
+                with self._writing(self.metrics_path):
+                    _keep_rows_up_to(self.metrics_path, resumed_step)
+            _silence_event_writer_threads()
+            with self._writing(self.tb_dir):
+                self.writer = SummaryWriter(str(self.tb_dir),
+                                            purge_step=resumed_step + 1 if resumed_step else None)
+            with self._writing(self.metrics_path):
+                self.metrics = open(self.metrics_path, "a")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(path: Path) -> Iterator[None]:
+        """A failed write (a full disk, a quota) as one line naming the file: the OSError of a
+        buffered file or of TensorBoard's writer thread names no path."""
+        try:
+            yield
+        except OSError as err:
+            raise OSError(f"cannot write {path}: {err.strerror or err}. Fix: free space (or "
+                          f"raise the quota) on that file system, then mom-train --resume; the "
+                          f"last published checkpoint is intact.") from None
 
     def scalars(self, step: int, values: dict[str, float], echo: Optional[str] = None) -> None:
         if not self.enabled:
             return
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
-        self.metrics.write(json.dumps({"step": step, **values}) + "\n")
-        self.metrics.flush()
+        with self._writing(self.tb_dir):
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()  # a write error surfaces at this step, not at some later one
+        with self._writing(self.metrics_path):
+            self.metrics.write(json.dumps({"step": step, **values}) + "\n")
+            self.metrics.flush()
         if echo:
             print(echo, flush=True)
 
@@ -164,9 +182,50 @@ class Monitor:
         """The routing dashboard (routing_dashboard.py) of the global batch."""
         if not self.enabled or not stats.blocks:
             return
-        log_routing(self.writer, step, stats.blocks, **(comm or {}))
+        with self._writing(self.tb_dir):
+            log_routing(self.writer, step, stats.blocks, **(comm or {}))
 
     def close(self) -> None:
         if self.enabled:
-            self.writer.close()
-            self.metrics.close()
+            with self._writing(self.tb_dir):
+                self.writer.close()
+            with self._writing(self.metrics_path):
+                self.metrics.close()
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """metrics.jsonl without the rows after `step`, rewritten atomically. A line that is not
+    JSON (cut short when the disk filled) is dropped with a warning naming it."""
+    keep = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path} line {number} is not a complete JSON row (cut short when "
+                  f"it was written?): dropped: {line[:80]!r}", file=sys.stderr)
+            continue
+        if row["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def _silence_event_writer_threads() -> None:
+    """TensorBoard writes events from a thread that, on an error, prints its traceback and
+    keeps the exception, which the writer raises again at the next write or flush in the
+    main thread (where Monitor names the path). Only that thread's printout is dropped."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "mom_ds_event_writer", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not isinstance(args.thread, _AsyncWriterThread):
+            previous(args)
+
+    hook.mom_ds_event_writer = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
