@@ -224,6 +224,17 @@ def test_readme_reference_matches_the_docstrings():
         "regenerate with: python -m mom_ds.config modular"
 
 
+def test_readme_cites_only_files_that_exist():
+    """Every `tests/...py`, `mom_ds/...py` or `configs/...` path the README names is there."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    cited = set(re.findall(r"\b((?:tests|mom_ds|configs|ds_configs)/[\w/.-]+\.(?:py|yaml|json))",
+                           readme))
+    placeholders = {p for p in cited if re.fullmatch(r"[A-Z_]+", Path(p).stem)}  # configs/X.yaml
+    assert cited and not [p for p in sorted(cited - placeholders) if not (REPO / p).is_file()]
+
+
 def test_one_rank_of_several_keeps_bad_input_for_the_agreement_and_raises_bugs():
     from mom_ds.cli.errors import exit_code
     from mom_ds.train.preflight import StartCheck
