@@ -12,7 +12,8 @@ eval/loss; --max-windows N takes the first N of that order, --all the whole spli
 chosen at inference); the FLOPs reported are those of the routing executed (forward only).
 --tasks runs the harness (pip install 'mom-ds[eval]'; hub tasks download their data) and
 writes its results JSON to RUN/lm_eval/step_<N>_<tasks>.json. mom_cloze, built from the run's
-own val split, needs no network; --include-path adds a directory of task YAMLs.
+own val split, needs no network; --include-path adds a directory of task YAMLs, whose
+`!function` hooks run Python: name only directories you trust (nothing under RUN is read).
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                          help="documents per task (a fraction < 1: that share of each task)")
     harness.add_argument("--num-fewshot", type=int, metavar="K", help="default: the task's own")
     harness.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                         help="a directory of task YAMLs (repeatable)")
+                         help="a directory of task YAMLs (repeatable); their !function "
+                              "hooks run code: only directories you trust")
     harness.add_argument("--output",
                          help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
     args = parser.parse_args(argv)
