@@ -41,6 +41,10 @@ class DataConfig:
     """Tokens per training window (the context length trained on; <= model.n_positions)."""
     seed: int = 1337
     """Seed of the window order; identical on every rank, each rank reads its own share."""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """Filled in by mom-train from data_dir (tokenizer, sizes and checksums of the splits):
+    resume, mom-eval and mom-generate refuse other data unless --allow-data-change. Leave
+    empty."""
 
 
 @dataclass
@@ -297,6 +301,9 @@ def _coerce_value(where: str, kind: Any, value: Any) -> Any:
                 pass
     elif kind is str:
         if isinstance(value, str):
+            return value
+    elif typing.get_origin(kind) is dict:  # a record mom-train fills in (data.fingerprint)
+        if isinstance(value, dict):
             return value
     else:  # no other field types exist; a new one must be taught here
         raise ConfigError(f"{where}: unsupported field type {kind}")

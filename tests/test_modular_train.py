@@ -132,7 +132,7 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
     assert proc.returncode == 2 and "belong to another teacher" in proc.stderr
     config_before = (runs["stopped"] / "config.yaml").read_text()
     proc = cli("train", *modular_args(data, runs["stopped"], other), "--resume")
-    assert proc.returncode == 2 and "was trained with teacher" in proc.stderr
+    assert proc.returncode == 2 and "--resume: modular.teacher_fingerprint " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (runs["stopped"] / "config.yaml").read_text() == config_before
 

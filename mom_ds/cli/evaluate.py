@@ -78,6 +78,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--split", default="val", choices=("train", "val"),
                         help="which split to score (default: val)")
     parser.add_argument("--data-dir", help="default: the run's data.data_dir")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="score data other than the run's (said on stderr)")
     parser.add_argument("--max-windows", type=positive_int,
                         help="default: as many as the run's validation scored")
     parser.add_argument("--all", action="store_true", help="score every window of the split")
@@ -136,10 +138,13 @@ def run_tasks(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from ..data import TokenizedDataset
     from ..train.export import load_model, validation_window_count
+    from ..train.run_data import check_data
 
     run, model, client = load_model(args.checkpoint, args.depth, args.top_k)
-    model.to(device(args.device))
     data_dir = args.data_dir or run.data.data_dir
+    check_data("mom-eval", args.checkpoint, run.data.fingerprint, data_dir,
+               args.allow_data_change)
+    model.to(device(args.device))
     n_windows = len(TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len))
     count = n_windows if args.all else \
         min(n_windows, args.max_windows or validation_window_count(client))

@@ -2,7 +2,9 @@
 
   mom-generate runs/tiny --prompt "def main(" [--max-new-tokens 200] [--temperature 0.8]
                [--top-k 50] [--top-p 0.95] [--seed 0] [--depth H'] [--top-k-modules K']
-The tokenizer is the one the run's data was prepared with (meta.json in data.data_dir).
+The tokenizer is the one the run was trained with (mom-train copies it into RUN/tokenizer/);
+for a run from before that copy, the data's (meta.json in data.data_dir), which must be the
+tokenizer the run recorded (data.fingerprint) unless --allow-data-change.
 """
 from __future__ import annotations
 
@@ -30,7 +32,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-p", type=probability, default=None,
                         help="nucleus sampling threshold in (0, 1] (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="default: 0")
-    parser.add_argument("--data-dir", help="where the tokenizer is recorded; default: the run's")
+    parser.add_argument("--data-dir", help="take the tokenizer of this prepared directory "
+                                           "(default: the run's own)")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="use a tokenizer other than the run's (said on stderr)")
     add_device_argument(parser)
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
@@ -42,12 +47,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from data_prep.tokenizer import load_data_tokenizer
-
     from ..train.export import load_model
 
     run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
-    tokenizer = load_data_tokenizer(args.data_dir or run.data.data_dir)
+    tokenizer = run_tokenizer(args, run)
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
@@ -62,6 +65,10 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if room < 1:
         parser.error(f"the prompt has {ids.shape[1]} tokens; the model holds "
                      f"{run.model.n_positions}")
+    if args.max_new_tokens > room:
+        print(f"mom-generate: note: --max-new-tokens {args.max_new_tokens} capped to {room}: "
+              f"the model holds {run.model.n_positions} positions and the prompt takes "
+              f"{ids.shape[1]}", file=sys.stderr)
     out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p,
                          eos_token_id=tokenizer.info.eot_id,
@@ -69,6 +76,22 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
     print(args.prompt + tokenizer.decode(new))
     return 0
+
+
+def run_tokenizer(args: argparse.Namespace, run):
+    """The run's own copy of its tokenizer; else (--data-dir, or a run from before the copy)
+    a data directory's, checked against the tokenizer the run recorded."""
+    from data_prep.tokenizer import load_data_tokenizer
+
+    from ..train.run_data import check_data, load_run_tokenizer, run_tokenizer_dir
+
+    own = run_tokenizer_dir(args.checkpoint)
+    if own is not None and not args.data_dir:
+        return load_run_tokenizer(own)
+    data_dir = args.data_dir or run.data.data_dir
+    check_data("mom-generate", args.checkpoint, run.data.fingerprint, data_dir,
+               args.allow_data_change, what="tokenizer")
+    return load_data_tokenizer(data_dir)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--stop-after", type=positive_int, metavar="STEP",
                         help="save a checkpoint and exit after this step (the schedule still "
                              "runs to train.max_steps; continue later with --resume)")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume on data other than the checkpoint's (logged in the run)")
     parser.add_argument("--verbose", action="store_true",
                         help="show DeepSpeed's own start-up lines")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -95,7 +97,8 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     start = StartCheck.of(checks, lambda err: exit_code(err) == 2, world_size_from_env())
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     run_training(run, start, resume=args.resume, stop_after=args.stop_after,
-                 overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose)
+                 overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose,
+                 allow_data_change=args.allow_data_change)
     return 0
 
 if __name__ == "__main__":

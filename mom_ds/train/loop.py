@@ -161,5 +161,16 @@ def save(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches
          progress: Progress, ckpt_dir: Path) -> str:
     client = {"config": run.to_dict(), "step": progress.step,
               "tokens_seen": progress.tokens_seen, "sampler": batches.state_dict()}
-    return checkpoint.save(engine, model, layout, ckpt_dir, progress.step, client,
-                           keep=run.train.keep_checkpoints)
+    tag = checkpoint.save(engine, model, layout, ckpt_dir, progress.step, client,
+                          keep=run.train.keep_checkpoints)
+    if dist.get_rank() == 0:  # the config of the newest checkpoint, as it was trained
+        write_config(run, ckpt_dir.parent)
+    return tag
+
+
+def write_config(run: RunConfig, out_dir: Path) -> None:
+    """out_dir/config.yaml, replaced atomically: a reader sees the old or the new config."""
+    tmp = out_dir / ".config.yaml.tmp"
+    run.save(tmp)
+    tmp.replace(out_dir / "config.yaml")
+

@@ -3,6 +3,7 @@ starts, so a bad run stops with one clear message instead of a hang or a stack p
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -11,6 +12,7 @@ from ..config import ConfigError, RunConfig, load_deepspeed_json
 from ..parallel.placement import sharded_pools, validate_expert_parallel
 from .engine import build_ds_config, device_type, world_size_from_env
 from .profiling import PROFILE_DIR
+from .run_lock import RunLock
 
 
 def check_data(run: RunConfig, world_size: int) -> None:
@@ -80,15 +82,33 @@ def check_writable(directory: Path) -> None:
 
 
 def check_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> None:
-    """A fresh run never silently replaces another: without --resume or --overwrite,
-    train.out_dir must hold no run. And the directory must be writable."""
+    """One run per directory: rank 0 takes train.out_dir's lock before anything is written
+    there (run_lock.py; a live holder is named and refused, --overwrite included), and
+    keeps it until the process ends. A fresh run never silently replaces another: without
+    --resume or --overwrite, train.out_dir must hold no run. And the directory must be
+    writable (every rank checks: a rank on another node may see another file system)."""
     out = Path(run.train.out_dir)
-    check_writable(out)
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other. Fix: --resume to "
                           "continue the run in train.out_dir, --overwrite to replace it.")
+    check_writable(out)
+    if os.environ.get("RANK", "0") != "0":
+        check_run_files(out, resume or overwrite)
+        return
+    lock = RunLock(out)
+    warning = lock.acquire()
+    try:
+        check_run_files(out, resume or overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    if warning:
+        print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
+
+
+def check_run_files(out: Path, continues: bool) -> None:
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if resume or overwrite or not found:
+    if continues or not found:
         return
     latest = out / "ckpt" / "latest"
     what = f"checkpoint {latest.read_text().strip()}" if latest.is_file() else ", ".join(found)

@@ -15,19 +15,32 @@ from ..model import MoMForCausalLM
 from ..model.compiling import compile_parts
 from ..parallel.parallelize import parallelize
 from ..parallel.placement import describe_placement
-from . import checkpoint
+from . import checkpoint, run_lock
 from .agreement import agree, check_shared_storage
 from .batches import Batches
 from .engine import apply_timeout_to_every_group, build_engine, init_distributed
-from .loop import Progress, lr_factor, train
+from .loop import Progress, lr_factor, train, write_config
 from .monitor import Monitor
 from .peers import describe, gather_peers, is_peer_failure, lost_rank_error
 from .preflight import StartCheck
+from .resume_rules import check_resume
+from .run_data import data_fingerprint, save_run_tokenizer
 
 
-def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
-                 stop_after: Optional[int] = None, overwrite: bool = False,
-                 resume_from: Optional[str] = None, verbose: bool = False) -> dict[str, float]:
+def run_training(run: RunConfig, start: StartCheck, **options: Any) -> dict[str, float]:
+    """The run (see _run_training for the options); the lock on train.out_dir that rank 0
+    took in preflight is released however it ends, also when a caller runs several in one
+    process."""
+    try:
+        return _run_training(run, start, **options)
+    finally:
+        run_lock.release_all()
+
+
+def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
+                  stop_after: Optional[int] = None, overwrite: bool = False,
+                  resume_from: Optional[str] = None, verbose: bool = False,
+                  allow_data_change: bool = False) -> dict[str, float]:
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run, verbose)
@@ -42,6 +55,7 @@ def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     dist.barrier()
     # recorded absolute, so mom-eval & co. find the data from any working directory
     run.data.data_dir = str(Path(run.data.data_dir).resolve())
+    run.data.fingerprint = data_fingerprint(run.data.data_dir)
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     model.set_activation_checkpointing(run.train.activation_checkpointing)
@@ -50,6 +64,7 @@ def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
         if warning and rank == 0:
             print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
+        check_config(run, out_dir / "ckpt" / tag, allow_data_change, rank == 0)
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
     compiled = compile_parts(model) if run.train.compile else 0
@@ -67,7 +82,6 @@ def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     progress = Progress()
     if resume:
         client = checkpoint.load(engine, model, layout, out_dir / "ckpt", tag)
-        check_same_teacher(run, client)
         progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
@@ -75,7 +89,9 @@ def run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                   f"by {client['world_size']} rank(s) at expert_parallel_size "
                   f"{client['expert_parallel_size']})", flush=True)
     if rank == 0:  # after the resume's checks: a refused resume leaves the directory as it was
-        run.save(out_dir / "config.yaml")  # the exact config, overrides included
+        save_run_tokenizer(run.data.data_dir, out_dir)
+        if progress.step == 0:  # else config.yaml is the checkpoint's until the next one
+            write_config(run, out_dir)  # the exact config, overrides included
     monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
     if rank == 0:
         if world > 1:
@@ -129,16 +145,20 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
     return model
 
 
-def check_same_teacher(run: RunConfig, client: dict[str, Any]) -> None:
-    """A resume continues the modules of the teacher they were trained with (the same names
-    and shapes load from another teacher's run; its weights' fingerprint tells them apart)."""
-    saved = client["config"].get("modular", {}).get("teacher_fingerprint", "")
-    if saved != run.modular.teacher_fingerprint:
-        raise checkpoint.CheckpointError(
-            f"--resume: the checkpoint in {run.train.out_dir} was trained with teacher "
-            f"{saved or '(none: a pre-training run)'}, but modular.teacher = "
-            f"{run.modular.teacher!r} has weights {run.modular.teacher_fingerprint or '(none)'}. "
-            f"Fix: resume with the run's own teacher, or start a new run elsewhere.")
+def check_config(run: RunConfig, tag_dir: Path, allow_data_change: bool, report: bool) -> None:
+    """The resume's config against the checkpoint's, field by field (resume_rules.RULES),
+    before the engine is built: every rank reads the same checkpoint and config, so all
+    refuse alike. Rank 0 says what is applied from the resume step on."""
+    # memory-mapped: only the client state is read, the tensors stay on disk
+    client = checkpoint._load(tag_dir / checkpoint.DENSE)["client"]
+    applied, warnings = check_resume(run, client["config"], int(client["step"]),
+                                     allow_data_change)
+    if report:
+        for warning in warnings:
+            print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
+        if applied:
+            print(f"resuming with a changed config, applied from step {client['step'] + 1}: "
+                  f"{', '.join(applied)}", flush=True)
 
 
 def load_initial_weights(model: MoMForCausalLM, path: str) -> None:
