@@ -22,6 +22,11 @@
 # Every rank runs `python -m mom_ds.launch_utils run --from env -- mom-train ARGS`: the
 # deepspeed launcher sets RANK & co.; the wrapper waits a bounded time for the master
 # (MOM_MASTER_TIMEOUT, default 120 s) instead of hanging on an unreachable one.
+#
+# Signals: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to this script go to the ranks on this node,
+# not to the launcher (`launch_utils supervise`): the ranks finish their step, save and
+# exit 5 (README, "Preemption"). The deepspeed launcher itself would die on SIGTERM leaving
+# the ranks training, or SIGKILL them 30 s after forwarding it, mid-save.
 set -euo pipefail
 
 ds_args=()
@@ -38,5 +43,6 @@ for i in "${!ds_args[@]}"; do
 done
 
 # launch/rank.py = python -m mom_ds.launch_utils (a script path: see its docstring).
-exec deepspeed ${ds_args[@]+"${ds_args[@]}"} --no_local_rank "$(cd "$(dirname "$0")" && pwd)/rank.py" \
+exec "$PYTHON" -m mom_ds.launch_utils supervise -- \
+    deepspeed ${ds_args[@]+"${ds_args[@]}"} --no_local_rank "$(cd "$(dirname "$0")" && pwd)/rank.py" \
     run --from env -- mom-train "$@"

@@ -14,6 +14,9 @@
 # forwards only what -x names. mpirun starts remote ranks over ssh (or the cluster's
 # resource manager) and needs no deepspeed launcher. MASTER_PORT (default 29500) is the
 # rendezvous port on rank 0's node.
+#
+# Signals: SIGTERM, SIGUSR1 or SIGINT to this script go to the ranks on this node, not to
+# mpirun (`launch_utils supervise`); the ranks finish their step, save and exit 5.
 set -euo pipefail
 
 mpi_args=()
@@ -30,5 +33,7 @@ if "$MPIRUN" --version 2>&1 | grep -q "Open MPI" && [ "$(id -u)" = 0 ]; then
 fi
 
 # ${mpi_args[@]+...}: bash < 4.4 treats an empty array as unset under `set -u`.
-exec "$MPIRUN" ${mpi_args[@]+"${mpi_args[@]}"} "${MOM_PYTHON:-python}" -u -m mom_ds.launch_utils \
+PYTHON=${MOM_PYTHON:-python}
+exec "$PYTHON" -m mom_ds.launch_utils supervise -- \
+    "$MPIRUN" ${mpi_args[@]+"${mpi_args[@]}"} "$PYTHON" -u -m mom_ds.launch_utils \
     run --from mpi -- mom-train "$@"

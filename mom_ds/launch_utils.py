@@ -16,16 +16,20 @@ Subcommands (each exits 1 with a message that names the fix):
   slurm-hostfile --slots N [--out F] write a hostfile for this Slurm allocation
   check-allocation [--need N] -- TRAIN_ARGS
                                     this Slurm job has at least the ranks the run needs
-  out-dir -- TRAIN_ARGS             print train.out_dir (the sbatch script resumes from it)
   run --from SOURCE -- CMD ARGS...  per-rank entry point described above
+  supervise -- LAUNCHER ARGS...     run a launcher (deepspeed, mpirun) and forward SIGTERM,
+                                    SIGUSR1 and SIGINT to its ranks only (see supervise())
 TRAIN_ARGS are mom-train's own (--config C [--deepspeed D] [--section.key value ...]).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import errno
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -244,16 +248,110 @@ def run_console_script(name: str, args: Sequence[str]) -> int:
     return int(main() or 0)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent() -> None:
+    """SIGTERM this rank when its parent (the launcher's per-node process) dies: the rank
+    then saves and stops (train/stopping.py) instead of training on unsupervised, racing a
+    resubmitted job. Linux only; elsewhere nothing happens."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(source: str, command: Sequence[str]) -> int:
     if not command:
         raise LaunchError("run: no command after --. Fix: ... run --from slurm -- mom-train "
                           "--config configs/tiny.yaml")
+    stop_with_parent()
     env = rank_env(source)
     os.environ.update(env)
     rank = int(env["RANK"])
     if rank != 0:
         wait_for_master(env["MASTER_ADDR"], int(env["MASTER_PORT"]), MASTER_TIMEOUT_S, rank)
     return run_console_script(command[0], command[1:])
+
+
+# ---------------------------------------------------------------------------- signals
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)  # HUP: as TERM
+RANK_MARKER = ("mom_ds.launch_utils", "rank.py")  # how the ranks' command lines begin
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")"
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    return children
+
+
+def is_rank_command(args: Sequence[str]) -> bool:
+    """`python [-u] [-m] {rank.py,mom_ds.launch_utils} run ...`: the script is the first
+    argument after the interpreter's options (the launchers' own command lines name
+    rank.py further on)."""
+    script = next((i for i, a in enumerate(args) if i and not a.startswith("-")), None)
+    return script is not None and args[script].endswith(RANK_MARKER) \
+        and list(args[script + 1:script + 2]) == ["run"]
+
+
+def _is_rank(pid: int) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    return is_rank_command(args)
+
+
+def rank_pids(root: int) -> list[int]:
+    """The per-rank processes (`... launch_utils run ...`) started below `root` on this
+    node: the topmost matches, not their own children."""
+    children, found, todo = _children(), [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            (found if _is_rank(child) else todo).append(child)
+    return found
+
+
+def supervise(command: Sequence[str]) -> int:
+    """Run a launcher and give its ranks, not the launcher, the stop signals it receives.
+
+    The deepspeed launcher dies on SIGTERM on one node, leaving its ranks training; on many
+    nodes and in deepspeed.launcher.launch it answers SIGTERM/SIGINT by terminating the rank
+    trees and SIGKILLs them 30 s later, which would cut a checkpoint save short. So the
+    launcher runs in its own session (a terminal's Ctrl-C reaches only this process), each
+    signal goes to the ranks on this node, and the launcher ends when they do. The ranks on
+    other nodes learn of it through the stop flag they all-reduce (train/stopping.py)."""
+    if not command:
+        raise LaunchError("supervise: no launcher command after --")
+    launcher = subprocess.Popen(list(command), start_new_session=True, stdin=subprocess.DEVNULL)
+
+    def forward(signum: int, frame) -> None:
+        signum = signal.SIGTERM if signum == signal.SIGHUP else signum
+        ranks = rank_pids(launcher.pid)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not ranks:  # none started yet (nothing to save) or all gone: end the launch
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGTERM)
+        print(f"mom-launch: {signal.Signals(signum).name} forwarded to {len(ranks)} rank(s) on "
+              f"this node", file=sys.stderr, flush=True)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    code = launcher.wait()
+    return code if code >= 0 else 128 - code
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -269,7 +367,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[
     gen.add_argument("--out", help="file to write (default: stdout)")
     alloc = sub.add_parser("check-allocation")
     alloc.add_argument("--need", type=int, default=1, help="ranks the submission asked for")
-    sub.add_parser("out-dir")
+    sub.add_parser("supervise")
     start = sub.add_parser("run")
     start.add_argument("--from", dest="source", choices=("env", "slurm", "mpi"), required=True)
     # Everything after `--` belongs to mom-train (or the command to run), not to us.
@@ -306,8 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      f"(micro_batch_size x grad_accum_steps x ranks)")
             tasks = check_allocation(os.environ, need, why)
             print(f"allocation: {tasks} task(s) for {need} needed rank(s)")
-        elif args.command == "out-dir":
-            print(train_run_config(rest).train.out_dir)
+        elif args.command == "supervise":
+            return supervise(rest)
         else:
             return run(args.source, rest)
     except (LaunchError, ConfigError) as err:

@@ -158,14 +158,19 @@ class Slurm:
         (1) the state PENDING: no longer COMPLETING, slurmd saw every step end,
         (2) no process left whose command line contains `marker` (the old ranks), and
         (3) the next second after the requeue, so the new credential is strictly newer."""
-        deadline = time.monotonic() + timeout
         result = self.cmd("scontrol", "requeue", job_id)
-        killed_at = time.time()  # slurmctld stamped the kill request before answering
         assert result.returncode == 0, result.stderr
+        self.release_requeued(job_id, marker, timeout)
+
+    def release_requeued(self, job_id: str, marker: str, timeout: float = 60) -> None:
+        """The waits of requeue() for a job requeued by anyone (its own script included):
+        it is PENDING, its old processes are gone, a new second has begun: start it now."""
+        deadline = time.monotonic() + timeout
         while (state := self.state(job_id)) != "PENDING":
             assert time.monotonic() < deadline, \
                 f"requeued job {job_id} still {state} after {timeout} s\n{self.diagnose(job_id)}"
             time.sleep(0.3)
+        killed_at = time.time()  # the kill was stamped before the job showed PENDING
         while left := processes_with(marker):
             assert time.monotonic() < deadline, \
                 f"processes of the requeued run still alive after {timeout} s: {left}"

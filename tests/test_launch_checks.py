@@ -1,5 +1,6 @@
 """Bad launches fail fast with the fix named: hostfile typos, too few ranks, an
-unreachable master, a missing launcher environment; and submit.sh --dry-run."""
+unreachable master, a missing launcher environment; submit.sh --dry-run; which processes
+the launch scripts' signal forwarding treats as ranks."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,9 @@ import time
 import pytest
 
 from launch_support import REPO, run
-from mom_ds.launch_utils import (LaunchError, check_allocation, format_hostfile, main,
-                                 parse_hostfile, world_size_pinned_by, train_run_config)
+from mom_ds.launch_utils import (LaunchError, check_allocation, format_hostfile,
+                                 is_rank_command, main, parse_hostfile, world_size_pinned_by,
+                                 train_run_config)
 
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -123,6 +125,28 @@ def test_submit_dry_run_prints_the_commands():
         in lines[0]
     assert any(line.startswith("python -m mom_ds.launch_utils check-allocation --need 16")
                for line in lines)
-    assert any(line.startswith("srun --kill-on-bad-exit=1 python -u -m mom_ds.launch_utils "
-                               "run --from slurm -- mom-train --config configs/tiny.yaml")
-               for line in lines)
+    assert "srun --kill-on-bad-exit=1 python -u -m mom_ds.launch_utils run --from slurm -- " \
+        "mom-train --config configs/tiny.yaml --resume auto " in lines
+    # issue 25, item 1: never --overwrite (it deleted complete checkpoints on a requeue);
+    # USR1 120 s before the time limit, and a requeue after the stop it causes
+    assert "--overwrite" not in result.stdout
+    assert "#SBATCH --signal=B:USR1@120" in lines and "#SBATCH --requeue" in lines
+    assert "# after USR1 and exit code 5 (stopped, checkpoint saved): scontrol requeue <id>" \
+        in lines
+
+
+@pytest.mark.parametrize("args, rank", [
+    (["/venv/bin/python3", "-u", "/repo/launch/rank.py", "run", "--from", "env", "--",
+      "mom-train"], True),
+    (["python", "-u", "-m", "mom_ds.launch_utils", "run", "--from", "mpi", "--", "mom-train"],
+     True),
+    # the deepspeed runner and deepspeed.launcher.launch name rank.py later on
+    (["/venv/bin/python3", "/venv/bin/deepspeed", "--num_accelerators", "2",
+      "--no_local_rank", "/repo/launch/rank.py", "run", "--from", "env"], False),
+    (["/venv/bin/python3", "-u", "-m", "deepspeed.launcher.launch", "--world_info=e30=",
+      "--no_local_rank", "/repo/launch/rank.py", "run", "--from", "env"], False),
+    (["python", "-m", "mom_ds.launch_utils", "supervise", "--", "deepspeed"], False),
+    (["mpirun", "-np", "2", "python", "-u", "-m", "mom_ds.launch_utils", "run"], False),
+])
+def test_supervise_signals_only_the_ranks(args, rank):
+    assert is_rank_command(args) is rank

@@ -1,5 +1,6 @@
 """launch/slurm on a real slurmctld + slurmd on this host: a 2-task job trains, a requeued
-job resumes from its checkpoint, a too-small allocation fails fast and clearly."""
+job stopped by USR1 saves, requeues itself and resumes from its checkpoint, a too-small
+allocation fails fast and clearly."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def submit(slurm, logs: Path, *args: str) -> str:
 
 
 def job_log(logs: Path, job: str) -> str:
-    return next(logs.glob(f"*-{job}.out")).read_text()
+    """The job's output so far ("" before it starts)."""
+    found = list(logs.glob(f"*-{job}.out"))
+    return found[0].read_text() if found else ""
 
 
 def test_two_tasks_train_and_report(slurm, data, tmp_path):
@@ -57,31 +60,34 @@ def test_two_tasks_train_and_report(slurm, data, tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_requeued_job_resumes(slurm, data, tmp_path):
+def test_usr1_stops_saves_and_requeues(slurm, data, tmp_path):
+    """A requeued job resumes: what --signal=B:USR1@120 does before the time limit, sent by
+    hand. The script forwards USR1 to the ranks, they save and exit 5, the script requeues
+    the job, and the restart (--resume auto) continues from that checkpoint to the end,
+    every step logged once. (A requeue by the scheduler: test_launch_two_nodes.py.)"""
     out = tmp_path / "run"
     job = submit(slurm, tmp_path, "--tasks-per-node", "2", "--",
-                 *tiny_args(data, out, steps=6, ckpt_interval=2))
-    latest = out / "ckpt" / "latest"
-    deadline = time.monotonic() + 120
-    while not latest.is_file():  # the first checkpoint, then a "preemption"
-        assert time.monotonic() < deadline, job_log(tmp_path, job)[-3000:]
-        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
-            job_log(tmp_path, job)[-3000:]
-        time.sleep(0.5)
-    # Slurm holds a requeued job back for about two minutes (Reason=BeginTime); a test
-    # need not wait for that, but must wait for the old run to be gone (see Slurm.requeue).
-    slurm.requeue(job, marker=str(out))
+                 *tiny_args(data, out, steps=20, ckpt_interval=1000))
+    deadline = time.monotonic() + 150
+    while not re.search(r"^step [3-9]/20 ", job_log(tmp_path, job), re.M):
+        assert time.monotonic() < deadline and slurm.state(job) in (
+            "PENDING", "RUNNING", "CONFIGURING"), job_log(tmp_path, job)[-3000:]
+        time.sleep(0.3)
+    signal = slurm.cmd("scancel", "--signal=USR1", "--batch", job)
+    assert signal.returncode == 0, signal.stderr
+    slurm.release_requeued(job, marker=str(out), timeout=120)
     state = slurm.wait_job(job, timeout=200)
-    log = job_log(tmp_path, job)  # --open-mode=append: both runs in one file
+    log = job_log(tmp_path, job)
     assert state == "COMPLETED", f"{log[-3000:]}\n{slurm.diagnose(job)}"
     assert slurm.job_field(job, "Restarts") == "1"
-    assert "(restart 1)" in log and "resumed from step" in log, log[-3000:]
-    resumed_at = int(re.search(r"resumed from step (\d+)", log).group(1))
-    assert resumed_at >= 2
+    stopped = re.search(r"^mom-train: stopped: SIGUSR1 after step (\d+): saved checkpoint ",
+                        log, re.M)
+    assert stopped, log[-3000:]
+    assert f"requeueing job {job}" in log and "Traceback" not in log, log[-3000:]
+    assert f"resumed from step {stopped[1]} " in log, log[-3000:]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
-    # the resumed run starts after the checkpoint, not from step 1
-    assert steps.count(1) == 1 and steps[-1] == 6
+    assert steps == list(range(1, 21))
 
 
 def test_allocation_smaller_than_config_needs(slurm, data, tmp_path):

@@ -1,10 +1,13 @@
 """mom-train: pre-train a MoM (or any preset) with DeepSpeed.
 
-  mom-train --config configs/tiny.yaml [--deepspeed ds_configs/zero2.json] [--resume]
+  mom-train --config configs/tiny.yaml [--deepspeed ds_configs/zero2.json] [--resume [auto]]
             [--section.key value ...]
 
 Run it directly for one process, or under a launcher for many:
   deepspeed --num_accelerators 2 $(which mom-train) --config configs/tiny.yaml
+
+SIGTERM, SIGUSR1 or SIGINT: every rank finishes its step, a checkpoint is saved, exit 5;
+continue with --resume. A second SIGINT exits at once without saving.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import argparse
 import os
 import socket
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 from ..config import ConfigError, RunConfig, load_run_config, override_help
@@ -25,8 +30,12 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in train.out_dir")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=resume_value,
+                        metavar="auto",
+                        help="continue from the latest complete checkpoint in train.out_dir; "
+                             "`--resume auto`: continue when a checkpoint was ever completed "
+                             "there, else start fresh (a failed first attempt's logs are moved "
+                             "to train.out_dir/previous/)")
     parser.add_argument("--resume-from", metavar="TAG",
                         help="continue from this checkpoint of train.out_dir/ckpt (e.g. "
                              "step_000400) instead of the latest (implies --resume)")
@@ -42,6 +51,13 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
                         help="show DeepSpeed's own start-up lines")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser.parse_known_args(argv)
+
+
+def resume_value(value: str) -> str:
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"{value!r}: the only value is auto (a checkpoint is "
+                                         f"chosen with --resume-from TAG)")
+    return value
 
 
 # Set by srun / mpirun for each of several tasks; without RANK & co. every task would train
@@ -72,13 +88,39 @@ def load_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
     return load_run_config(args.config, overrides)
 
 
+def resume_or_start(out_dir: Path) -> bool:
+    """--resume auto: resume (True) once a checkpoint was ever completed in out_dir - the
+    resume takes the newest that verifies, or refuses naming the damage; nothing is
+    deleted. Else start fresh (False): what a first attempt that never completed a
+    checkpoint left (its logs, unfinished tags) is moved by rank 0 to out_dir/previous/."""
+    from ..train import checkpoint
+    from ..train.preflight import RUN_FILES
+
+    ckpt = out_dir / "ckpt"
+    if (ckpt / checkpoint.LATEST).exists() or any(ckpt.glob(f"step_*/{checkpoint.MANIFEST}")):
+        return True
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if os.environ.get("RANK", "0") == "0":  # the other ranks decide the same from the files
+        note = "nothing to set aside"
+        if found:
+            dest = out_dir / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in found:
+                os.replace(out_dir / name, dest / name)
+            note = f"the previous attempt's {', '.join(found)} moved to {dest}"
+        print(f"mom-train: --resume auto: no complete checkpoint in {ckpt}: starting fresh "
+              f"({note})", flush=True)
+    return False
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args, overrides = parse_args(argv)
     return run_command("mom-train", lambda: train(args, overrides))
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
-    args.resume = args.resume or bool(args.resume_from)
+    if args.resume_from:
+        args.resume = True
     single_process_env()
     if not args.verbose:
         from ..train.engine import choose_accelerator_quietly
@@ -90,12 +132,17 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     def checks() -> dict:  # every rank, before any process group
         ds_config = preflight(run)
-        check_run_dir(run, resume=args.resume, overwrite=args.overwrite)
+        check_run_dir(run, resume=bool(args.resume), overwrite=args.overwrite)
+        if args.resume == "auto":
+            args.resume = resume_or_start(Path(run.train.out_dir))
         return ds_config
 
     # alone: one message, exit 2, before torch starts; one of several: agreed on at start
     start = StartCheck.of(checks, lambda err: exit_code(err) == 2, world_size_from_env())
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
+    from ..train.stopping import REQUEST
+
+    REQUEST.install()  # from here on a signal stops the run at a step boundary, saved
     run_training(run, start, resume=args.resume, stop_after=args.stop_after,
                  overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose,
                  allow_data_change=args.allow_data_change)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -14,10 +15,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, TrainConfig
-from . import checkpoint
+from . import checkpoint, stopping
 from .batches import Batches
 from .health import Health
 from .profiling import StepProfiler
+from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
 
@@ -84,6 +86,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
     health = Health(batches.device, ckpt_dir, t.nan_policy, t.max_skipped_steps)
+    agreement = StopAgreement(stopping.REQUEST, timedelta(minutes=run.parallel.timeout_minutes))
     profiler = StepProfiler(t.profile_steps, t.out_dir)
     window_start, window_steps = time.perf_counter(), 0
     while progress.step < stop:
@@ -110,6 +113,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         progress.tokens_seen += tokens_per_step
         profiler.after_step(progress.step)
         window_steps += 1
+        stop_requested = agreement.should_stop()  # a signal: save here and exit (stopping.py)
 
         if logging:
             means = mean_over_ranks(torch.stack(list(sums.values())) / t.grad_accum_steps)
@@ -141,8 +145,8 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
 
         done = progress.step == t.max_steps
         evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
-        saving = progress.step == stop or (t.ckpt_interval
-                                           and progress.step % t.ckpt_interval == 0)
+        saving = stop_requested or progress.step == stop or (
+            t.ckpt_interval and progress.step % t.ckpt_interval == 0)
         if (evaluating or saving) and not logging:  # a logging step was checked above
             health.check(progress.step, engine.get_global_grad_norm())
         if evaluating:
@@ -151,9 +155,12 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))
         if saving:
-            save(run, engine, model, layout, batches, progress, ckpt_dir)
+            tag = save(run, engine, model, layout, batches, progress, ckpt_dir)
+            if stop_requested and progress.step < stop:  # at the end, the run just ends
+                raise agreement.stop(progress.step, tag, ckpt_dir, monitor)
         if evaluating or saving:  # their time is not training time
             window_start, window_steps = time.perf_counter(), 0
+    agreement.close()
     return last_eval
 
 
