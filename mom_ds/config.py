@@ -29,6 +29,7 @@ ModelConfig = MoMConfig
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "nccl", "gloo")
 NAN_POLICIES = ("stop", "skip")
+SPIKE_POLICIES = ("stop", "skip", "off")
 
 
 @dataclass
@@ -86,14 +87,15 @@ class TrainConfig:
     log_interval: int = 10
     """Steps between console lines and TensorBoard scalars."""
     eval_interval: int = 200
-    """Steps between validation passes (and one at the end); 0 evaluates only at the end."""
+    """Steps between validation passes (and one at the end and at every checkpoint, which
+    records its val loss); 0 evaluates only there."""
     eval_batches: int = 20
     """Micro-batches of val per rank in one validation pass (the same windows every time)."""
     ckpt_interval: int = 500
     """Steps between checkpoints (and one at the end); 0 saves only at the end."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept on disk (older ones are deleted after a new one is
-    published); 0 keeps all."""
+    published, except the one with the best val loss); 0 keeps all."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s of one device for MFU; 0 detects it on known GPUs, and on CPU
     uses 1.0 (a documented placeholder: set it for your CPU)."""
@@ -121,6 +123,19 @@ class TrainConfig:
     learning rate, as DeepSpeed skips fp16 overflow steps; needs bf16 or ZeRO stage >= 1)."""
     max_skipped_steps: int = 10
     """Under nan_policy skip, this many skipped steps in a row end the run as under stop."""
+    spike_policy: str = "stop"
+    """A loss that stays finite but explodes (above spike_factor times its running mean
+    for spike_steps optimizer steps in a row): stop (exit 3 before the next checkpoint,
+    naming the last good and the best checkpoint), skip (go back to the last good
+    checkpoint and skip the batches since it, PaLM's remedy; at most max_spike_skips
+    times) or off."""
+    spike_factor: float = 2.0
+    """How far above its running mean (over about the last 100 steps, spikes left out)
+    a step's training loss counts as a spike."""
+    spike_steps: int = 3
+    """Optimizer steps in a row above spike_factor x the running mean that make a spike."""
+    max_spike_skips: int = 3
+    """Under spike_policy skip, the spikes after which the run stops as under stop."""
 
 
 @dataclass
@@ -208,6 +223,15 @@ class RunConfig:
         if t.max_skipped_steps < 1:
             fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 1",
                  "set train.max_skipped_steps >= 1")
+        if t.spike_policy not in SPIKE_POLICIES:
+            fail("train.spike_policy", t.spike_policy, f"is not one of {SPIKE_POLICIES}",
+                 "use stop (the default), skip or off")
+        if not t.spike_factor > 1:
+            fail("train.spike_factor", t.spike_factor, "must be > 1",
+                 "use e.g. 2 (a loss twice its running mean)")
+        for name in ("spike_steps", "max_spike_skips"):
+            if getattr(t, name) < 1:
+                fail(f"train.{name}", getattr(t, name), "must be >= 1", f"set train.{name} >= 1")
         if p.backend not in BACKENDS:
             fail("parallel.backend", p.backend, f"is not one of {BACKENDS}",
                  "use auto, nccl or gloo")

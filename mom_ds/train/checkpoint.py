@@ -13,6 +13,9 @@ Layout under `<out_dir>/ckpt/`:
     manifest.json              every file's size and sha256, written last: a checkpoint
                                whose files do not match it is damaged
   latest                       the tag of the newest COMPLETE checkpoint
+  best.json                    the tag with the lowest validation loss and that loss: pruning
+                               (train.keep_checkpoints) never deletes it, so a loss that rises
+                               for several checkpoints cannot leave only bad ones
 
 Every tensor is stored whole (a pool: whole, or as E contiguous module slices), by its
 parameter name, the way DeepSpeed's universal checkpoints store them: the values come from
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -50,6 +54,7 @@ from ..parallel.placement import ModulePlacement
 from .health import stop
 
 LATEST = "latest"
+BEST = "best.json"
 DENSE = "dense.pt"
 MANIFEST = "manifest.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -73,6 +78,17 @@ def experts_file(ep_rank: int, ep_size: int) -> str:
 def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
     path = Path(ckpt_dir) / LATEST
     return path.read_text().strip() if path.is_file() else None
+
+
+def best_tag(ckpt_dir: str | Path) -> Optional[tuple[str, float]]:
+    """(tag, val loss) of the best checkpoint still on disk, or None."""
+    path = Path(ckpt_dir) / BEST
+    try:
+        best = json.loads(path.read_text())
+        tag, loss = str(best["tag"]), float(best["eval_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (tag, loss) if (Path(ckpt_dir) / tag).is_dir() else None
 
 
 def _sha256(path: Path) -> str:
@@ -159,6 +175,19 @@ def choose_tag(ckpt_dir: str | Path, requested: Optional[str] = None
                               f"start fresh.")
     raise CheckpointError(f"--resume: no complete checkpoint in {ckpt_dir}: "
                           f"{'; '.join(problems)}. Fix: drop --resume to start fresh.")
+
+
+def newest_before(ckpt_dir: str | Path, step: int) -> Optional[str]:
+    """The newest complete checkpoint of a step before `step`, or None."""
+    ckpt_dir = Path(ckpt_dir)
+    for tag in sorted((p.name for p in ckpt_dir.glob("step_*") if p.is_dir()), reverse=True):
+        if tag < tag_for(step):
+            try:
+                verify_tag(ckpt_dir / tag, published=False)
+                return tag
+            except CheckpointError:
+                continue
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -352,6 +381,7 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
     if rank == 0:
         _write_manifest(tag_dir)
         _publish(ckpt_dir, tag)
+        _record_best(ckpt_dir, tag, client_state.get("eval_loss"))
         if keep:
             _prune(ckpt_dir, keep)
     dist.barrier()
@@ -438,21 +468,38 @@ def _owned(name: str, layout: ParallelLayout, model) -> slice:
     return ModulePlacement(_pool_size(name, model.config), layout.ep_size, layout.ep_rank).owned()
 
 
-def _publish(ckpt_dir: Path, tag: str) -> None:
-    tmp = ckpt_dir / f".{LATEST}.tmp"
+def _replace_text(path: Path, text: str) -> None:
+    """Write a small file under a temporary name, on disk, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        f.write(tag)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / LATEST)
+    os.replace(tmp, path)
+
+
+def _publish(ckpt_dir: Path, tag: str) -> None:
+    _replace_text(ckpt_dir / LATEST, tag)
+
+
+def _record_best(ckpt_dir: Path, tag: str, eval_loss: Optional[float]) -> None:
+    """best.json names `tag` when its val loss is the lowest so far (a finite one)."""
+    if eval_loss is None or not math.isfinite(eval_loss):
+        return
+    best = best_tag(ckpt_dir)
+    if best is None or eval_loss <= best[1] or best[0] == tag:
+        _replace_text(ckpt_dir / BEST, json.dumps({"tag": tag, "eval_loss": eval_loss}))
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete complete checkpoints older than the newest `keep` (never the published one)."""
+    """Delete complete checkpoints older than the newest `keep`, never the published one
+    and never the best (best.json)."""
     current = latest_tag(ckpt_dir)
+    best = best_tag(ckpt_dir)
     tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name <= current)
     for old in tags[:-keep]:
-        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        if best is None or old != best[0]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
 # --- read -----------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..config import RunConfig, TrainConfig
 from . import checkpoint, stopping
 from .batches import Batches
-from .health import Health
+from .health import Health, SpikeError
 from .profiling import StepProfiler
 from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
@@ -68,6 +68,7 @@ def evaluate(engine, make_val: Callable[[], Batches], n_batches: int,
 class Progress:
     step: int = 0          # optimizer steps done
     tokens_seen: int = 0   # tokens trained on, all ranks
+    health: dict[str, Any] = field(default_factory=dict)  # Health.state_dict() at the step
 
 
 def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
@@ -85,7 +86,8 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         print(f"training {t.max_steps} steps x {tokens_per_step} tokens on {world} rank(s); "
               f"MFU against {peak} TFLOP/s per device ({peak_source})", flush=True)
     last_eval: dict[str, float] = {}
-    health = Health(batches.device, ckpt_dir, t.nan_policy, t.max_skipped_steps)
+    health = Health(batches.device, ckpt_dir, t, progress.health)
+    spikes_skipped = 0
     agreement = StopAgreement(stopping.REQUEST, timedelta(minutes=run.parallel.timeout_minutes))
     profiler = StepProfiler(t.profile_steps, t.out_dir)
     window_start, window_steps = time.perf_counter(), 0
@@ -108,12 +110,32 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if stats is not None:
                 stats.add(out.routing)
+        health.step_loss(step + 1, sums["loss"] / t.grad_accum_steps)
         health.stepped(engine.was_step_applied())
         progress.step += 1
         progress.tokens_seen += tokens_per_step
         profiler.after_step(progress.step)
         window_steps += 1
         stop_requested = agreement.should_stop()  # a signal: save here and exit (stopping.py)
+
+        done = progress.step == t.max_steps
+        # every checkpoint is scored, so pruning can keep the best one (checkpoint.best_tag)
+        saving = stop_requested or progress.step == stop or (
+            t.ckpt_interval and progress.step % t.ckpt_interval == 0)
+        evaluating = done or saving or (t.eval_interval and progress.step % t.eval_interval == 0)
+        grad_norm = None
+        if logging or evaluating or saving:  # where the loop syncs anyway
+            grad_norm = engine.get_global_grad_norm()
+            try:
+                health.check(progress.step, grad_norm)
+            except SpikeError as spike:
+                if t.spike_policy != "skip" or spikes_skipped == t.max_spike_skips:
+                    raise
+                spikes_skipped += 1
+                health = skip_spike(spike, engine, model, layout, ckpt_dir, progress, t,
+                                    batches.device, monitor)
+                window_start, window_steps = time.perf_counter(), 0
+                continue
 
         if logging:
             means = mean_over_ranks(torch.stack(list(sums.values())) / t.grad_accum_steps)
@@ -122,8 +144,6 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
             fpt = model.train_flops_per_token(run.data.seq_len, out, stats.blocks)
-            grad_norm = engine.get_global_grad_norm()
-            health.check(progress.step, grad_norm)
             loss = losses["train/loss"]
             values = {**losses, "train/lr": lr, "perf/tokens_per_s": tok_s,
                       "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
@@ -143,19 +163,15 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             monitor.routing(progress.step, stats, dispatch_stats(engine.module))
             window_start, window_steps = time.perf_counter(), 0
 
-        done = progress.step == t.max_steps
-        evaluating = done or (t.eval_interval and progress.step % t.eval_interval == 0)
-        saving = stop_requested or progress.step == stop or (
-            t.ckpt_interval and progress.step % t.ckpt_interval == 0)
-        if (evaluating or saving) and not logging:  # a logging step was checked above
-            health.check(progress.step, engine.get_global_grad_norm())
         if evaluating:
             last_eval = evaluate(engine, make_val, t.eval_batches, t.loss_chunk_tokens)
             monitor.scalars(progress.step, last_eval, echo=(
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))
         if saving:
-            tag = save(run, engine, model, layout, batches, progress, ckpt_dir)
+            progress.health = health.state_dict()
+            tag = save(run, engine, model, layout, batches, progress, ckpt_dir,
+                       last_eval["eval/loss"])
             if stop_requested and progress.step < stop:  # at the end, the run just ends
                 raise agreement.stop(progress.step, tag, ckpt_dir, monitor)
         if evaluating or saving:  # their time is not training time
@@ -165,9 +181,10 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
 
 
 def save(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
-         progress: Progress, ckpt_dir: Path) -> str:
+         progress: Progress, ckpt_dir: Path, eval_loss: float) -> str:
     client = {"config": run.to_dict(), "step": progress.step,
-              "tokens_seen": progress.tokens_seen, "sampler": batches.state_dict()}
+              "tokens_seen": progress.tokens_seen, "sampler": batches.state_dict(),
+              "health": progress.health, "eval_loss": eval_loss}
     tag = checkpoint.save(engine, model, layout, ckpt_dir, progress.step, client,
                           keep=run.train.keep_checkpoints)
     if dist.get_rank() == 0:  # the config of the newest checkpoint, as it was trained
@@ -181,3 +198,23 @@ def write_config(run: RunConfig, out_dir: Path) -> None:
     run.save(tmp)
     tmp.replace(out_dir / "config.yaml")
 
+
+def skip_spike(spike: SpikeError, engine, model, layout: ParallelLayout, ckpt_dir: Path,
+               progress: Progress, t: TrainConfig, device, monitor: Monitor) -> Health:
+    """train.spike_policy skip (PaLM's remedy): back to the newest complete checkpoint from
+    before the spike, weights, optimizer and schedule, while the data goes on from where it
+    is, so the batches since that checkpoint are never trained on again. Collective. Raises
+    the spike when there is no such checkpoint. Returns the checkpoint's Health."""
+    tag = checkpoint.newest_before(ckpt_dir, spike.step)
+    if tag is None:
+        raise spike
+    client = checkpoint.load(engine, model, layout, ckpt_dir, tag)
+    back = progress.step
+    progress.step, progress.tokens_seen = client["step"], client["tokens_seen"]
+    progress.health = client.get("health", {})
+    monitor.rewind(progress.step)
+    if monitor.enabled:
+        print(f"warning: {spike.args[0].split(': the run stopped')[0]}; train.spike_policy "
+              f"skip: back to {ckpt_dir / tag} (step {progress.step}), the batches of steps "
+              f"{progress.step + 1}-{back} skipped", flush=True)
+    return Health(device, ckpt_dir, t, progress.health)

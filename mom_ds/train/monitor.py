@@ -140,7 +140,16 @@ class Monitor:
         self.metrics = None
         self.metrics_path = Path(out_dir) / "metrics.jsonl"
         self.tb_dir = Path(out_dir) / "tb"
-        if enabled:
+        self._open(resumed_step)
+
+    def rewind(self, step: int) -> None:
+        """Training went back to `step` (train.spike_policy skip): what was logged after it
+        is dropped, as on a resume."""
+        self.close()
+        self._open(step)
+
+    def _open(self, resumed_step: int) -> None:
+        if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             if resumed_step and self.metrics_path.is_file():
