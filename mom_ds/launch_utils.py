@@ -342,7 +342,8 @@ def supervise(command: Sequence[str]) -> int:
         for pid in ranks:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        if not ranks:  # none started yet (nothing to save) or all gone: end the launch
+        if not ranks:  # none started yet, all gone, or all over ssh (pdsh): end the launch;
+            # a rank whose parent dies gets SIGTERM (stop_with_parent) and saves
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(launcher.pid, signal.SIGTERM)
         print(f"mom-launch: {signal.Signals(signum).name} forwarded to {len(ranks)} rank(s) on "
