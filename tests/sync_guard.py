@@ -13,6 +13,9 @@ Two kinds of read stall a GPU:
   (`Tensor.tolist`, `.numpy()`, `.cpu()` of a tensor already on the host returns it
   without dispatching): patched on the Tensor class, as the dispatch mode cannot see them.
 
+mom-ds's own custom operators (mom_ds::grouped_mm, ...) reach the mode as one op each; the
+guard runs their implementations under itself, so what they call is checked as well.
+
 `count_syncs()` counts both; `no_syncs()` fails at the first one, naming it.
 """
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from mom_ds.model import pools
 
 aten = torch.ops.aten
 
@@ -83,6 +88,9 @@ class _SyncCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace == "mom_ds":  # our custom operators: look inside them too
+            with self:
+                return pools.IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
         why = why_it_syncs(func, args, kwargs)
         if why is not None:
             self.record(str(func.overloadpacket).replace("aten.", "aten::"), why)

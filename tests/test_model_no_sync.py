@@ -99,3 +99,17 @@ def test_the_guard_lets_the_sync_free_forms_pass():
         x.index_select(0, torch.argsort(x))
         torch.where(x > 2, x, 0)
     assert not counts
+
+
+def test_the_guard_looks_inside_mom_ds_operators(monkeypatch):
+    """A sync inside a custom operator's implementation is caught, although the mode sees
+    the operator as one op."""
+    def reading(x, weight, offsets, valid):
+        offsets.tolist()
+        return x.new_zeros(x.shape[0], weight.shape[2])
+    monkeypatch.setitem(pools.IMPLEMENTATIONS, "mom_ds::grouped_mm", reading)
+    x, weight = torch.randn(6, 4), torch.randn(2, 4, 3)
+    offsets, valid = torch.tensor([2, 5], dtype=torch.int32), torch.arange(6) < 5
+    with pytest.raises(AssertionError, match="host sync: Tensor.tolist"):
+        with no_syncs():
+            pools.grouped_mm(x, weight, offsets, valid)

@@ -34,7 +34,7 @@ def test_dashboard_read_back(tmp_path):
     assert len(routing) == 2
     writer = SummaryWriter(str(tmp_path))
     for step in (1, 2):
-        log_routing(writer, step, routing, dropped_tokens=[3, 0], capacity=[40, 40],
+        log_routing(writer, step, routing, capacity=[40, 40],
                     all_to_all_bytes=1024 * step, all_to_all_seconds=0.002)
     writer.close()
 

@@ -16,7 +16,6 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .checkpointing import recomputing
 from .counting import count_ids
 from .pools import RowGroups
 
@@ -81,24 +80,13 @@ def combine(y: torch.Tensor, plan: RoutePlan, weighted: bool) -> torch.Tensor:
 
 
 class LocalDispatcher:
-    """All modules live in this process: gather the rows, one grouped computation, combine."""
-
-    def __init__(self) -> None:
-        self.dropped: torch.Tensor | int = 0  # assignments over capacity since the last take
-
-    def take_stats(self) -> tuple[torch.Tensor | int, int, float]:
-        """(assignments dropped by a capacity limit, as a device tensor the monitor reads when
-        it logs; bytes sent to other ranks; seconds exchanging) since the last call; the
-        counters restart."""
-        dropped, self.dropped = self.dropped, 0
-        return dropped, 0, 0.0
+    """All modules live in this process: gather the rows, one grouped computation, combine.
+    It keeps no state: what the routing did is in the block's BlockRouting."""
 
     def run(self, x: torch.Tensor, plan: RoutePlan, fn: ModuleFn,
             weighted: bool = True) -> torch.Tensor:
         """x: (N, d_in) -> (N, d_out) = sum over each token's assignments of
         weight * module(x[token]) (plain sum when not weighted)."""
-        if not recomputing():  # a checkpointed step runs twice; its drops count once
-            self.dropped = self.dropped + plan.dropped
         with record_function("permute"):
             rows = x.index_select(0, plan.token)
         with record_function("compute"):

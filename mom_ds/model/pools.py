@@ -71,31 +71,58 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return all(n * size % 16 == 0 for n in weight.shape[1:])
 
 
-class _GroupedMatmul(torch.autograd.Function):
-    """y = x @ weight[module of row], for rows sorted by module; rows past the last offset
-    give 0 and get no gradient. A Function of our own because torch 2.13's grouped_mm
-    autograd (a) leaves uninitialised memory in the rows past the last offset, forward and
-    backward (x's gradient there would be garbage, flowing into the tokens that chose SKIP),
-    and (b) rejects a gradient with zero strides ("Invalid strides/sizes", e.g. from
-    y.sum()). Empty groups are fine (checked on CPU: forward and both gradients exact)."""
+# The grouped GEMM as two custom operators (torch.library), not an autograd.Function:
+# torch.compile sees each as one opaque node with a shape function, so a routed block
+# compiles with fullgraph=True whatever grouped_mm's own meta function accepts (torch 2.13's
+# asks for bf16 even where the CPU kernel takes fp32). Ours because torch 2.13's grouped_mm
+# autograd (a) leaves uninitialised memory in the rows past the last offset, forward and
+# backward (x's gradient there would be garbage, flowing into the tokens that chose SKIP),
+# and (b) rejects a gradient with zero strides ("Invalid strides/sizes", e.g. from
+# y.sum()). Empty groups are fine (checked on CPU: forward and both gradients exact).
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    y = F.grouped_mm(x.contiguous(), weight, offs=offsets)
+    return y.masked_fill_(~valid.unsqueeze(1), 0)
 
-    @staticmethod
-    def forward(ctx, x, weight, offsets, valid):
-        ctx.save_for_backward(x, weight, offsets, valid)
-        y = F.grouped_mm(x, weight, offs=offsets)
-        return y.masked_fill_(~valid.unsqueeze(1), 0)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, offsets, valid = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)
-            grad_x.masked_fill_(~valid.unsqueeze(1), 0)
-        if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x.t(), grad, offs=offsets)  # (G, in, out); rows past ignored
-        return grad_x, grad_w, None, None
+def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor,
+                            offsets: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x.t(), grad.contiguous(), offs=offsets)  # rows past: ignored
+
+
+grouped_mm = torch.library.custom_op("mom_ds::grouped_mm", mutates_args=())(_grouped_mm)
+"""(M, in) rows sorted by module x (G, in, out) -> (M, out), 0 past the last offset."""
+grouped_mm_weight_grad = torch.library.custom_op(
+    "mom_ds::grouped_mm_weight_grad", mutates_args=())(_grouped_mm_weight_grad)
+"""The weight gradient of grouped_mm: (G, in, out), module j from its own rows."""
+# What each operator runs, for tests/sync_guard.py to look inside them.
+IMPLEMENTATIONS = {"mom_ds::grouped_mm": _grouped_mm,
+                   "mom_ds::grouped_mm_weight_grad": _grouped_mm_weight_grad}
+
+
+@grouped_mm.register_fake
+def _(x, weight, offsets, valid):
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x, grad, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _save(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, weight, offsets, valid = ctx.saved_tensors
+    grad_x = grouped_mm(grad, weight.transpose(-2, -1), offsets, valid) \
+        if ctx.needs_input_grad[0] else None
+    grad_w = grouped_mm_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_save)
 
 
 def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -126,14 +153,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     (diag(gamma) W and beta W + b, exact algebra: one gather for any module); the loop
     applies it to each module's rows, which moves less memory than folding."""
     if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_available(x, weight)
+        # compiled: one graph (the loop would read the offsets on the host, a graph break)
+        use_grouped_mm = grouped_mm_available(x, weight) or torch.compiler.is_compiling()
     if not use_grouped_mm:
         return _loop_linear(x, weight, bias, groups, layer_norm)
     if layer_norm is not None:
         gamma, beta = layer_norm
         weight, bias = gamma.unsqueeze(2) * weight, \
             torch.baddbmm(bias.unsqueeze(1), beta.unsqueeze(1), weight).squeeze(1)
-    y = _GroupedMatmul.apply(x, weight, groups.offsets, groups.valid)
+    y = grouped_mm(x, weight, groups.offsets, groups.valid)
     return torch.where(groups.valid.unsqueeze(1), y + bias.index_select(0, groups.module), 0)
 
 

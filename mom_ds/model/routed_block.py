@@ -28,6 +28,7 @@ class BlockRouting:
     steps of a token, averaged over the two halves).
     aux_loss: (H,) balancing loss of attention + FFN router at each step (with grad in a
     forward's record; a sum is detached).
+    dropped: () assignments a capacity limit removed, both halves of every step.
     calls: how many forwards the record sums.
     """
 
@@ -35,15 +36,19 @@ class BlockRouting:
     ffn_counts: torch.Tensor
     depth_hist: torch.Tensor
     aux_loss: torch.Tensor
+    dropped: torch.Tensor
     calls: int = 1
 
     def __add__(self, other: "BlockRouting") -> "BlockRouting":
-        fields = [a.detach().double() + b.detach().double()
-                  for a, b in zip(self.tensors(), other.tensors())]
+        fields = [a + b for a, b in zip(self.detached().tensors(), other.detached().tensors())]
         return BlockRouting(*fields, calls=self.calls + other.calls)
 
+    def detached(self) -> "BlockRouting":
+        """A copy to sum into: float64, no graph."""
+        return BlockRouting(*(t.detach().double() for t in self.tensors()), calls=self.calls)
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.attn_counts, self.ffn_counts, self.depth_hist, self.aux_loss]
+        return [self.attn_counts, self.ffn_counts, self.depth_hist, self.aux_loss, self.dropped]
 
     @property
     def mean_depth(self) -> float:
@@ -78,17 +83,18 @@ class RoutedBlock(nn.Module):
         halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
         per_step = self.checkpoint_steps and cache is None and self.training \
             and torch.is_grad_enabled()
-        attn_counts, ffn_counts, aux = [], [], []
+        attn_counts, ffn_counts, aux, dropped = [], [], [], []
         for step in range(cfg.depth):
             args = (h, g_attn, g_ffn, exited, halves, step, (B, T), cache, cache_key)
-            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_aux = \
+            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_aux, step_dropped = \
                 checkpointed(self._step, *args) if per_step else self._step(*args)
             attn_counts.append(counts_a)
             ffn_counts.append(counts_f)
             aux.append(step_aux)
+            dropped.append(step_dropped)
         depth_hist = count_ids(halves, 2 * cfg.depth + 1)
         routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
-                               torch.stack(aux))
+                               torch.stack(aux), torch.stack(dropped).sum())
         return h.view(B, T, d), routing
 
     def _step(self, h: torch.Tensor, g_attn: Optional[torch.Tensor],
@@ -96,7 +102,8 @@ class RoutedBlock(nn.Module):
               halves: torch.Tensor, step: int, shape: tuple[int, int],
               cache: Optional[dict], cache_key: object) -> tuple:
         """One routing step: the attention half, then the FFN half. Returns the new
-        (h, router states, exited, halves) and the step's choice counts and balancing loss."""
+        (h, router states, exited, halves) and the step's choice counts, balancing loss and
+        assignments dropped by the capacity limit."""
         cfg = self.config
         (B, T), d = shape, h.shape[1]
         A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
@@ -117,7 +124,7 @@ class RoutedBlock(nn.Module):
                                  dropout=cfg.dropout if self.training else 0.0)
         h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
         halves = halves + plan.chosen
-        attn_counts, step_aux = plan.counts, route.aux_loss
+        attn_counts, step_aux, step_dropped = plan.counts, route.aux_loss, plan.dropped
         # --- FFN half ----------------------------------------------------------------
         with record_function("route"):
             route, g_ffn = self.ffn_router(h, g_ffn, step, exited)
@@ -127,4 +134,4 @@ class RoutedBlock(nn.Module):
         h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
         halves = halves + plan.chosen
         return (h, g_attn, g_ffn, exited, halves, attn_counts, plan.counts,
-                step_aux + route.aux_loss)
+                step_aux + route.aux_loss, step_dropped + plan.dropped)

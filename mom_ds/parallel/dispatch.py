@@ -96,11 +96,13 @@ class AllToAllDispatcher(LocalDispatcher):
         self.calls += 1
         return [c for row in sent_table for c in row[3:]], [row[3:] for row in rows]
 
-    def take_stats(self) -> tuple[torch.Tensor | int, int, float]:
-        dropped = super().take_stats()[0]
+    def take_comm_stats(self) -> tuple[int, float]:
+        """(row bytes sent to other ranks, seconds exchanging) since the last call; the
+        counters restart. Measurements of this process's communication, kept here on the
+        host; what the routing chose is in the block's BlockRouting."""
         sent, self.bytes_sent = self.bytes_sent, 0
         seconds = self.timings.pop("exchange", 0.0) if self.timings is not None else 0.0
-        return dropped, sent, seconds
+        return sent, seconds
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -116,8 +118,6 @@ class AllToAllDispatcher(LocalDispatcher):
     def run(self, x: torch.Tensor, plan: RoutePlan, fn: ModuleFn,
             weighted: bool = True) -> torch.Tensor:
         first_run = not recomputing()  # a checkpointed step's second run counts nothing
-        if first_run:
-            self.dropped = self.dropped + plan.dropped
         placement = self.placement
         E, L = placement.ep_size, placement.per_rank
         with self._phase("exchange"):

@@ -21,7 +21,7 @@ from .health import Health, SpikeError
 from .profiling import StepProfiler
 from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
-from .monitor import Monitor, RoutingStats, device_peak_tflops, dispatch_stats, memory_gb
+from .monitor import Monitor, RoutingStats, comm_stats, device_peak_tflops, memory_gb
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -160,7 +160,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                 f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
                 f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% eta {format_eta(eta)}"
                 f"{skipped}"))
-            monitor.routing(progress.step, stats, dispatch_stats(engine.module))
+            monitor.routing(progress.step, stats, comm_stats(engine.module))
             window_start, window_steps = time.perf_counter(), 0
 
         if evaluating:

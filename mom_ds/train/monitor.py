@@ -89,8 +89,7 @@ class RoutingStats:
 
     def add(self, routing: list[BlockRouting]) -> None:
         self.blocks = [b + r for b, r in zip(self.blocks, routing)] if self.blocks else \
-            [BlockRouting(*(t.detach().double() for t in r.tensors()), calls=r.calls)
-             for r in routing]
+            [r.detached() for r in routing]
 
     def all_reduce(self) -> None:
         """Sum over ranks (every rank must call this at the same step): one collective."""
@@ -105,29 +104,24 @@ class RoutingStats:
             b.calls *= dist.get_world_size()
 
 
-def dispatch_stats(model) -> dict[str, Any]:
-    """Per block the assignments dropped by a capacity limit; all-to-all bytes and seconds
-    (summed, resp. averaged, over ranks) since the last call. Every rank calls it at the
-    same step."""
-    blocks = getattr(model, "chunks", [])
-    if not blocks:
+def comm_stats(model) -> dict[str, Any]:
+    """All-to-all bytes and seconds of the expert-parallel exchanges since the last call
+    (summed, resp. averaged, over ranks); {} without expert parallelism. Every rank calls it
+    at the same step."""
+    dispatchers = [d for block in getattr(model, "chunks", [])
+                   for d in (block.attn_dispatcher, block.ffn_dispatcher)
+                   if hasattr(d, "take_comm_stats")]
+    if not dispatchers:
         return {}
-    taken = [[a + f for a, f in zip(block.attn_dispatcher.take_stats(),
-                                    block.ffn_dispatcher.take_stats())] for block in blocks]
+    taken = [d.take_comm_stats() for d in dispatchers]
     device = next(model.parameters()).device
-    values = torch.stack([torch.as_tensor(t[0], dtype=torch.float64, device=device)
-                          for t in taken] +
-                         [torch.tensor(float(sum(t[1] for t in taken)), dtype=torch.float64,
-                                       device=device),
-                          torch.tensor(sum(t[2] for t in taken), dtype=torch.float64,
-                                       device=device)])
+    values = torch.tensor([float(sum(t[0] for t in taken)), sum(t[1] for t in taken)],
+                          dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(values)
-        values[-1] /= dist.get_world_size()
-    stats: dict[str, Any] = {"dropped_tokens": values[:-2].tolist()}
-    if values[-2] > 0:  # expert parallelism moved rows between ranks
-        stats.update(all_to_all_bytes=float(values[-2]), all_to_all_seconds=float(values[-1]))
-    return stats
+        values[1] /= dist.get_world_size()
+    sent, seconds = values.tolist()
+    return {"all_to_all_bytes": sent, "all_to_all_seconds": seconds}
 
 
 class Monitor:

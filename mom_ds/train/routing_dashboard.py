@@ -86,12 +86,11 @@ def write_count_histogram(writer, name: str, values: torch.Tensor, counts: torch
 
 
 def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
-                dropped_tokens: Optional[Sequence[float]] = None,
                 capacity: Optional[Sequence[float]] = None,
                 all_to_all_bytes: Optional[float] = None,
                 all_to_all_seconds: Optional[float] = None) -> None:
-    """Write the dashboard of one step. dropped_tokens / capacity: per block, tokens that
-    found their module full, and the token capacity of one module."""
+    """Write the dashboard of one step. capacity: per block, the token capacity of one
+    module."""
     for c, block in enumerate(routing):
         tag = f"routing/block{c}"
         writer.add_image(f"{tag}/usage", usage_image(block.attn_counts, block.ffn_counts), step)
@@ -112,8 +111,7 @@ def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
             writer.add_scalar(f"{tag}/mean_depth", block.mean_depth, step)
         writer.add_scalar(f"{tag}/balance_loss",
                           float(block.aux_loss.detach().mean()) / block.calls, step)
-        if dropped_tokens is not None:
-            writer.add_scalar(f"{tag}/dropped_tokens", float(dropped_tokens[c]), step)
+        writer.add_scalar(f"{tag}/dropped_tokens", float(block.dropped), step)
         if capacity is not None:
             writer.add_scalar(f"{tag}/capacity", float(capacity[c]), step)
     if all_to_all_bytes is not None:
