@@ -158,6 +158,41 @@ def test_one_rank_stops_saved_and_resumes_like_an_uninterrupted_run(data, tmp_pa
     assert all(abs(resumed[s] - reference[s]) <= 1e-6 for s in reference), (resumed, reference)
 
 
+def test_resume_auto_decides_from_the_files_and_never_deletes(tmp_path, monkeypatch, capsys):
+    """Resume once a checkpoint was ever completed (a manifest or `latest`: the resume then
+    picks the newest that verifies or refuses, deleting nothing); else a fresh start, what
+    a failed first attempt left moved aside; --resume takes no other value."""
+    from mom_ds.cli.train import parse_args, resume_or_start
+
+    monkeypatch.setenv("RANK", "0")
+    assert resume_or_start(tmp_path / "new") is False
+    assert "starting fresh (nothing to set aside)" in capsys.readouterr().out
+
+    failed = tmp_path / "failed"  # its first checkpoint was cut before its manifest
+    (failed / "ckpt" / "step_000004").mkdir(parents=True)
+    (failed / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert resume_or_start(failed) is False
+    moved, = (failed / "previous").iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["ckpt", "metrics.jsonl"]
+    assert sorted(p.name for p in failed.iterdir()) == ["previous"]
+
+    for marker in ("step_000004/manifest.json", "latest"):  # complete once (maybe damaged)
+        run = tmp_path / marker.replace("/", "_")
+        (run / "ckpt" / marker).parent.mkdir(parents=True)
+        (run / "ckpt" / marker).write_text("{}")
+        (run / "metrics.jsonl").write_text("")
+        assert resume_or_start(run) is True
+        assert (run / "metrics.jsonl").is_file() and not (run / "previous").exists()
+
+    assert parse_args(["--resume"])[0].resume is True
+    assert parse_args(["--resume", "auto"])[0].resume == "auto"
+    assert parse_args([])[0].resume is False
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "step_000004"])
+    assert "argument --resume: 'step_000004': the only value is auto (a checkpoint is " \
+        "chosen with --resume-from TAG)" in capsys.readouterr().err
+
+
 def deepspeed_sh(data: Path, out: Path, *extra: str) -> list[str]:
     return [str(REPO / "launch" / "deepspeed.sh"), "--num_accelerators", "2", "--master_port",
             str(free_port()), "--", *args(data, out, steps=20), *extra]
