@@ -54,7 +54,7 @@ def write_holder(out: Path, **fields) -> Path:
     return out / LOCK_FILE
 
 
-def test_lock_judges_holders_by_pid_start_time_and_by_age_across_hosts(tmp_path):
+def test_lock_judges_holders_by_pid_start_time_and_by_age_across_hosts(tmp_path, monkeypatch):
     from mom_ds.config import ConfigError
     from mom_ds.train.run_lock import STALE_AFTER_S, RunLock, process_start
 
@@ -77,6 +77,13 @@ def test_lock_judges_holders_by_pid_start_time_and_by_age_across_hosts(tmp_path)
     os.utime(path, (old, old))
     lock = RunLock(tmp_path / "c")
     assert "has not refreshed the lock" in lock.acquire()
+    lock.release()
+    # a requeued Slurm job: its earlier run is over, wherever it ran
+    write_holder(tmp_path / "d", host="node-that-is-not-here", slurm="77.0")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    lock = RunLock(tmp_path / "d")
+    assert "an earlier run of Slurm job 77" in lock.acquire()
     lock.release()
 
 
@@ -218,6 +225,11 @@ def test_each_changed_field_on_resume_follows_its_rule(stopped, tmp_path, capsys
     refused(train(*args, "--train.max_steps", "4", "--resume"),
             "train.max_steps 4 <= the checkpoint's step 4")
     assert snapshot(out) == kept  # config.yaml included, byte for byte
+    # a resume that dies before its first checkpoint (diverged) leaves config.yaml the
+    # checkpoint's: it is written when a checkpoint is published, not at the start
+    proc = train(*args, "--train.lr", "1e6", "--train.min_lr", "1e5", "--resume")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert (out / "config.yaml").read_bytes() == kept["config.yaml"]
     proc = mom_train(*args, "--train.lr", "5e-4", "--train.min_lr", "5e-5", "--resume")
     assert "resuming with a changed config, applied from step 5: train.lr 0.003 -> 0.0005, " \
            "train.min_lr 0.0003 -> 5e-05" in proc.stdout

@@ -117,7 +117,8 @@ def check_data_change(run: RunConfig, old: dict[str, Any], new: dict[str, Any], 
                 f"on"]
     found = differences(identity(old), identity(new))
     if not found:
-        run.data.fingerprint["allowed_changes"] = list(old.get("allowed_changes", []))
+        if old.get("allowed_changes"):  # the record goes on into the next checkpoints
+            run.data.fingerprint["allowed_changes"] = list(old["allowed_changes"])
         return []
     said = "; ".join(found)
     if not allow:

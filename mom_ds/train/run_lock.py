@@ -18,6 +18,9 @@ A lock whose holder is dead is stale and taken over with a warning naming the ho
   mistaken for a dead one. flock(2) would need no clock, but Lustre refuses it unless
   mounted with -o flock and some NFS setups fake it per client, so it cannot be trusted on
   the file systems runs live on.
+- an earlier run of the same Slurm job (the holder's SLURM_JOB_ID with another
+  SLURM_RESTART_COUNT) is dead whatever its host: Slurm requeues a job only once all of it
+  has ended, and a requeued job must not wait STALE_AFTER_S for the node it left.
 A holder killed by SIGKILL (or os._exit) leaves its file behind; the next start on its host
 sees the dead pid at once, one on another host after STALE_AFTER_S.
 """
@@ -50,6 +53,7 @@ class Holder:
     started: str
     command: str
     token: str
+    slurm: str = ""  # SLURM_JOB_ID.SLURM_RESTART_COUNT of the holder's job, if any
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, started {self.started} ({self.command})"
@@ -80,7 +84,12 @@ def me() -> Holder:
     return Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=process_start(os.getpid()),
                   started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
-                  token=secrets.token_hex(8))
+                  token=secrets.token_hex(8), slurm=slurm_run())
+
+
+def slurm_run() -> str:
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else ""
 
 
 def read_holder(path: Path) -> Optional[Holder]:
@@ -99,6 +108,10 @@ def read_holder(path: Path) -> Optional[Holder]:
 
 def why_stale(holder: Holder, path: Path) -> Optional[str]:
     """Why the holder is dead, or None while it may be alive."""
+    job, mine = holder.slurm.partition(".")[0], slurm_run()
+    if job and mine and mine.partition(".")[0] == job and mine != holder.slurm:
+        return f"it belongs to an earlier run of Slurm job {job}, which Slurm ended before " \
+               f"requeueing it"
     if holder.host == socket.gethostname() and holder.pid:
         if not pid_alive(holder.pid):
             return "that process no longer exists"
