@@ -64,7 +64,11 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
         if warning and rank == 0:
             print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
-        check_config(run, out_dir / "ckpt" / tag, allow_data_change, rank == 0)
+        # agreed on: a rank that refused alone (other data on its node) would leave the
+        # others waiting in the engine's collectives until the timeout
+        agree(StartCheck.of(lambda: check_config(run, out_dir / "ckpt" / tag,
+                                                 allow_data_change, rank == 0),
+                            is_bad_input, world), peers)
     ep_size = run.parallel.expert_parallel_size
     layout = parallelize(model, ep_size)
     compiled = compile_parts(model) if run.train.compile else 0
@@ -145,10 +149,16 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
     return model
 
 
+def is_bad_input(err: BaseException) -> bool:
+    """An error the ranks agree on (agreement.agree): bad input, exit 2."""
+    from ..cli.errors import exit_code
+
+    return exit_code(err) == 2
+
+
 def check_config(run: RunConfig, tag_dir: Path, allow_data_change: bool, report: bool) -> None:
     """The resume's config against the checkpoint's, field by field (resume_rules.RULES),
-    before the engine is built: every rank reads the same checkpoint and config, so all
-    refuse alike. Rank 0 says what is applied from the resume step on."""
+    before the engine is built. Rank 0 says what is applied from the resume step on."""
     # memory-mapped: only the client state is read, the tensors stay on disk
     client = checkpoint._load(tag_dir / checkpoint.DENSE)["client"]
     applied, warnings = check_resume(run, client["config"], int(client["step"]),
