@@ -52,9 +52,11 @@ def test_compiled_run_follows_eager(data, tmp_path):
     """Without dropout: compiled code draws its dropout masks from inductor's own generator,
     so with dropout the two runs differ by their masks, not by their arithmetic."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    mom_train(*tiny_args(data, eager, *STEPS))
-    proc = mom_train(*tiny_args(data, compiled, *STEPS, "--train.compile", "true"), timeout=900)
-    assert "torch.compile: 4 parts" in proc.stdout  # 2 vanilla layers, 2 GRU routers
+    shallow = ["--model.depth", "2"]  # inductor's compile time grows with the unrolled steps
+    mom_train(*tiny_args(data, eager, *STEPS, *shallow))
+    proc = mom_train(*tiny_args(data, compiled, *STEPS, *shallow, "--train.compile", "true"),
+                     timeout=900)
+    assert "torch.compile: 3 parts" in proc.stdout  # 2 vanilla layers, the routed block
     assert_same_curve(compiled, eager, 1e-5)
 
 

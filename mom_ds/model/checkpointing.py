@@ -3,13 +3,14 @@ keeps only its inputs, and the backward runs it again to get its activations bac
 
 torch.utils.checkpoint, non-reentrant, with the RNG state restored for the second run, so
 dropout draws the same masks and every router, being a function of its input, picks the
-same modules. The second run must not count twice what the first one counted (dispatch
-statistics, expert-parallel byte counters): they ask `recomputing()`.
+same modules. The second run must not count twice what the first one counted (the
+expert-parallel byte counters): they ask `recomputing()`.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch.utils.checkpoint import checkpoint
 
 MODES = ("none", "layer", "block")
@@ -23,6 +24,10 @@ def recomputing() -> bool:
 
 def checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), its activations recomputed in the backward instead of kept."""
+    if torch.compiler.is_compiling():
+        # Only an E = 1 model is compiled whole, where nothing asks recomputing(); the
+        # counter below is a side effect that would break the graph.
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     runs = 0
 
     def run(*inner: Any) -> Any:

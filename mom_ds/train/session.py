@@ -86,7 +86,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     progress = Progress()
     if resume:
         client = checkpoint.load(engine, model, layout, out_dir / "ckpt", tag)
-        progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"])
+        progress = Progress(step=client["step"], tokens_seen=client["tokens_seen"],
+                            health=client.get("health", {}))
         train_batches.load_state_dict(client["sampler"])
         if rank == 0:
             print(f"resumed from step {progress.step} ({progress.tokens_seen} tokens, saved "
@@ -106,8 +107,9 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         if run.model.n_chunks:
             print(describe_placement(run.model, ep_size), flush=True)
         if compiled:
-            print(f"torch.compile: {compiled} parts (vanilla and MoD layers, routers); the "
-                  f"first steps include their compilation", flush=True)
+            print(f"torch.compile: {compiled} parts (vanilla and MoD layers, routed blocks "
+                  f"with local pools, routers); the first steps include their compilation",
+                  flush=True)
     try:
         # val windows: a fixed seed so every evaluation scores the same tokens
         return train(run, engine, model, layout, train_batches, lambda: batches("val", 0),
