@@ -87,6 +87,10 @@ def test_a_finite_explosion_stops_before_a_checkpoint(base_run, tmp_path):
     assert "for 3 steps in a row (train.spike_steps) at step 10:" in line
     assert f"the last good checkpoint is {out / 'ckpt' / 'step_000008'}" in line
     assert "Traceback" not in proc.stderr
+    # judged against the whole history: steps 1-8 (restored from the checkpoint) and 9
+    rows = metrics(out)
+    mean = sum(rows[s]["train/loss"] for s in range(1, 10)) / 9
+    assert f"its running mean ({mean:.4g})" in line
     assert sorted(p.name for p in (out / "ckpt").glob("step_*")) == ["step_000004",
                                                                      "step_000008"]
     assert (out / "ckpt" / "latest").read_text() == "step_000008"
