@@ -251,6 +251,22 @@ def test_each_changed_field_on_resume_follows_its_rule(stopped, tmp_path, capsys
     assert f"mom-generate: note: --max-new-tokens 100000 capped to {room}" in proc.stderr
 
 
+def test_a_checkpoint_from_an_older_mom_ds_resumes_with_a_warning():
+    """Fields it lacks (data.fingerprint, a newer train field) are not compared; that its
+    data cannot be checked is said."""
+    from mom_ds.config import load_run_config
+    from mom_ds.train.resume_rules import check_resume
+
+    run = load_run_config(REPO / "configs" / "tiny.yaml")
+    run.data.fingerprint = {"tokenizer": {"spec": "bytes"}, "splits": {}}
+    saved = run.to_dict()
+    del saved["data"]["fingerprint"], saved["train"]["eps"]
+    saved["train"]["lr"] = 1e-3
+    applied, warnings = check_resume(run, saved, 4, allow_data_change=False)
+    assert applied == [f"train.lr 0.001 -> {run.train.lr!r}"]
+    assert len(warnings) == 1 and "records no data fingerprint" in warnings[0]
+
+
 def test_every_config_field_has_a_rule_and_the_readme_shows_the_table():
     from mom_ds.train.resume_rules import RULES, fields, rule_for, rules_markdown
 

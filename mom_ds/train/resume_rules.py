@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError, RunConfig, _section_classes
-from .run_data import ALLOW_FLAG, differences, identity
+from .run_data import ALLOW_FLAG, differences
 
 
 @dataclass(frozen=True)
@@ -78,15 +78,15 @@ def check_resume(run: RunConfig, saved: dict[str, Any], step: int, allow_data_ch
                  ) -> tuple[list[str], list[str]]:
     """(the applied changes, the warnings) of resuming `run` from a checkpoint of step `step`
     whose config was `saved`; ConfigError naming every refused change. Fields a checkpoint
-    from an older mom-ds lacks are not compared. An allowed data change is appended to
+    from an older mom-ds lacks are not compared (its data only warned about). An allowed data change is appended to
     run.data.fingerprint's allowed_changes, so the run keeps the record."""
     now = run.to_dict()
     refused, applied, warnings = [], [], []
     for section, name in fields():
-        if name not in saved.get(section, {}):
-            continue
-        old, new = saved[section][name], now[section][name]
         rule, key = rule_for(section, name), f"{section}.{name}"
+        if name not in saved.get(section, {}) and rule is not DATA:
+            continue
+        old, new = saved.get(section, {}).get(name, {}), now[section][name]
         if rule is DATA:
             warnings += check_data_change(run, old, new, step, allow_data_change)
         elif old == new or rule in (PLACE, START):
@@ -115,7 +115,7 @@ def check_data_change(run: RunConfig, old: dict[str, Any], new: dict[str, Any], 
         return [f"the checkpoint records no data fingerprint (written before mom-ds kept "
                 f"one): {run.data.data_dir} cannot be checked against the data it was trained "
                 f"on"]
-    found = differences(identity(old), identity(new))
+    found = differences(old, new)
     if not found:
         if old.get("allowed_changes"):  # the record goes on into the next checkpoints
             run.data.fingerprint["allowed_changes"] = list(old["allowed_changes"])

@@ -104,7 +104,8 @@ def tokenizer_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[st
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between the data a run recorded and the data now, in words."""
+    """What differs between the data a run recorded and the data now, in words (the
+    record's log of allowed changes is no part of the data)."""
     found = tokenizer_differences(saved, now)
     for split, cur in now["splits"].items():
         old = saved.get("splits", {}).get(split, {})
@@ -116,11 +117,6 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             found.append(f"{name} has other content than the run's (same size, "
                          f"{cur['bytes']:,} bytes)")
     return found
-
-
-def identity(fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """The fingerprint without its log of allowed changes (what two data sets compare by)."""
-    return {k: v for k, v in fingerprint.items() if k != "allowed_changes"}
 
 
 def check_data(prog: str, run_dir: str, saved: dict[str, Any], data_dir: str | Path,
