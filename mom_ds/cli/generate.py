@@ -48,9 +48,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from ..train.export import load_model
+    from ..train.run_data import run_tokenizer
 
     run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
-    tokenizer = run_tokenizer(args, run)
+    tokenizer = run_tokenizer("mom-generate", args.checkpoint, run, args.data_dir,
+                              args.allow_data_change)
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
@@ -76,22 +78,6 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
     print(args.prompt + tokenizer.decode(new))
     return 0
-
-
-def run_tokenizer(args: argparse.Namespace, run):
-    """The run's own copy of its tokenizer; else (--data-dir, or a run from before the copy)
-    a data directory's, checked against the tokenizer the run recorded."""
-    from data_prep.tokenizer import load_data_tokenizer
-
-    from ..train.run_data import check_data, load_run_tokenizer, run_tokenizer_dir
-
-    own = run_tokenizer_dir(args.checkpoint)
-    if own is not None and not args.data_dir:
-        return load_run_tokenizer(own)
-    data_dir = args.data_dir or run.data.data_dir
-    check_data("mom-generate", args.checkpoint, run.data.fingerprint, data_dir,
-               args.allow_data_change, what="tokenizer")
-    return load_data_tokenizer(data_dir)
 
 
 if __name__ == "__main__":

@@ -196,3 +196,18 @@ def load_run_tokenizer(directory: Path):
     if "copied_as" in info:
         return load_tokenizer(info["copied_as"] + str(directory))
     return load_tokenizer(info["spec"])
+
+
+def run_tokenizer(prog: str, checkpoint: str | Path, run, data_dir: Optional[str] = None,
+                  allow: bool = False):
+    """The tokenizer a run was trained with, for a tool given the run as `checkpoint`: its
+    own copy (RUN/tokenizer/); else (an explicit `data_dir`, or a run from before the copy)
+    a data directory's, refused unless it is the tokenizer the run recorded or `allow`."""
+    from data_prep.tokenizer import load_data_tokenizer
+
+    own = run_tokenizer_dir(checkpoint)
+    if own is not None and not data_dir:
+        return load_run_tokenizer(own)
+    data_dir = data_dir or run.data.data_dir
+    check_data(prog, str(checkpoint), run.data.fingerprint, data_dir, allow, what="tokenizer")
+    return load_data_tokenizer(data_dir)
