@@ -21,6 +21,7 @@ guard runs their implementations under itself, so what they call is checked as w
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections import Counter
 from typing import Iterator, Optional
 
@@ -56,6 +57,19 @@ BOOLEAN_INDEXED = {aten.index: "indexing with a boolean mask (a nonzero)",
 PYTHON_READS = ("tolist", "numpy", "cpu")
 
 
+def call_site() -> str:
+    """'package/file.py:line function' of the innermost frame in mom_ds, DeepSpeed or a
+    test: the code that asked for the read (torch's own frames are skipped)."""
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        path = frame.filename.replace("\\", "/")
+        if path.endswith("sync_guard.py"):
+            continue
+        for root in ("mom_ds/", "deepspeed/", "tests/"):
+            if root in path and "/torch/" not in path:
+                return f"{root}{path.rsplit(root, 1)[1]}:{frame.lineno} {frame.name}"
+    return "?"
+
+
 def _boolean_index(args: tuple) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
@@ -80,11 +94,13 @@ class _SyncCounter(TorchDispatchMode):
         super().__init__()
         self.strict = strict
         self.counts: Counter[str] = Counter()
+        self.sites: Counter[tuple[str, str]] = Counter()  # (read, code that made it)
 
     def record(self, name: str, why: str) -> None:
         if self.strict:
-            raise AssertionError(f"host sync: {name} ({why})")
+            raise AssertionError(f"host sync: {name} ({why}) at {call_site()}")
         self.counts[name] += 1
+        self.sites[(name, call_site())] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -113,7 +129,7 @@ def _guard(strict: bool) -> Iterator[Counter]:
         for name in PYTHON_READS:
             setattr(torch.Tensor, name, patched(name))
         with mode:
-            yield mode.counts
+            yield mode
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)
@@ -125,5 +141,6 @@ def no_syncs():
 
 
 def count_syncs():
-    """Yield a Counter of the reads by name ('aten::bincount', 'Tensor.tolist')."""
+    """Yield the counter: `.counts` of the reads by name ('aten::bincount', 'Tensor.tolist'),
+    `.sites` by (name, call site)."""
     return _guard(strict=False)
