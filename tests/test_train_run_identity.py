@@ -199,6 +199,16 @@ def test_other_data_is_refused_and_the_run_keeps_its_tokenizer(tmp_path, capsys)
                                       "--allow-data-change"], capsys)
     assert other.returncode == 0 and "--allow-data-change: using" in other.stderr
     assert other.stdout != before.stdout  # what decoding with the data's tokenizer gives
+    from mom_ds.cli.convert import main as mom_convert  # the export takes the run's too
+    refused(in_process(mom_convert, ["to-hf", str(out), str(tmp_path / "hf"), "--data-dir",
+                                     str(data)], capsys), "is not the tokenizer")
+    assert in_process(mom_convert, ["to-hf", str(out), str(tmp_path / "hf")],
+                      capsys).returncode == 0
+    from transformers import AutoTokenizer
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    from mom_ds.train.run_data import load_run_tokenizer, run_tokenizer_dir
+    own = load_run_tokenizer(run_tokenizer_dir(out))
+    assert exported.encode("def main(") == [int(t) for t in own.encode("def main(")]
 
     proc = in_process(mom_eval, [str(out), "--allow-data-change"], capsys)
     assert proc.returncode == 0 and "mom-eval: warning: --allow-data-change" in proc.stderr

@@ -34,7 +34,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
     p.add_argument("out", help="the directory to write (must be new or empty)")
     p.add_argument("--data-dir", help="where the tokenizer comes from (default: the run's "
-                                      "data.data_dir)")
+                                      "own copy in RUN/tokenizer/, else data.data_dir)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="take --data-dir's tokenizer even where it is not the run's")
     p = sub.add_parser("from-hf", help="HF GPT-2 donor -> MoM weights for --train.init_from")
     p.add_argument("donor", help="GPT2LMHeadModel directory (or hub name, with the network)")
     p.add_argument("out", help="the .safetensors file to write")
@@ -58,7 +60,7 @@ def convert(args: argparse.Namespace) -> int:
 
         check_target(Path(args.out))  # before the checkpoint is read
         run, model, _ = load_model(args.checkpoint)
-        to_hf(model, args.out, run_tokenizer(args.data_dir or run.data.data_dir))
+        to_hf(model, args.out, hf_tokenizer(args, run))
     else:
         from ..config import load_run_config
         from ..model.hf_export import is_mom_export, read_exported
@@ -77,16 +79,19 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_tokenizer(data_dir: str):
-    """The run's data tokenizer in transformers' form; the data directory must be at hand."""
+def hf_tokenizer(args: argparse.Namespace, run):
+    """The tokenizer the run was trained with (its own copy in RUN/tokenizer/, or a data
+    directory checked against the run's record), in transformers' form."""
     from data_prep.tokenizer_export import transformers_tokenizer
-    from ..data import DataError, load_data_tokenizer
+    from ..data import DataError
+    from ..train.run_data import run_tokenizer
 
     try:
-        return transformers_tokenizer(load_data_tokenizer(data_dir))
-    except (DataError, OSError) as err:
-        raise DataError(f"the run's tokenizer cannot be read from {data_dir} ({err}). Fix: pass "
-                        f"--data-dir with the mom-prep directory the run was trained on.") from None
+        return transformers_tokenizer(run_tokenizer("mom-convert", args.checkpoint, run,
+                                                    args.data_dir, args.allow_data_change))
+    except OSError as err:
+        raise DataError(f"the run's tokenizer cannot be read ({err}). Fix: pass --data-dir "
+                        f"with the mom-prep directory the run was trained on.") from None
 
 
 if __name__ == "__main__":

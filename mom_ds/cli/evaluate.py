@@ -126,7 +126,8 @@ def run_tasks(args: argparse.Namespace) -> int:
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
                              args.batch_size, args.include_path, args.output,
-                             str(device(args.device)), args.depth, args.top_k)
+                             str(device(args.device)), args.depth, args.top_k,
+                             args.allow_data_change)
     out, results = run_harness(request)
     from lm_eval.utils import make_table  # installed: run_harness checked
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import write_text
 from ..model import ConfigError
 
 
@@ -26,6 +27,7 @@ class HarnessRequest:
     device: str = "cpu"
     depth: Optional[int] = None   # H' and K': compute chosen at inference (train/export.py)
     top_k: Optional[int] = None
+    allow_data_change: bool = False  # score a data directory that is not the run's
 
 
 def require_lm_eval() -> None:
@@ -40,17 +42,22 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    from data_prep.tokenizer import load_data_tokenizer
     from ..train.export import load_model, resolve
+    from ..train.run_data import check_data, run_tokenizer
     from .lm import MoMHarnessLM
     from .tasks import LOCAL_TASK, local_task, results_path, task_manager
 
     ckpt_dir, _ = resolve(request.checkpoint)
     run_dir = ckpt_dir.parent if ckpt_dir.name == "ckpt" else ckpt_dir
     run, model, client = load_model(request.checkpoint, request.depth, request.top_k)
+    # mom_cloze is built from the val split: the run's data, or one the user allows
+    check_data("mom-eval", request.checkpoint, run.data.fingerprint, run.data.data_dir,
+               request.allow_data_change)
     manager = task_manager(request.tasks, [Path(p) for p in request.include_paths])
     model.to(request.device)
-    lm = MoMHarnessLM(model, load_data_tokenizer(run.data.data_dir), request.batch_size)
+    tokenizer = run_tokenizer("mom-eval", request.checkpoint, run,
+                              allow=request.allow_data_change)
+    lm = MoMHarnessLM(model, tokenizer, request.batch_size)
     with tempfile.TemporaryDirectory(prefix="mom-eval-") as private:
         tasks: list[str | dict] = [
             local_task(Path(private), run.data.data_dir, run.data.seq_len)
@@ -69,7 +76,5 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
                          "model": run.model.to_dict()}
     out = results_path(run_dir, request.tasks, int(client["step"]), request.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    tmp.replace(out)
+    write_text(out, json.dumps(results, indent=2, default=handle_non_serializable))
     return out, results

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..files import replaced
 from .config import ConfigError
 
 SUFFIX = ".safetensors"
@@ -34,12 +35,11 @@ def save_weights(path: str | Path, model_config: dict, state_dict: dict[str, tor
         raise ConfigError(f"{path}: weights are written as safetensors. Fix: name the file "
                           f"{path.with_suffix(SUFFIX).name}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # safetensors stores each tensor once, whole: no views into a larger storage
     tensors = {name: t.detach().contiguous().clone() for name, t in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={"model_config": json.dumps(model_config),
-                                           "step": str(int(step))})
-    tmp.replace(path)
+    with replaced(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"model_config": json.dumps(model_config),
+                                               "step": str(int(step))})
     return path
 
 

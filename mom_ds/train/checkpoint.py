@@ -34,10 +34,8 @@ warning naming both, to the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import pickle
 import random
 import re
@@ -49,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..files import replaced, sha256_file, write_text
 from ..parallel.parallelize import ParallelLayout
 from ..parallel.placement import ModulePlacement
 from .health import stop
@@ -91,20 +90,10 @@ def best_tag(ckpt_dir: str | Path) -> Optional[tuple[str, float]]:
     return (tag, loss) if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(tag_dir: Path) -> None:
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
-    tmp = tag_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(files, indent=1))
-    tmp.replace(tag_dir / MANIFEST)
+    write_text(tag_dir / MANIFEST, json.dumps(files, indent=1))
 
 
 def verify_tag(tag_dir: Path, published: bool = True) -> None:
@@ -131,7 +120,7 @@ def verify_tag(tag_dir: Path, published: bool = True) -> None:
         if size != want["bytes"]:
             raise CheckpointError(f"{path} is {size} bytes, the manifest says {want['bytes']} "
                                   f"(truncated or overwritten)")
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             raise CheckpointError(f"{path} does not match its checksum in {manifest} (damaged)")
 
 
@@ -333,13 +322,12 @@ def _write(obj: Any, path: Path) -> None:
     after check_space, a quota, a file-size limit) removes the partial file and is one line
     naming the file and the free space: torch reports it as a C++ `enforce fail at
     inline_container.cc` RuntimeError, or as an OSError naming no file."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        with replaced(path) as tmp:  # a failed write leaves no partial file
+            torch.save(obj, tmp)
     except (RuntimeError, OSError) as err:
         if isinstance(err, RuntimeError) and not _WRITE_FAILED.search(str(err)):
             raise  # not a failed write: a bug, keeps its traceback
-        tmp.unlink(missing_ok=True)
         reason = err.strerror if isinstance(err, OSError) and err.strerror else "the write failed"
         error = CheckpointError(
             f"cannot write {path} ({reason}); {size_text(shutil.disk_usage(path.parent).free)} "
@@ -347,7 +335,6 @@ def _write(obj: Any, path: Path) -> None:
             f"--resume from the last published checkpoint ({path.parent.parent / LATEST}).")
         error.report = True  # this rank's own file: it says so, whatever its rank
         raise error from None
-    tmp.replace(path)
 
 
 def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
@@ -468,18 +455,8 @@ def _owned(name: str, layout: ParallelLayout, model) -> slice:
     return ModulePlacement(_pool_size(name, model.config), layout.ep_size, layout.ep_rank).owned()
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write a small file under a temporary name, on disk, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _publish(ckpt_dir: Path, tag: str) -> None:
-    _replace_text(ckpt_dir / LATEST, tag)
+    write_text(ckpt_dir / LATEST, tag, durable=True)
 
 
 def _record_best(ckpt_dir: Path, tag: str, eval_loss: Optional[float]) -> None:
@@ -488,7 +465,8 @@ def _record_best(ckpt_dir: Path, tag: str, eval_loss: Optional[float]) -> None:
         return
     best = best_tag(ckpt_dir)
     if best is None or eval_loss <= best[1] or best[0] == tag:
-        _replace_text(ckpt_dir / BEST, json.dumps({"tag": tag, "eval_loss": eval_loss}))
+        write_text(ckpt_dir / BEST, json.dumps({"tag": tag, "eval_loss": eval_loss}),
+                   durable=True)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
@@ -519,6 +497,12 @@ def _load(path: Path) -> Any:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} cannot be read ({first}): the file is damaged. Fix: "
                               f"resume from an earlier checkpoint (--resume-from TAG).") from None
+
+
+def read_client(tag_dir: str | Path) -> dict[str, Any]:
+    """The client state of checkpoint tag (config, step, data position, ...); its tensors
+    stay on disk (memory-mapped, never touched)."""
+    return _load(Path(tag_dir) / DENSE)["client"]
 
 
 def read_tag(tag_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, TrainConfig
+from ..files import replaced
 from . import checkpoint, stopping
 from .batches import Batches
 from .health import Health, SpikeError
@@ -194,9 +195,8 @@ def save(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches
 
 def write_config(run: RunConfig, out_dir: Path) -> None:
     """out_dir/config.yaml, replaced atomically: a reader sees the old or the new config."""
-    tmp = out_dir / ".config.yaml.tmp"
-    run.save(tmp)
-    tmp.replace(out_dir / "config.yaml")
+    with replaced(out_dir / "config.yaml") as tmp:
+        run.save(tmp)
 
 
 def skip_spike(spike: SpikeError, engine, model, layout: ParallelLayout, ckpt_dir: Path,

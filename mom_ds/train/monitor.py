@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from ..files import write_text
 from ..model.routed_block import BlockRouting
 from .routing_dashboard import log_routing
 
@@ -211,9 +212,7 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
             continue
         if row["step"] <= step:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _silence_event_writer_threads() -> None:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import sha256_file
 from data_prep.format import FORMAT_VERSION, META_FILE, SPLITS, DataError, bin_path, read_meta
 
 TOKENIZER_DIR = "tokenizer"  # in the run directory
@@ -30,14 +31,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "tokenizer.model")
 SAMPLE_BLOCKS, BLOCK_BYTES = 16, 1 << 16
 ALLOW_FLAG = "--allow-data-change"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sampled_hash(path: Path) -> str:
@@ -77,7 +70,7 @@ def data_fingerprint(data_dir: str | Path) -> dict[str, Any]:
     info = meta["tokenizer"]
     files = hashlib.sha256()
     for path in tokenizer_files(data_dir, info):
-        files.update(f"{path.name}:{_sha256(path)}\n".encode())
+        files.update(f"{path.name}:{sha256_file(path)}\n".encode())
     splits = {}
     for split in SPLITS:
         path = bin_path(data_dir, split)

@@ -161,8 +161,7 @@ def is_bad_input(err: BaseException) -> bool:
 def check_config(run: RunConfig, tag_dir: Path, allow_data_change: bool, report: bool) -> None:
     """The resume's config against the checkpoint's, field by field (resume_rules.RULES),
     before the engine is built. Rank 0 says what is applied from the resume step on."""
-    # memory-mapped: only the client state is read, the tensors stay on disk
-    client = checkpoint._load(tag_dir / checkpoint.DENSE)["client"]
+    client = checkpoint.read_client(tag_dir)
     applied, warnings = check_resume(run, client["config"], int(client["step"]),
                                      allow_data_change)
     if report:
