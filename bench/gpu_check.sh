@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (not run by CI): on a CUDA machine, in under 10 minutes, the tests that can
-# use CUDA, model_speed in bf16, and a routed block under torch.cuda.set_sync_debug_mode
-# ("error") at E = 1 (no device-to-host sync in forward or backward). Prints one table.
+# use CUDA, model_speed in bf16, a routed block under torch.cuda.set_sync_debug_mode
+# ("error") at E = 1 (no device-to-host sync in forward or backward), every preset under the
+# aten-level guard as well, the whole MoM compiled with fullgraph=True, the op counts, and
+# 10 steps of mom-train with ZeRO-2 in bf16. Prints one table.
 #   bash bench/gpu_check.sh            (inside the venv, after `make venv`)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +71,65 @@ if timeout 240 "$PY" bench/model_speed.py --device cuda --dtype bf16 --vocab 502
      > "$OUT/speed50257.txt" 2>&1
 then row "bench/model_speed.py bf16 vocab 50257" "ok" "$(grep -i "vanilla preset" "$OUT/speed50257.txt" | tr '\n' ' ' | cut -c1-240)"
 else row "bench/model_speed.py bf16 vocab 50257" "FAIL" "$(tail -1 "$OUT/speed50257.txt")"; fi
+
+# 5. every preset's forward + backward in bf16 under the aten-level guard (tests/sync_guard.py:
+#    the ops whose CUDA kernels read device data on the host) and sync_debug_mode("error")
+if timeout 240 "$PY" - > "$OUT/guard.txt" 2>&1 <<'PY'
+import sys
+import torch
+sys.path.insert(0, "tests")
+from sync_guard import no_syncs
+from test_model_no_sync import CASES
+from mom_ds import MoMForCausalLM
+for name, (config, options) in CASES.items():
+    torch.manual_seed(0)
+    model = MoMForCausalLM(config).cuda().bfloat16()
+    if "checkpointing" in options:
+        model.set_activation_checkpointing(options["checkpointing"])
+    ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+    kwargs = {k: v for k, v in options.items() if k == "loss_chunk_tokens"}
+    model(ids, labels=ids, **kwargs).loss.backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    with no_syncs():
+        model(ids, labels=ids, **kwargs).loss.backward()
+    torch.cuda.set_sync_debug_mode(0)
+print(f"{len(CASES)} models: no host read")
+PY
+then row "aten guard + sync_debug_mode, every preset" "ok" "$(tail -1 "$OUT/guard.txt")"
+else row "aten guard + sync_debug_mode, every preset" "FAIL" "$(grep -m1 -i "sync\|error" "$OUT/guard.txt")"; fi
+
+# 6. the whole MoM compiled with fullgraph=True (inductor, bf16) against eager
+if timeout 300 "$PY" - > "$OUT/compile.txt" 2>&1 <<'PY'
+import copy
+import torch
+from mom_ds import MoMForCausalLM
+from mom_ds.model import presets
+torch.manual_seed(0)
+cfg = presets.mom(n_chunks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
+                  capacity_factor=1.25, vocab_size=8192, n_positions=256, d_model=512, n_heads=8)
+eager = MoMForCausalLM(cfg).cuda().bfloat16()
+compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+ids = torch.randint(0, 8192, (4, 256), device="cuda")
+want, got = eager(ids, labels=ids).loss, compiled(ids, labels=ids).loss
+print(f"loss eager {float(want):.4f} compiled {float(got):.4f} diff {abs(float(want - got)):.2e}")
+PY
+then row "fullgraph compile, inductor bf16" "ok" "$(tail -1 "$OUT/compile.txt")"
+else row "fullgraph compile, inductor bf16" "FAIL" "$(grep -m1 -i "error" "$OUT/compile.txt")"; fi
+
+# 7. aten ops per forward + backward (eager, both dispatch paths) and inductor's kernels
+if timeout 300 "$PY" bench/model_speed.py --ops-only --compiled-ops --device cuda --dtype bf16 \
+     > "$OUT/ops.txt" 2>&1
+then row "aten ops / inductor kernels (model_speed)" "ok" "$(grep "^| mom_k1" "$OUT/ops.txt")"
+else row "aten ops / inductor kernels (model_speed)" "FAIL" "$(tail -1 "$OUT/ops.txt")"; fi
+
+# 8. mom-train on CUDA: 10 steps of the tiny recipe, ZeRO-2, bf16
+if timeout 300 bash -c "mom-prep --source builtin --tokenizer bytes --out '$OUT/data' > /dev/null &&
+     mom-train --config configs/tiny.yaml --data.data_dir '$OUT/data' --train.out_dir '$OUT/run' \
+       --train.max_steps 10 --train.log_interval 5 --train.precision bf16 \
+       --deepspeed ds_configs/zero2.json" > "$OUT/train.txt" 2>&1
+then row "mom-train 10 steps, ZeRO-2 bf16" "ok" "$(grep -m1 "^step 10/" "$OUT/train.txt")"
+else row "mom-train 10 steps, ZeRO-2 bf16" "FAIL" "$(tail -1 "$OUT/train.txt")"; fi
 
 echo
 printf '%-44s %-6s %s\n' "check" "result" "detail"

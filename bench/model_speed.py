@@ -12,6 +12,12 @@
    included): what routing, permutation and combining cost beyond their arithmetic
    (targets <= 1.10 and <= 1.05).
 3. The GRU routers' share of a MoM step, reported separately: they are real arithmetic.
+4. aten ops per forward + backward (a TorchDispatchMode counts them; profiler markers left
+   out): each op is at least one kernel launch on a GPU, where at modest batch sizes launches,
+   not FLOPs, set a step's time. For MoM, on both dispatch paths: the per-module loop (CPU,
+   GPUs without the grouped GEMM) and grouped_mm (CUDA bf16 on compute capability 9.x/10.x).
+   Target: MoM K = 1 at most 2.5x the vanilla 4-layer count. --compiled-ops adds, per model,
+   the kernels inductor generates for a compiled forward + backward (slow on a CPU).
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mom_ds import MoMForCausalLM
-from mom_ds.model import presets
+from mom_ds.model import pools, presets
 from mom_ds.model.flops import flops_per_token, router_params
 from mom_ds.train.monitor import peak_rss_bytes, reset_peak_rss, rss_bytes
 
@@ -62,6 +69,63 @@ def measure_peak(fn, warm, device: torch.device) -> float:
     return (peak_rss_bytes() - before) / 2 ** 20
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "mom_ds":  # our custom operators: count what they run
+            with self:
+                return pools.IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
+        if func.namespace != "profiler":  # record_function markers launch nothing
+            self.ops += 1
+        return func(*args, **kwargs)
+
+
+def aten_ops(step) -> int:
+    """aten ops of one call of step (a forward + backward)."""
+    step()  # warm: lazy initialisation out of the count
+    with _OpCounter() as counter:
+        step()
+    return counter.ops
+
+
+def compiled_kernels(model, step_of) -> int:
+    """Kernels inductor generates for the compiled model's forward + backward."""
+    from torch._inductor import metrics
+
+    torch._dynamo.reset()
+    metrics.reset()
+    step_of(torch.compile(model))()
+    return metrics.generated_kernel_count
+
+
+def op_table(build, make_step, names: list[str], with_compiled: bool) -> None:
+    """Section 4: aten ops per forward + backward, both dispatch paths for MoM."""
+    available = pools.grouped_mm_available
+    rows = {}
+    for name in names:
+        model = build(name)
+        loop = aten_ops(make_step(name, model))
+        pools.grouped_mm_available = lambda x, w: True
+        try:
+            grouped = aten_ops(make_step(name, model))
+        finally:
+            pools.grouped_mm_available = available
+        kernels = compiled_kernels(model, lambda m: make_step(name, m)) if with_compiled else None
+        rows[name] = (loop, grouped, kernels)
+    base = rows["vanilla"][0]
+    print("\n| model | aten ops, per-module loop | aten ops, grouped_mm | vs vanilla (loop, "
+          "grouped) |" + (" inductor kernels |" if with_compiled else ""))
+    print("|---|---|---|---|" + ("---|" if with_compiled else ""))
+    for name, (loop, grouped, kernels) in rows.items():
+        target = " (target <= 2.5)" if name == "mom_k1" else ""
+        print(f"| {name} | {loop:,} | {grouped:,} | {loop / base:.2f}x, {grouped / base:.2f}x"
+              f"{target} |" + (f" {kernels:,} |" if with_compiled else ""))
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -95,6 +159,10 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--loss-chunk", type=int, default=1024,
                     help="tokens per chunk of mom-ds's LM head + loss (train.loss_chunk_tokens)")
+    ap.add_argument("--ops-only", action="store_true",
+                    help="only section 4 (op counts: no timing, quick)")
+    ap.add_argument("--compiled-ops", action="store_true",
+                    help="section 4 also counts inductor's kernels (compiles every model)")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # one model's peak, in a subprocess
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -123,6 +191,10 @@ def main() -> None:
         return step_fn(model, rows, targets, name == "hf", chunk)
 
     names = ["hf", "vanilla", "vanilla_whole", "mom_k1", "mom_k2"]
+    if args.ops_only:
+        op_table(lambda n: build(n).to(device=device, dtype=dtype), make_step,
+                 ["vanilla", "mom_k1", "mom_k2"], args.compiled_ops)
+        return
     if args.peak_of:
         model = build(args.peak_of).to(device=device, dtype=dtype)
         peak = measure_peak(make_step(args.peak_of, model),
@@ -182,6 +254,7 @@ def main() -> None:
           f"{2 * router_params(cfg, 'gru') / layer_params:.2f} of a layer's parameters "
           f"({2 * router_params(cfg.__class__(d_model=768, n_heads=12), 'gru') / (12 * 768 ** 2):.2f}"
           f" at width 768).")
+    op_table(lambda n: models[n], make_step, ["vanilla", "mom_k1", "mom_k2"], args.compiled_ops)
 
 
 if __name__ == "__main__":

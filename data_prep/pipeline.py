@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ _worker: tuple[Tokenizer, np.dtype] | None = None
 def _init_worker(tokenizer: Tokenizer, dtype: np.dtype) -> None:
     global _worker
     _worker = (tokenizer, dtype)
+    # a forked worker inherits its parent's handlers; the pool ends its workers by SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:

@@ -245,3 +245,20 @@ def test_a_killed_rank_is_named_by_the_survivor_under_deepspeed_sh(data, tmp_pat
         log[-4000:]
     assert "Traceback" not in log
     assert processes_with(str(out)) == []
+
+
+def test_the_handlers_are_ours_only_while_training():
+    """mom-train called in-process (bench/repro.py --quick) gives the process its handlers
+    back: a worker forked later by mom-prep's pool must die on the pool's SIGTERM. (Left
+    installed, the next in-process mom-prep hung the test suite.)"""
+    import signal
+
+    from mom_ds.train.stopping import REQUEST, SIGNALS
+
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    with REQUEST.installed():
+        assert all(signal.getsignal(s) == REQUEST._handle for s in SIGNALS)
+        signal.raise_signal(signal.SIGUSR1)
+        assert REQUEST.signum == signal.SIGUSR1
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before
+    assert REQUEST.signum == 0

@@ -142,10 +142,10 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     from ..train.stopping import REQUEST
 
-    REQUEST.install()  # from here on a signal stops the run at a step boundary, saved
-    run_training(run, start, resume=args.resume, stop_after=args.stop_after,
-                 overwrite=args.overwrite, resume_from=args.resume_from, verbose=args.verbose,
-                 allow_data_change=args.allow_data_change)
+    with REQUEST.installed():  # a signal stops the run at a step boundary, saved
+        run_training(run, start, resume=args.resume, stop_after=args.stop_after,
+                     overwrite=args.overwrite, resume_from=args.resume_from,
+                     verbose=args.verbose, allow_data_change=args.allow_data_change)
     return 0
 
 if __name__ == "__main__":

@@ -8,11 +8,12 @@ The handler only records the signal; the training loop asks `StopAgreement.shoul
 at every step boundary."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,23 @@ class StopRequest:
         self.signum = 0  # the first signal received; 0 = none
         self.interrupts = 0
 
-    def install(self) -> None:
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handler for SIGNALS while the block runs; then the previous handlers again
+        and a clear flag, so a process that goes on (mom-train called in-process, as
+        bench/repro.py --quick does) does not keep catching SIGTERM: a worker it forks
+        later (mom-prep's pool) would ignore the pool's own SIGTERM and hang it. A stop
+        that was saved leaves SIG_IGN in place (StopAgreement.stop): the process exits."""
+        previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
         for signum in SIGNALS:
             signal.signal(signum, self._handle)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                if signal.getsignal(signum) == self._handle:
+                    signal.signal(signum, handler)
+            self.signum, self.interrupts = 0, 0
 
     def _handle(self, signum: int, frame) -> None:
         if signum == signal.SIGINT:
