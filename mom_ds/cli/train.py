@@ -93,11 +93,12 @@ def resume_or_start(out_dir: Path) -> bool:
     resume takes the newest that verifies, or refuses naming the damage; nothing is
     deleted. Else start fresh (False): what a first attempt that never completed a
     checkpoint left (its logs, unfinished tags) is moved by rank 0 to out_dir/previous/."""
-    from ..train import checkpoint
+    from ..train.checkpoint import MANIFEST
     from ..train.preflight import RUN_FILES
+    from ..train.published import LATEST
 
     ckpt = out_dir / "ckpt"
-    if (ckpt / checkpoint.LATEST).exists() or any(ckpt.glob(f"step_*/{checkpoint.MANIFEST}")):
+    if (ckpt / LATEST).exists() or any(ckpt.glob(f"step_*/{MANIFEST}")):
         return True
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if os.environ.get("RANK", "0") == "0":  # the other ranks decide the same from the files

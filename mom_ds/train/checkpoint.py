@@ -35,7 +35,6 @@ warning naming both, to the newest checkpoint that verifies.
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import random
 import re
@@ -51,9 +50,8 @@ from ..files import replaced, sha256_file, write_text
 from ..parallel.parallelize import ParallelLayout
 from ..parallel.placement import ModulePlacement
 from .health import stop
+from .published import LATEST, best_tag, latest_tag, publish, record_best
 
-LATEST = "latest"
-BEST = "best.json"
 DENSE = "dense.pt"
 MANIFEST = "manifest.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -72,22 +70,6 @@ def tag_for(step: int) -> str:
 
 def experts_file(ep_rank: int, ep_size: int) -> str:
     return f"experts_ep{ep_rank:03d}_of_{ep_size:03d}.pt"
-
-
-def latest_tag(ckpt_dir: str | Path) -> Optional[str]:
-    path = Path(ckpt_dir) / LATEST
-    return path.read_text().strip() if path.is_file() else None
-
-
-def best_tag(ckpt_dir: str | Path) -> Optional[tuple[str, float]]:
-    """(tag, val loss) of the best checkpoint still on disk, or None."""
-    path = Path(ckpt_dir) / BEST
-    try:
-        best = json.loads(path.read_text())
-        tag, loss = str(best["tag"]), float(best["eval_loss"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return (tag, loss) if (Path(ckpt_dir) / tag).is_dir() else None
 
 
 def _write_manifest(tag_dir: Path) -> None:
@@ -367,8 +349,8 @@ def save(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, step: int,
     dist.barrier()  # every rank's files are on disk before the checkpoint is published
     if rank == 0:
         _write_manifest(tag_dir)
-        _publish(ckpt_dir, tag)
-        _record_best(ckpt_dir, tag, client_state.get("eval_loss"))
+        publish(ckpt_dir, tag)
+        record_best(ckpt_dir, tag, client_state.get("eval_loss"))
         if keep:
             _prune(ckpt_dir, keep)
     dist.barrier()
@@ -390,7 +372,7 @@ def write_weights(ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
     _write({"client": client, "params": {n: {"weight": w} for n, w in weights.items()}},
            tag_dir / DENSE)
     _write_manifest(tag_dir)
-    _publish(ckpt_dir, tag)
+    publish(ckpt_dir, tag)
     return tag
 
 
@@ -453,20 +435,6 @@ def _pool_size(name: str, config) -> int:
 
 def _owned(name: str, layout: ParallelLayout, model) -> slice:
     return ModulePlacement(_pool_size(name, model.config), layout.ep_size, layout.ep_rank).owned()
-
-
-def _publish(ckpt_dir: Path, tag: str) -> None:
-    write_text(ckpt_dir / LATEST, tag, durable=True)
-
-
-def _record_best(ckpt_dir: Path, tag: str, eval_loss: Optional[float]) -> None:
-    """best.json names `tag` when its val loss is the lowest so far (a finite one)."""
-    if eval_loss is None or not math.isfinite(eval_loss):
-        return
-    best = best_tag(ckpt_dir)
-    if best is None or eval_loss <= best[1] or best[0] == tag:
-        write_text(ckpt_dir / BEST, json.dumps({"tag": tag, "eval_loss": eval_loss}),
-                   durable=True)
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:

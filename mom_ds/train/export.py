@@ -16,7 +16,8 @@ import torch
 
 from ..config import RunConfig
 from ..model import ConfigError, MoMConfig, MoMForCausalLM
-from .checkpoint import DENSE, LATEST, choose_tag, read_tag, verify_tag
+from .checkpoint import DENSE, choose_tag, read_tag, verify_tag
+from .published import LATEST
 
 
 def resolve(path: str | Path) -> tuple[Path, str]:

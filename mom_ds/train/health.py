@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
+from .published import last_good_checkpoint
 
 # The running mean reaches back about this many optimizer steps (an EMA whose weight is
 # 1/n for the first n steps: their plain mean, then 1/SPIKE_HORIZON).
@@ -32,20 +33,6 @@ class SpikeError(DivergenceError):
     def __init__(self, message: str, step: int):
         super().__init__(message)
         self.step = step  # the first step of the spike
-
-
-def last_good_checkpoint(ckpt_dir: Path) -> str:
-    from .checkpoint import best_tag  # checkpoint imports this module
-
-    latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return "no checkpoint was published before it"
-    tag = latest.read_text().strip()
-    text = f"the last good checkpoint is {ckpt_dir / tag} (published in {latest})"
-    best = best_tag(ckpt_dir)
-    if best and best[0] != tag:
-        text += f"; the best, val loss {best[1]:.4f}, is {ckpt_dir / best[0]}"
-    return text
 
 
 def stop(what: str, step: int, ckpt_dir: Path, error: type = DivergenceError,

@@ -120,7 +120,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         stop_requested = agreement.should_stop()  # a signal: save here and exit (stopping.py)
 
         done = progress.step == t.max_steps
-        # every checkpoint is scored, so pruning can keep the best one (checkpoint.best_tag)
+        # every checkpoint is scored, so pruning can keep the best one (published.best_tag)
         saving = stop_requested or progress.step == stop or (
             t.ckpt_interval and progress.step % t.ckpt_interval == 0)
         evaluating = done or saving or (t.eval_interval and progress.step % t.eval_interval == 0)

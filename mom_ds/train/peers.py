@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from . import checkpoint
+from .published import latest_tag
 
 CHECK_IN_WAIT_S = 15.0  # survivors reach their own failed collective within seconds of each other
 LOST_RANK_EXIT = 4
@@ -86,7 +86,7 @@ def lost_rank_error(err: BaseException, peers: list[Peer], rank: int, step: int,
     else:
         lost = where([peers[r] for r in missing])
         survivors = [r for r in range(len(peers)) if r not in missing]
-    tag = checkpoint.latest_tag(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
     resume = (f"the last complete checkpoint is {tag}: once every host is back, restart the "
               f"same launch with --resume" if tag else
               "no checkpoint was published yet: restart the run once every host is back")
