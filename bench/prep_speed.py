@@ -159,9 +159,13 @@ def main() -> None:
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[10, 40])
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the fastest is reported")
-    parser.add_argument("--tokenizer-dir", type=Path, default=REPO.parent / "shared" / "data" / "gpt2-tokenizer",
-                        help="GPT-2 vocab.json + merges.txt (the benchmark runs offline)")
+    parser.add_argument("--tokenizer-dir", type=Path, default=os.environ.get("MOM_GPT2_DIR"),
+                        help="GPT-2 vocab.json + merges.txt (the benchmark runs offline); "
+                             "default: $MOM_GPT2_DIR")
     args = parser.parse_args()
+    if args.tokenizer_dir is None:
+        parser.error("name a folder of GPT-2's vocab.json and merges.txt: --tokenizer-dir DIR "
+                     "or MOM_GPT2_DIR")
     docs = english_documents()
     print(f"corpus: {len(docs)} documents of pydoc topics and stdlib docstrings ({sum(map(len, docs)) / 1e6:.1f} MB), repeated to size; "
           f"{args.num_proc} processes; {os.cpu_count()} cores; python {sys.version.split()[0]}; "

@@ -4,7 +4,8 @@
 
 Corpus: Debian's Python documentation (apt-get install python3.11-doc: the HTML pages under
 /usr/share/doc/python3.11/html, turned into text by mom-prep's HTML reader), GPT-2
-tokenizer (../shared/data/gpt2-tokenizer when present), 5% of the pages held out; or any
+tokenizer (tiktoken's; offline, MOM_GPT2_DIR names a folder of GPT-2's vocab.json and
+merges.txt, as for mom-prep), 5% of the pages held out; or any
 mom-prep output directory through --data. Every model: d_model 128, 4 heads, windows of 128
 tokens, 8 windows per step, AdamW at lr 2e-3 (warmup + cosine to 2e-4), fp32, one rank,
 trained by mom-train, one process per run, one run at a time.
@@ -77,7 +78,6 @@ from mom_ds.modular.assemble import load_student, search_windows  # noqa: E402
 from mom_ds.train.export import load_model  # noqa: E402
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")  # Debian's python3.11-doc
-GPT2_DIR = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
 ROUTER_WIDTH = 64
 MICRO = 8  # windows per step: twice bench/modular's steps for the same tokens
 # Steps of MICRO x SEQ tokens at --budget 1 (N1 = N2 = STAGE_STEPS x 1024 tokens); the
@@ -206,10 +206,9 @@ def prepare_docs(out: Path) -> Path:
     if not DOCS_DIR.is_dir():
         sys.exit(f"repro: no {DOCS_DIR}. Fix: apt-get install python3.11-doc, or pass --data "
                  f"with any mom-prep output directory.")
-    tokenizer = f"gpt2:{GPT2_DIR}" if (GPT2_DIR / "vocab.json").is_file() else "gpt2"
     # mom-prep is a no-op when OUT already holds this corpus with these settings; its own
     # error (e.g. no GPT-2 tokenizer offline) is printed by it
-    if mom_prep(["--source", f"{DOCS_DIR}/**/*.html", "--tokenizer", tokenizer,
+    if mom_prep(["--source", f"{DOCS_DIR}/**/*.html", "--tokenizer", "gpt2",
                  "--val-fraction", "0.05", "--out", str(out), "--quiet"]):
         sys.exit(f"repro: preparing {DOCS_DIR} failed (above). Fix: that error, or pass --data.")
     return out
