@@ -180,7 +180,8 @@ class RunConfig:
         if not 1 <= d.seq_len <= self.model.n_positions:
             fail("data.seq_len", d.seq_len, f"must lie in [1, model.n_positions = "
                  f"{self.model.n_positions}]", "shorten data.seq_len or raise model.n_positions")
-        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches",
+                     "max_skipped_steps", "spike_steps", "max_spike_skips"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", getattr(t, name), "must be >= 1", f"set train.{name} >= 1")
         for name in ("warmup_steps", "log_interval", "eval_interval", "ckpt_interval",
@@ -220,18 +221,12 @@ class RunConfig:
         if t.nan_policy not in NAN_POLICIES:
             fail("train.nan_policy", t.nan_policy, f"is not one of {NAN_POLICIES}",
                  "use stop (the default) or skip")
-        if t.max_skipped_steps < 1:
-            fail("train.max_skipped_steps", t.max_skipped_steps, "must be >= 1",
-                 "set train.max_skipped_steps >= 1")
         if t.spike_policy not in SPIKE_POLICIES:
             fail("train.spike_policy", t.spike_policy, f"is not one of {SPIKE_POLICIES}",
                  "use stop (the default), skip or off")
         if not t.spike_factor > 1:
             fail("train.spike_factor", t.spike_factor, "must be > 1",
                  "use e.g. 2 (a loss twice its running mean)")
-        for name in ("spike_steps", "max_spike_skips"):
-            if getattr(t, name) < 1:
-                fail(f"train.{name}", getattr(t, name), "must be >= 1", f"set train.{name} >= 1")
         if p.backend not in BACKENDS:
             fail("parallel.backend", p.backend, f"is not one of {BACKENDS}",
                  "use auto, nccl or gloo")
