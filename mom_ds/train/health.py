@@ -27,21 +27,25 @@ class DivergenceError(RuntimeError):
     """The loss, the gradient norm or the weights stopped being finite."""
 
 
+def stopped(what: str, step: int, ckpt_dir: Path, fix: str = "") -> str:
+    """The message of a run that stops at `step` because of `what`."""
+    return (f"{what} at step {step}: the run stopped without writing a checkpoint; "
+            f"{last_good_checkpoint(ckpt_dir)}. Fix: lower train.lr or lengthen "
+            f"train.warmup_steps (or clip harder with train.grad_clip), then --resume from "
+            f"the last good checkpoint or start again{fix}.")
+
+
+def stop(what: str, step: int, ckpt_dir: Path) -> DivergenceError:
+    return DivergenceError(stopped(what, step, ckpt_dir))
+
+
 class SpikeError(DivergenceError):
     """The loss stayed finite but rose far above its running mean (train.spike_*)."""
 
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step  # the first step of the spike
-
-
-def stop(what: str, step: int, ckpt_dir: Path, error: type = DivergenceError,
-         fix: str = "") -> DivergenceError:
-    message = (f"{what} at step {step}: the run stopped without writing a checkpoint; "
-               f"{last_good_checkpoint(ckpt_dir)}. Fix: lower train.lr or lengthen "
-               f"train.warmup_steps (or clip harder with train.grad_clip), then --resume from "
-               f"the last good checkpoint or start again{fix}.")
-    return SpikeError(message, step) if error is SpikeError else error(message)
+    def __init__(self, what: str, step: int, ckpt_dir: Path):
+        super().__init__(stopped(what, step, ckpt_dir, "; if such a rise is expected (new "
+                                 "data), raise train.spike_factor or set train.spike_policy off"))
+        self.what, self.step = what, step  # step: the first step of the spike
 
 
 class Health:
@@ -124,12 +128,10 @@ class Health:
         if bad >= 0:
             raise stop("the training loss is not finite", int(bad), self.ckpt_dir)
         if spike >= 0:
-            raise stop(f"the training loss rose to {spike_loss:.4g}, above "
-                       f"train.spike_factor {self.spike_factor:g} x its running mean "
-                       f"({mean:.4g}), for {self.spike_steps} steps in a row (train.spike_steps)",
-                       int(spike), self.ckpt_dir, SpikeError,
-                       "; if such a rise is expected (new data), raise train.spike_factor or "
-                       "set train.spike_policy off")
+            raise SpikeError(f"the training loss rose to {spike_loss:.4g}, above "
+                             f"train.spike_factor {self.spike_factor:g} x its running mean "
+                             f"({mean:.4g}), for {self.spike_steps} steps in a row "
+                             f"(train.spike_steps)", int(spike), self.ckpt_dir)
         if self.skip:
             if skip_run >= self.max_skipped:
                 raise stop(f"{int(skip_run)} steps in a row had a non-finite loss or gradient "

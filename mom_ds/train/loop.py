@@ -214,7 +214,7 @@ def skip_spike(spike: SpikeError, engine, model, layout: ParallelLayout, ckpt_di
     progress.health = client.get("health", {})
     monitor.rewind(progress.step)
     if monitor.enabled:
-        print(f"warning: {spike.args[0].split(': the run stopped')[0]}; train.spike_policy "
-              f"skip: back to {ckpt_dir / tag} (step {progress.step}), the batches of steps "
+        print(f"warning: {spike.what} at step {spike.step}; train.spike_policy skip: back "
+              f"to {ckpt_dir / tag} (step {progress.step}), the batches of steps "
               f"{progress.step + 1}-{back} skipped", flush=True)
     return Health(device, ckpt_dir, t, progress.health)
