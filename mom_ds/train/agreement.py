@@ -12,14 +12,11 @@ process group starts:
 """
 from __future__ import annotations
 
-import hashlib
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed as dist
-
-from data_prep.format import META_FILE, bin_path
 
 from ..config import ConfigError, RunConfig
 from .peers import Peer, where
@@ -64,20 +61,11 @@ def check_shared_storage(run: RunConfig, peers: list[Peer]) -> None:
             f"{where(blind)} cannot see the file rank 0 on {peers[0].host} wrote there. "
             f"Every rank writes its part of each checkpoint into it and rank 0 publishes it. "
             f"Fix: put train.out_dir on a file system every node mounts (NFS, Lustre, ...).")
-    prints: list[Optional[str]] = [None] * len(peers)
-    dist.all_gather_object(prints, data_fingerprint(Path(run.data.data_dir)))
+    prints: list[Optional[dict]] = [None] * len(peers)
+    dist.all_gather_object(prints, run.data.fingerprint)  # run_data.data_fingerprint
     other = [p for p, fp in zip(peers, prints) if fp != prints[0]]
     if other:
         raise ConfigError(
             f"data.data_dir = {run.data.data_dir!r} holds other data for {where(other)} than "
             f"for rank 0 on {peers[0].host}. Fix: the same mom-prep output at that path on "
             f"every node (a shared file system, or one copy per node).")
-
-
-def data_fingerprint(data_dir: Path) -> str:
-    """meta.json's bytes and the sizes of the token files (hashing gigabytes of tokens on
-    every rank at every start would cost minutes)."""
-    digest = hashlib.sha256((data_dir / META_FILE).read_bytes())
-    for split in ("train", "val"):
-        digest.update(str(bin_path(data_dir, split).stat().st_size).encode())
-    return digest.hexdigest()

@@ -47,6 +47,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     rank, world = dist.get_rank(), dist.get_world_size()
     peers = gather_peers()
     ds_config = agree(start, peers)  # a rank's failed start-up check, on every rank
+    # what the checkpoints record, and what the ranks compare: the same data on every node
+    run.data.fingerprint = data_fingerprint(run.data.data_dir)
     if world > 1:
         check_shared_storage(run, peers)
     out_dir = Path(run.train.out_dir)
@@ -55,7 +57,6 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     dist.barrier()
     # recorded absolute, so mom-eval & co. find the data from any working directory
     run.data.data_dir = str(Path(run.data.data_dir).resolve())
-    run.data.fingerprint = data_fingerprint(run.data.data_dir)
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = build_model(run, resume)
     model.set_activation_checkpointing(run.train.activation_checkpointing)
