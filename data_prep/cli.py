@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .format import META_FILE
 from .pipeline import PrepSettings, prepare
 from .sources import SourceOptions
 
@@ -15,6 +16,14 @@ EXAMPLES = """examples:
   mom-prep --source openwebtext --out data/owt --num-proc 16 --megatron-idx
   mom-prep --source 'corpus/*.jsonl' --text-field content --tokenizer gpt2:/models/gpt2 --out data/mine
   mom-prep --source books/ --txt-mode blank-line --train-tokenizer 8192 --out data/books
+  mom-prep adopt data/openwebtext --tokenizer gpt2   (existing nanoGPT / Megatron files: see mom-prep adopt -h)
+"""
+ADOPT_DOC = """mom-prep adopt: write meta.json for token files another tool wrote, after checking them.
+
+DIR holds train.bin and val.bin: nanoGPT's (raw ids, each document followed by end-of-text) or
+Megatron's (with train.idx / val.idx beside them). The dtype comes from the .idx, or from the
+file sizes and the ids; the largest id is checked against the tokenizer and the documents are
+counted (end-of-text tokens, or the .idx). Then mom-train reads DIR as mom-prep's own output.
 """
 
 
@@ -59,6 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_adopt_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mom-prep adopt", description=ADOPT_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, metavar="DIR", help="the folder holding train.bin and val.bin")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="the tokenizer the files were made with, in mom-prep's --tokenizer forms (default: gpt2, "
+                        "nanoGPT's; offline gpt2:DIR or MOM_GPT2_DIR)")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="token dtype: auto = from the .idx, or from the file sizes and ids (uint32 also reads "
+                        "int32 files)")
+    p.add_argument("--force", action="store_true", help="replace an existing meta.json")
+    p.add_argument("--quiet", action="store_true", help="no line per file read")
+    return p
+
+
 def settings_from_args(args: argparse.Namespace) -> PrepSettings:
     options = SourceOptions(text_field=args.text_field, txt_mode=args.txt_mode, encoding_errors=args.encoding_errors,
                             hf_split=args.hf_split, hf_config=args.hf_config, streaming=not args.no_streaming)
@@ -68,10 +92,27 @@ def settings_from_args(args: argparse.Namespace) -> PrepSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     from mom_ds.cli.errors import run_command
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["adopt"]:
+        adopt_args = build_adopt_parser().parse_args(argv[1:])
+        return run_command("mom-prep adopt", lambda: adopt_dir(adopt_args))
+    args = build_parser().parse_args(argv)
     return run_command("mom-prep", lambda: prep(args))
+
+
+def adopt_dir(args: argparse.Namespace) -> int:
+    from .adopt import adopt
+
+    done = adopt(args.dir, args.tokenizer, args.dtype, args.force, show_progress=not args.quiet)
+    meta = done.meta
+    print(f"mom-prep adopt: wrote {args.dir / META_FILE}: "
+          + ", ".join(f"{name} {s['n_tokens']:,} tokens / {s['n_documents']:,} docs" for name, s in meta["splits"].items())
+          + f" ({meta['dtype']}, vocab {meta['tokenizer']['vocab_size']}, largest id "
+          + f"{max(s['max_token_id'] for s in meta['splits'].values())}); read {done.n_bytes / 1e6:,.1f} MB at "
+          + f"{done.n_bytes / 1e6 / max(done.seconds, 1e-9):,.0f} MB/s")
+    return 0
 
 
 def prep(args: argparse.Namespace) -> int:

@@ -25,12 +25,17 @@ class DataError(ValueError):
     """A corpus, tokenizer or prepared directory that cannot be used; the message names the fix."""
 
 
+def holds(name: str, vocab_size: int) -> bool:
+    """Whether dtype `name` holds every id of a vocabulary of `vocab_size`."""
+    return vocab_size <= 2 ** (8 * DTYPES[name].itemsize)
+
+
 def dtype_for_vocab(vocab_size: int, forced: str | None = None) -> str:
     """uint16 when every id fits (ids < 65536), else uint32; `forced` pins one and is checked."""
-    name = forced or ("uint16" if vocab_size <= 2**16 else "uint32")
+    name = forced or ("uint16" if holds("uint16", vocab_size) else "uint32")
     if name not in DTYPES:
         raise DataError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    if vocab_size > 2 ** (8 * DTYPES[name].itemsize):
+    if not holds(name, vocab_size):
         raise DataError(
             f"a vocabulary of {vocab_size} tokens does not fit {name} "
             f"(at most {2 ** (8 * DTYPES[name].itemsize)} ids); use --dtype uint32 or --dtype auto"
@@ -40,6 +45,28 @@ def dtype_for_vocab(vocab_size: int, forced: str | None = None) -> str:
 
 def bin_path(data_dir: Path, split: str) -> Path:
     return Path(data_dir) / f"{split}.bin"
+
+
+def meta_record(tokenizer: dict, dtype: str, splits: dict[str, dict], *, created_by: str, source: str,
+                split: dict, settings: dict) -> dict:
+    """meta.json's content, in its key order: what mom-prep writes and `mom-prep adopt` writes
+    for existing files (they differ only in the provenance fields created_by, source, split
+    and settings), so the reader and a run's data fingerprint treat both alike."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": created_by,
+        "tokenizer": tokenizer,
+        "dtype": dtype,
+        "byte_order": "little",
+        "source": source,
+        "split": split,
+        "splits": splits,
+        "settings": settings,
+    }
+
+
+def meta_text(meta: dict) -> str:
+    return json.dumps(meta, indent=2) + "\n"
 
 
 def read_meta(data_dir: str | Path) -> dict:

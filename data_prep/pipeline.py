@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .format import DTYPES, FORMAT_VERSION, META_FILE, DataError, dtype_for_vocab
+from .format import DTYPES, META_FILE, DataError, dtype_for_vocab, meta_record, meta_text
 from .output import finished_settings, partial_dir
 from .progress import Progress
 from .sources import local_fingerprint, Source, SourceOptions, resolve_source
@@ -164,18 +164,12 @@ def _meta(settings: PrepSettings, source: Source, tokenizer: Tokenizer, dtype: s
     if settings.train_tokenizer is not None:
         tokenizer_meta.update(spec=f"trained byte-level BPE, {settings.train_tokenizer} tokens",
                               file=TRAINED_TOKENIZER_FILE)
-    return {
-        "format_version": FORMAT_VERSION,
-        "created_by": "mom-prep",
-        "tokenizer": tokenizer_meta,
-        "dtype": dtype,
-        "byte_order": "little",
-        "source": source.description,
-        "split": {"method": "per document, in source order: val if numpy default_rng(seed).random() < val_fraction",
-                  "seed": settings.seed, "val_fraction": settings.val_fraction},
-        "splits": {split: asdict(s) for split, s in stats.items()},
-        "settings": json.loads(json.dumps(asdict(settings))),
-    }
+    return meta_record(
+        tokenizer_meta, dtype, {split: asdict(s) for split, s in stats.items()}, created_by="mom-prep",
+        source=source.description,
+        split={"method": "per document, in source order: val if numpy default_rng(seed).random() < val_fraction",
+               "seed": settings.seed, "val_fraction": settings.val_fraction},
+        settings=json.loads(json.dumps(asdict(settings))))
 
 
 def prepare(settings: PrepSettings, out: Path, num_proc: int = 1, overwrite: bool = False,
@@ -207,5 +201,5 @@ def prepare(settings: PrepSettings, out: Path, num_proc: int = 1, overwrite: boo
         stats = _write_splits(settings, source, tokenizer, dtype, directory, num_proc, progress)
         meta = {**_meta(settings, source, tokenizer, dtype, stats),
                 "source_fingerprint": local_fingerprint(settings.source)}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / META_FILE).write_text(meta_text(meta))
     return PrepResult(out, False, meta)
