@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from ..model.routers import Router
@@ -122,13 +121,32 @@ def is_expert_parameter(param: torch.Tensor) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable sum over the group: each rank's gradient is the sum of every rank's
+    gradient of the result. torch.distributed.nn.functional.all_reduce computed this but is
+    deprecated (a FutureWarning per rank), and its suggested replacement,
+    torch.distributed._functional_collectives, is private; the backward applies itself, so
+    a double backward reduces again, as the deprecated one did."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 def use_global_balance_stats(model: nn.Module, group=None) -> None:
     """Average the balancing loss' statistics (f, P) over the data-parallel group, so the
     loss is that of the global batch whatever the number of ranks (differentiable)."""
     size = dist.get_world_size(group)
 
     def mean(t: torch.Tensor) -> torch.Tensor:
-        return dist_fn.all_reduce(t, group=group) / size
+        return _AllReduceSum.apply(t, group) / size
 
     for module in model.modules():
         if isinstance(module, Router) and module.learned:

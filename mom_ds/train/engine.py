@@ -123,6 +123,23 @@ def init_distributed(run: RunConfig, verbose: bool = False) -> None:
         deepspeed.init_distributed(dist_backend=backend,
                                    timeout=timedelta(minutes=run.parallel.timeout_minutes))
     release_shm_buffer_names()
+    use_current_collectives()
+
+
+def use_current_collectives() -> None:
+    """DeepSpeed reaches torch's all-gather and reduce-scatter into one tensor through the
+    functions its backend picks at start-up, torch.distributed.all_gather_into_tensor and
+    reduce_scatter_tensor: torch 2.13 deprecates both (a FutureWarning on every rank at
+    the first ZeRO step) for all_gather_single and reduce_scatter_single, the same
+    collectives under their new names (the old ones only forward to them). Point the
+    backend at the new ones where torch has them."""
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    if hasattr(dist, "all_gather_single"):
+        comm.cdb.all_gather_function = dist.all_gather_single
+    if hasattr(dist, "reduce_scatter_single"):
+        comm.cdb.reduce_scatter_function = dist.reduce_scatter_single
 
 
 def apply_timeout_to_every_group(run: RunConfig) -> None:
