@@ -211,30 +211,6 @@ def test_preset_files_are_fresh(tmp_path):
             f"configs/presets/{name} is stale: run python -m mom_ds.model.presets configs/presets"
 
 
-def test_readme_reference_matches_the_docstrings():
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("<!-- section:train -->"):readme.index("<!-- /section:train -->")]
-    assert reference_markdown(("data", "train", "parallel")).strip() in section, \
-        "regenerate with: python -m mom_ds.config data train parallel"
-    model = readme[readme.index("<!-- section:model -->"):readme.index("<!-- /section:model -->")]
-    assert reference_markdown(("model",)).strip() in model, \
-        "regenerate with: python -m mom_ds.config model"
-    modular = readme[readme.index("<!-- section:modular -->"):readme.index("<!-- /section:modular -->")]
-    assert reference_markdown(("modular",)).strip() in modular, \
-        "regenerate with: python -m mom_ds.config modular"
-
-
-def test_readme_cites_only_files_that_exist():
-    """Every `tests/...py`, `mom_ds/...py` or `configs/...` path the README names is there."""
-    import re
-
-    readme = (REPO / "README.md").read_text()
-    cited = set(re.findall(r"\b((?:tests|mom_ds|configs|ds_configs)/[\w/.-]+\.(?:py|yaml|json))",
-                           readme))
-    placeholders = {p for p in cited if re.fullmatch(r"[A-Z_]+", Path(p).stem)}  # configs/X.yaml
-    assert cited and not [p for p in sorted(cited - placeholders) if not (REPO / p).is_file()]
-
-
 def test_one_rank_of_several_keeps_bad_input_for_the_agreement_and_raises_bugs():
     from mom_ds.cli.errors import exit_code
     from mom_ds.train.preflight import StartCheck
