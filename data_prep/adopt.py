@@ -96,14 +96,14 @@ def _candidates(paths: dict[str, Path], indexes: dict[str, IndexSummary | None],
         names = [dtype_for_vocab(vocab_size, next(iter(pinned.values())))]  # raises if the vocabulary cannot fit
     else:
         names = [name for name in DTYPES if holds(name, vocab_size)]
-    for path in paths.values():
-        size = path.stat().st_size
-        fitting = [name for name in names if size % DTYPES[name].itemsize == 0]
-        if not fitting:
-            raise DataError(f"{path} is {size:,} bytes, not a whole number of {' or '.join(names)} tokens: "
-                            f"not a token file (or a truncated one)")
-        names = fitting
-    return names
+    sizes = {path: path.stat().st_size for path in paths.values()}
+    for path, size in sizes.items():
+        if all(size % DTYPES[name].itemsize for name in names):
+            named = f" (the dtype {' and '.join(pinned)} names)" if pinned else ""
+            raise DataError(f"{path} is {size:,} bytes, not a whole number of {' or '.join(names)} tokens"
+                            f"{named}: not a token file of that dtype, or a truncated one")
+    # a size that fits uint32 fits uint16 too, so some name fits every file
+    return [name for name in names if not any(size % DTYPES[name].itemsize for size in sizes.values())]
 
 
 def _choose(scans: dict[str, Scan], names: list[str], info: TokenizerInfo) -> str:

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,11 +372,34 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> Ru
         values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections.")
+    given = any("vocab_size" in (values.get(key) or {}) for key in ("model", "preset_args"))
     values = _expand_preset(values)
     for section, updates in parse_overrides(list(overrides)).items():
         values.setdefault(section, {})
         values[section] = {**(values[section] or {}), **updates}
+        given = given or (section == "model" and "vocab_size" in updates)
+    if not given:
+        _vocab_from_data(values)
     return RunConfig.from_dict(values)
+
+
+def _vocab_from_data(values: dict[str, Any]) -> None:
+    """model.vocab_size left unset: the data's tokenizer vocabulary padded up to a multiple of
+    64, as nanoGPT pads GPT-2's 50257 to 50304 (whole tiles for the embedding and head
+    matmuls), said in one line. Data that cannot be read keeps the default: mom-train's
+    data check then says what is wrong with it."""
+    from data_prep.format import DataError, read_meta
+
+    data_dir = (values.get("data") or {}).get("data_dir", DataConfig.data_dir)
+    try:
+        vocab = int(read_meta(data_dir)["tokenizer"]["vocab_size"])
+    except (DataError, TypeError, ValueError):  # meta.json unreadable, or a vocab_size not a number
+        return
+    padded = -(-vocab // 64) * 64
+    values["model"] = {**(values.get("model") or {}), "vocab_size": padded}
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model.vocab_size = {padded}: the tokenizer of {data_dir} has {vocab} tokens, padded up "
+              f"to a multiple of 64 (set model.vocab_size to choose)", flush=True)
 
 
 def _expand_preset(values: dict[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def check_data(run: RunConfig, world_size: int) -> None:
             raise ConfigError(f"the data in {data_dir} uses a vocabulary of {data.vocab_size} "
                               f"tokens but model.vocab_size = {run.model.vocab_size}. Fix: set "
                               f"model.vocab_size >= {data.vocab_size} (e.g. --model.vocab_size "
-                              f"{data.vocab_size}).")
+                              f"{data.vocab_size}), or leave it unset to take the data's.")
         sample_windows(data)
         if len(data) < world_size:
             raise ConfigError(f"{split}.bin in {data_dir} holds {len(data)} windows of "
