@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mom_ds.files import write_text
+
 from .format import DTYPES, META_FILE, SPLITS, DataError, bin_path, dtype_for_vocab, holds, meta_record, \
     meta_text
 from .megatron import IndexSummary, read_idx
@@ -112,7 +114,7 @@ def _choose(scans: dict[str, Scan], names: list[str], info: TokenizerInfo) -> st
         files = " and ".join(str(s.path) for s in scans.values())
         largest = ", ".join(f"{max(s.readings[name].max_id for s in scans.values())} as {name}" for name in names)
         raise DataError(f"{files} hold ids beyond the {info.vocab_size:,} tokens of tokenizer "
-                        f"{info.spec!r} (largest: {largest}): it is not a token file of this tokenizer; "
+                        f"{info.spec!r} (largest: {largest}): they are not token files of this tokenizer; "
                         f"pass the --tokenizer it was made with{' and the right --dtype' if len(names) == 1 else ''}")
     if len(valid) > 1:
         valid = [name for name in valid if all(s.readings[name].last == info.eot_id for s in scans.values())]
@@ -124,12 +126,8 @@ def _choose(scans: dict[str, Scan], names: list[str], info: TokenizerInfo) -> st
 
 
 def _stats(s: Scan, dtype: str, info: TokenizerInfo) -> SplitStats:
-    reading, itemsize = s.readings[dtype], DTYPES[dtype].itemsize
-    n_tokens = s.path.stat().st_size // itemsize
+    reading = s.readings[dtype]
     if s.index:
-        if s.index.n_tokens != n_tokens:
-            raise DataError(f"{s.path} holds {n_tokens:,} {dtype} tokens, {s.path.with_suffix('.idx')} "
-                            f"indexes {s.index.n_tokens:,}: they are not one dataset's .bin and .idx")
         n_documents = s.index.n_documents
     elif reading.n_eot == 0:
         raise DataError(f"{s.path} holds no end-of-text token (id {info.eot_id} of {info.spec!r}), which ends "
@@ -138,15 +136,13 @@ def _stats(s: Scan, dtype: str, info: TokenizerInfo) -> SplitStats:
     else:
         # a last document cut before its end-of-text still counts, as mom-prep counts documents
         n_documents = reading.n_eot + (reading.last != info.eot_id)
-    return SplitStats(s.path.name, n_tokens, n_documents, s.sha256,
+    return SplitStats(s.path.name, s.path.stat().st_size // DTYPES[dtype].itemsize, n_documents, s.sha256,
                       s.path.with_suffix(".idx").name if s.index else None, reading.max_id)
 
 
 def adopt(directory: Path, tokenizer: str = "gpt2", dtype: str = "auto", force: bool = False,
           show_progress: bool = True) -> Adopted:
     """Check the token files in `directory` and write its meta.json (atomically)."""
-    from mom_ds.files import write_text
-
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory} is not a directory; mom-prep adopt takes the folder holding train.bin "

@@ -106,13 +106,17 @@ def adopt_dir(args: argparse.Namespace) -> int:
     from .adopt import adopt
 
     done = adopt(args.dir, args.tokenizer, args.dtype, args.force, show_progress=not args.quiet)
-    meta = done.meta
-    print(f"mom-prep adopt: wrote {args.dir / META_FILE}: "
-          + ", ".join(f"{name} {s['n_tokens']:,} tokens / {s['n_documents']:,} docs" for name, s in meta["splits"].items())
-          + f" ({meta['dtype']}, vocab {meta['tokenizer']['vocab_size']}, largest id "
-          + f"{max(s['max_token_id'] for s in meta['splits'].values())}); read {done.n_bytes / 1e6:,.1f} MB at "
-          + f"{done.n_bytes / 1e6 / max(done.seconds, 1e-9):,.0f} MB/s")
+    largest = max(s["max_token_id"] for s in done.meta["splits"].values())
+    print(f"mom-prep adopt: wrote {args.dir / META_FILE}: {summary(done.meta, f', largest id {largest}')}; read "
+          f"{done.n_bytes / 1e6:,.1f} MB at {done.n_bytes / 1e6 / max(done.seconds, 1e-9):,.0f} MB/s")
     return 0
+
+
+def summary(meta: dict, more: str = "") -> str:
+    """Each split's tokens and documents, the dtype and the vocabulary, from a meta.json record."""
+    splits = ", ".join(f"{name} {s['n_tokens']:,} tokens / {s['n_documents']:,} docs"
+                       for name, s in meta["splits"].items())
+    return f"{splits} ({meta['dtype']}, vocab {meta['tokenizer']['vocab_size']}{more})"
 
 
 def prep(args: argparse.Namespace) -> int:
@@ -122,10 +126,7 @@ def prep(args: argparse.Namespace) -> int:
     if result.skipped:
         print(f"mom-prep: {args.out} is already prepared with these settings; nothing to do (--overwrite to redo)")
         return 0
-    splits = result.meta["splits"]
-    print(f"mom-prep: wrote {args.out} in {time.perf_counter() - start:.1f}s: "
-          + ", ".join(f"{name} {s['n_tokens']:,} tokens / {s['n_documents']:,} docs" for name, s in splits.items())
-          + f" ({result.meta['dtype']}, vocab {result.meta['tokenizer']['vocab_size']})")
+    print(f"mom-prep: wrote {args.out} in {time.perf_counter() - start:.1f}s: {summary(result.meta)}")
     return 0
 
 

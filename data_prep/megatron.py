@@ -50,11 +50,11 @@ def write_idx(idx_path: Path, sizes_path: Path, dtype: str) -> None:
 class IndexSummary:
     dtype: str
     n_documents: int
-    n_tokens: int
 
 
 def read_idx(idx_path: Path) -> IndexSummary:
-    """Check a Megatron `.idx` (header, length) and sum its sizes, streamed in chunks."""
+    """Check a Megatron `.idx` (header, length, and its sizes, summed in chunks, against its
+    `.bin`) and say what it holds."""
     with open(idx_path, "rb") as f:
         head = f.read(HEADER_BYTES)
     if len(head) < HEADER_BYTES or head[:len(MAGIC)] != MAGIC:
@@ -72,5 +72,9 @@ def read_idx(idx_path: Path) -> IndexSummary:
                         f"it is truncated or not an index of {count} sequences")
     sizes = np.memmap(idx_path, dtype="<i4", mode="r", offset=HEADER_BYTES, shape=(count,)) if count else []
     n_tokens = sum(int(sizes[start:start + CHUNK].sum(dtype=np.int64)) for start in range(0, count, CHUNK))
+    bin_file = idx_path.with_suffix(".bin")
+    if n_tokens * ITEMSIZE[names[code]] != bin_file.stat().st_size:
+        raise DataError(f"{idx_path} indexes {n_tokens:,} {names[code]} tokens, {bin_file} holds "
+                        f"{bin_file.stat().st_size:,} bytes: they are not one dataset's .idx and .bin")
     # doc_idx holds each document's first sequence and one past the last
-    return IndexSummary(names[code], max(doc_count - 1, 0), n_tokens)
+    return IndexSummary(names[code], max(doc_count - 1, 0))

@@ -88,6 +88,17 @@ def test_megatron_files_get_mom_preps_meta(tmp_path, dtype):
     assert meta(megatron)["splits"]["train"]["idx"] == "train.idx"
 
 
+def test_megatron_files_that_disagree_are_refused(tmp_path, capsys):
+    reference = prepared(tmp_path, stdlib_docstrings(60), "bytes", "--megatron-idx")
+    (reference / "meta.json").unlink()
+    err = refused(capsys, reference, "--tokenizer", "bytes", "--dtype", "uint32")
+    assert "the dtypes disagree: train.idx says uint16, val.idx says uint16, --dtype says uint32" in err
+    with open(reference / "val.bin", "ab") as f:
+        f.write(b"\0\0")
+    err = refused(capsys, reference, "--tokenizer", "bytes")
+    assert f"{reference / 'val.bin'} holds " in err and "not one dataset's .idx and .bin" in err
+
+
 @pytest.mark.slow
 def test_adopted_gpt2_files_train_as_mom_preps(reference_encoding, tmp_path):  # noqa: F811
     """nanoGPT's own writer (tests/test_prep_gpt2.py) and GPT-2 BPE: the same meta.json, and
