@@ -39,7 +39,10 @@ The engine's side (ZeRO stage, precision, offload) is the DeepSpeed JSON that
 
 
 def type_name(kind: Any) -> str:
-    """`int`, `str | None`, `list[int]`: the annotation as the dataclass spells it."""
+    """`int`, `str | None`, `list[int]`: the annotation as the dataclass spells it, but a
+    Literal as its choices (`'gru' | 'mlp'`), which is what a reader of the page types."""
+    if typing.get_origin(kind) is typing.Literal:
+        return " | ".join(map(repr, typing.get_args(kind)))
     if typing.get_origin(kind) is typing.Union:
         return " | ".join(type_name(a) for a in typing.get_args(kind))
     if kind is type(None):

@@ -98,3 +98,31 @@ def test_readme_is_a_door():
     linked = {Path(t.partition("#")[0]).name for t in LINK.findall(readme)}
     pages = {p.name for p in (REPO / "docs").glob("*.md")}
     assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
+
+
+def test_types_read_as_the_dataclass_spells_them():
+    from typing import Any, Literal, Optional
+
+    from mom_ds.config_reference import type_name
+
+    assert [type_name(t) for t in (int, Optional[str], list[int], dict[str, Any],
+                                   Literal["zero", "mask"], Optional[Literal["gru"]])] == \
+        ["int", "str | None", "list[int]", "dict[str, Any]", "'zero' | 'mask'", "'gru' | None"]
+
+
+def test_group_comments_head_their_fields():
+    from mom_ds.config_reference import groups
+    from mom_ds.model import MoMConfig
+
+    found = groups(MoMConfig)
+    assert found["vocab_size"] == "shape of the transformer" and found["n_bottom"] == "layout"
+    assert "n_positions" not in found  # only the first field of a group opens it
+
+
+def test_write_replaces_the_page(tmp_path):
+    from mom_ds.config_reference import main
+
+    page = tmp_path / "configuration.md"
+    page.write_text("stale")
+    main(["--write", str(page)])
+    assert page.read_text() == render() and [p.name for p in tmp_path.iterdir()] == [page.name]
