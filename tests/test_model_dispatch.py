@@ -101,7 +101,7 @@ def test_unweighted_dispatch_sums_module_outputs():
 
     def fn(rows, groups):  # module 0 doubles, module 1 adds 1; rows in no module are 0
         y = torch.where(groups.module.unsqueeze(1) == 0, rows * 2, rows + 1)
-        return torch.where(groups.valid.unsqueeze(1), y, 0)
+        return y.masked_fill(groups.invalid, 0)
     out = LocalDispatcher().run(x, plan, fn, weighted=False)
     expected = torch.stack([x[0] * 2 + x[0] + 1, x[1] + 1, torch.zeros(2)])
     torch.testing.assert_close(out, expected)
@@ -111,6 +111,6 @@ def test_capacity_keeps_the_earliest_tokens_of_each_module():
     ids = torch.tensor([[0], [0], [1], [0], [2], [0]])  # module 0 chosen 4 times
     plan = make_plan(ids, torch.ones(6, 1), 2, capacity_factor=1.0)  # cap = 3
     assert int(plan.dropped) == 1
-    kept = plan.token[plan.groups.valid].tolist()
+    kept = plan.token[~plan.groups.invalid.squeeze(1)].tolist()
     assert kept == [0, 1, 3, 2]  # module 0: tokens 0, 1, 3 (token 5 dropped); module 1: 2
     assert plan.groups.offsets.tolist() == [3, 4]

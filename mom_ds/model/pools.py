@@ -28,9 +28,10 @@ class RowGroups:
     last offset (SKIP choices, assignments over capacity) belong to no module.
 
     offsets: (G,) int32 cumulative ends, on the device (no host sync to pass them).
-    module: (M,) int64 module of each row, clamped to G - 1 past the last offset (so a bias
-    gather stays in range; those rows are zeroed).
-    valid: (M,) bool, the row belongs to a module.
+    module: (M,) int64 module of each row, G past the last offset: the index of the zero row
+    grouped_linear puts after the biases, so no row in a module needs a mask for its bias.
+    invalid: (M, 1) bool, the row belongs to no module; made once per plan in the shape
+    that masks whole rows, for every projection and gradient that shares these rows.
     host_ends: the offsets on the host, when the caller has them (the all-to-all dispatcher
     does) or once the per-module loop has read them: one read for every projection that
     shares these rows.
@@ -38,18 +39,18 @@ class RowGroups:
 
     offsets: torch.Tensor
     module: torch.Tensor
-    valid: torch.Tensor
+    invalid: torch.Tensor
     host_ends: Optional[list[int]] = None
 
     @classmethod
     def from_sorted(cls, module: torch.Tensor, counts: torch.Tensor,
                     host_counts: Optional[list[int]] = None) -> "RowGroups":
-        """module: (M,) sorted module id of each row, G or more for rows in no module;
-        counts: (G,) rows per module. All on the device; host_counts: counts on the host."""
+        """module: (M,) sorted module id of each row, G for rows in no module; counts: (G,)
+        rows per module. All on the device; host_counts: counts on the host."""
         n = len(counts)
         ends = list(itertools.accumulate(host_counts)) if host_counts is not None else None
-        return cls(torch.cumsum(counts, 0).to(torch.int32), module.clamp_max(n - 1), module < n,
-                   ends)
+        return cls(torch.cumsum(counts, 0, dtype=torch.int32), module,
+                   (module == n).unsqueeze(1), ends)
 
     def ends(self) -> list[int]:
         if self.host_ends is None:
@@ -80,9 +81,9 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 # and (b) rejects a gradient with zero strides ("Invalid strides/sizes", e.g. from
 # y.sum()). Empty groups are fine (checked on CPU: forward and both gradients exact).
 def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+                invalid: torch.Tensor) -> torch.Tensor:
     y = F.grouped_mm(x.contiguous(), weight, offs=offsets)
-    return y.masked_fill_(~valid.unsqueeze(1), 0)
+    return y.masked_fill_(invalid, 0)
 
 
 def _grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor,
@@ -101,7 +102,7 @@ IMPLEMENTATIONS = {"mom_ds::grouped_mm": _grouped_mm,
 
 
 @grouped_mm.register_fake
-def _(x, weight, offsets, valid):
+def _(x, weight, offsets, invalid):
     return x.new_empty(x.shape[0], weight.shape[2])
 
 
@@ -115,8 +116,8 @@ def _save(ctx, inputs, output) -> None:
 
 
 def _grouped_mm_backward(ctx, grad):
-    x, weight, offsets, valid = ctx.saved_tensors
-    grad_x = grouped_mm(grad, weight.transpose(-2, -1), offsets, valid) \
+    x, weight, offsets, invalid = ctx.saved_tensors
+    grad_x = grouped_mm(grad, weight.transpose(-2, -1), offsets, invalid) \
         if ctx.needs_input_grad[0] else None
     grad_w = grouped_mm_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None, None
@@ -161,8 +162,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         gamma, beta = layer_norm
         weight, bias = gamma.unsqueeze(2) * weight, \
             torch.baddbmm(bias.unsqueeze(1), beta.unsqueeze(1), weight).squeeze(1)
-    y = grouped_mm(x, weight, groups.offsets, groups.valid)
-    return torch.where(groups.valid.unsqueeze(1), y + bias.index_select(0, groups.module), 0)
+    y = grouped_mm(x, weight, groups.offsets, groups.invalid)  # rows in no module: 0
+    return y + F.pad(bias, (0, 0, 0, 1)).index_select(0, groups.module)  # and their bias 0
 
 
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
