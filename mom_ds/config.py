@@ -17,7 +17,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -27,6 +27,7 @@ from .modular.config import ModularConfig
 from .strict_yaml import read_yaml
 
 ModelConfig = MoMConfig
+# choice fields are annotated Literal[CHOICES] (--help lists them; other values are refused)
 PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "nccl", "gloo")
 NAN_POLICIES = ("stop", "skip")
@@ -77,7 +78,7 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables; DeepSpeed's gradient_clipping)."""
-    precision: str = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     """auto (bf16 on a GPU that supports it, else fp32), bf16 or fp32."""
     seed: int = 1337
     """Seed of the model initialisation and of dropout."""
@@ -104,7 +105,7 @@ class TrainConfig:
     """Tokens per chunk of the LM head + cross-entropy in training and validation: the
     (tokens x vocab) logits are never whole in memory (each chunk's gradients are formed
     as its loss is, mom_ds/model/lm_loss.py); 0 builds them whole. Modular runs keep them whole (distillation reads them)."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Literal[CHECKPOINTING] = "none"
     """Keep fewer activations and recompute them in the backward (torch.utils.checkpoint;
     the same dropout masks and routing come back): none, layer (each vanilla or MoD layer
     and each routing step of a routed block: the lowest peak) or block (each layer and
@@ -118,13 +119,13 @@ class TrainConfig:
     """[start, end]: record optimizer steps start+1 .. end with torch.profiler into
     profile/ in the run directory (a TensorBoard / Perfetto trace per rank, the routed
     blocks' phases labelled); [] records nothing."""
-    nan_policy: str = "stop"
+    nan_policy: Literal[NAN_POLICIES] = "stop"
     """A step whose loss or gradient norm is not finite: stop (the run ends with exit 3
     before it writes a checkpoint) or skip (the step changes no weight, optimizer state or
     learning rate, as DeepSpeed skips fp16 overflow steps; needs bf16 or ZeRO stage >= 1)."""
     max_skipped_steps: int = 10
     """Under nan_policy skip, this many skipped steps in a row end the run as under stop."""
-    spike_policy: str = "stop"
+    spike_policy: Literal[SPIKE_POLICIES] = "stop"
     """A loss that stays finite but explodes (above spike_factor times its running mean
     for spike_steps optimizer steps in a row): stop (exit 3 before the next checkpoint,
     naming the last good and the best checkpoint), skip (go back to the last good
@@ -146,7 +147,7 @@ class ParallelConfig:
     deepspeed: str = "ds_configs/zero1.json"
     """DeepSpeed JSON (ZeRO stage, precision, offload); batch sizes, clipping and the
     optimizer are filled in from train.* and must agree where the JSON sets them."""
-    backend: str = "auto"
+    backend: Literal[BACKENDS] = "auto"
     """Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
     timeout_minutes: float = 10.0
     """A collective that waits longer than this fails instead of hanging."""
@@ -322,6 +323,12 @@ def _coerce_value(where: str, kind: Any, value: Any) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where} = {value!r}: is not one of {choices}. Fix: use one of "
+                          f"{', '.join(choices)}.")
     elif typing.get_origin(kind) is dict:  # a record mom-train fills in (data.fingerprint)
         if isinstance(value, dict):
             return value
@@ -373,14 +380,22 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> Ru
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections.")
     given = any("vocab_size" in (values.get(key) or {}) for key in ("model", "preset_args"))
-    values = _expand_preset(values)
-    for section, updates in parse_overrides(list(overrides)).items():
-        values.setdefault(section, {})
-        values[section] = {**(values[section] or {}), **updates}
-        given = given or (section == "model" and "vocab_size" in updates)
-    if not given:
+    parsed = parse_overrides(list(overrides))
+    values = _merge(_expand_preset(values), parsed)
+    if not (given or "vocab_size" in parsed.get("model", {})):
         _vocab_from_data(values)
     return RunConfig.from_dict(values)
+
+
+def with_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:
+    """A config already built (a checkpoint's) changed by `--section.key VALUE` overrides,
+    validated again as a whole."""
+    return RunConfig.from_dict(_merge(run.to_dict(), parse_overrides(list(overrides))))
+
+
+def _merge(values: dict[str, Any], parsed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**values, **{section: {**(values.get(section) or {}), **updates}
+                         for section, updates in parsed.items()}}
 
 
 def _vocab_from_data(values: dict[str, Any]) -> None:
@@ -466,23 +481,6 @@ def field_docs(klass: type) -> dict[str, str]:
                 and isinstance(getattr(nxt, "value", None), ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore
     return docs
-
-
-def override_help() -> str:
-    """Every `--section.key` override with its type, default and docstring (mom-train --help)."""
-    import textwrap
-
-    lines = ["config fields (--section.key VALUE overrides the recipe):"]
-    for section, klass in _section_classes().items():
-        docs = field_docs(klass)
-        lines.append(f"  {section}:")
-        for f in dataclasses.fields(klass):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kind = getattr(_field_type(klass, f.name), "__name__", str(_field_type(klass, f.name)))
-            lines.append(f"    --{section}.{f.name} {kind} (default {default!r})")
-            lines += textwrap.wrap(docs.get(f.name, ""), 88, initial_indent=" " * 8,
-                                   subsequent_indent=" " * 8)
-    return "\n".join(lines)
 
 
 def reference_markdown(sections: tuple[str, ...] = ("model", "data", "train", "parallel",

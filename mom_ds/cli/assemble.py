@@ -18,15 +18,20 @@ import sys
 from typing import Optional
 
 from ..model import ConfigError
-from .args import positive_int
+from .args import (add_config_arguments, check_overrides, parse_command_line, positive_int,
+                   print_config)
 from .errors import run_command
 
+# the modules and the teacher are the run's; the held-out windows of --strategy search (and
+# the data the assembled run records) can come from elsewhere
+ASSEMBLE_READS = ("data.data_dir", "data.seq_len")
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+
+def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="mom-assemble", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a modular run directory, its ckpt/ or a ckpt/step_* dir")
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()  # one of them, unless --print-config
     what.add_argument("--ratio", type=float, help="compression ratio: teacher / assembled layers")
     what.add_argument("--layers", type=positive_int, help="assembled depth")
     what.add_argument("--list", action="store_true", help="print the offered ratios and exit")
@@ -36,20 +41,29 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--teacher", help="the teacher's source, if it moved since training")
     parser.add_argument("--search-windows", type=positive_int, default=64,
                         help="val windows that score each candidate of --strategy search")
-    return parser.parse_args(argv)
+    add_config_arguments(parser, ASSEMBLE_READS)
+    args, overrides = parse_command_line(parser, argv)
+    if args.ratio is None and args.layers is None and not args.list and not args.print_config:
+        parser.error("one of the arguments --ratio --layers --list is required")
+    return args, overrides
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    return run_command("mom-assemble", lambda: assemble(args))
+    args, overrides = parse_args(argv)
+    return run_command("mom-assemble", lambda: assemble(args, overrides))
 
 
-def assemble(args: argparse.Namespace) -> int:
+def assemble(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ..config import with_overrides
     from ..modular.assemble import (assembled_model, choose, default_out, load_student,
                                     search_windows, write_assembled)
     from ..modular.assembly import depth_for_ratio, describe, offered_depths, with_depth
 
+    check_overrides("mom-assemble", overrides, ASSEMBLE_READS)
     run, student, step = load_student(args.run, args.teacher)
+    run = with_overrides(run, overrides)
+    if args.print_config:
+        return print_config(run.to_dict())
     n_layers, grains = student.n_layers, student.granularities
     if args.list:
         print(f"{args.run}: {n_layers}-layer teacher, modules of granularities "

@@ -7,10 +7,11 @@
                                              preset as GPT2LMHeadModel, every other model with
                                              its modeling code (trust_remote_code=True); with
                                              the tokenizer of the run's data
-  mom-convert from-hf HF_DIR OUT.safetensors [--config configs/X.yaml]
+  mom-convert from-hf HF_DIR OUT.safetensors [--config configs/X.yaml] [--model.key VALUE ...]
                                              GPT-2 donor -> MoM (two-stage init: the recipe's
-                                             model layout; no --config: the vanilla preset),
-                                             or a to-hf export of any model back as it is
+                                             model layout; no --config: the vanilla preset;
+                                             --model.* overrides either), or a to-hf export of
+                                             any model back as it is
 Start a run from OUT.safetensors with `mom-train --train.init_from OUT.safetensors`.
 """
 from __future__ import annotations
@@ -20,7 +21,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .args import (add_config_arguments, check_overrides, notes_to_stderr, parse_command_line,
+                   print_config)
 from .errors import run_command
+
+# from-hf builds a model config (a layout for the donor's layers), nothing else
+FROM_HF_READS = ("model",)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -41,42 +47,71 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("donor", help="GPT2LMHeadModel directory (or hub name, with the network)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--config", help="recipe whose model: section is the target layout")
-    args = parser.parse_args(argv)
-    return run_command("mom-convert", lambda: convert(args))
+    add_config_arguments(p, FROM_HF_READS)
+    args, overrides = parse_command_line(parser, argv)
+    return run_command("mom-convert", lambda: convert(args, overrides))
 
 
-def convert(args: argparse.Namespace) -> int:
-    from ..model import ConfigError
-    from ..model.hf import from_hf_gpt2
+def convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..model.weights_file import save_weights
     from ..train.export import consolidated_state_dict, load_model, require_whole_model
 
+    check_overrides(f"mom-convert {args.command}", overrides,
+                    FROM_HF_READS if args.command == "from-hf" else ())
+    if args.command == "from-hf":
+        return from_hf(args, overrides)
     if args.command == "fp32":
         run, weights, client = consolidated_state_dict(args.checkpoint)
         require_whole_model(run, args.checkpoint)
         save_weights(args.out, run.model.to_dict(), weights, int(client["step"]))
-    elif args.command == "to-hf":
+    else:
         from ..model.hf_export import check_target, to_hf
 
         check_target(Path(args.out))  # before the checkpoint is read
         run, model, _ = load_model(args.checkpoint)
         to_hf(model, args.out, hf_tokenizer(args, run))
-    else:
-        from ..config import load_run_config
-        from ..model.hf_export import is_mom_export, read_exported
-
-        layout = load_run_config(args.config).model if args.config else None
-        if is_mom_export(args.donor):
-            if layout is not None:
-                raise ConfigError(f"{args.donor} is a mom-ds export, which imports as it is. "
-                                  f"Fix: drop --config (it cuts a GPT-2 donor into a layout).")
-            config, weights = read_exported(args.donor)
-            save_weights(args.out, config.to_dict(), weights, 0)
-        else:
-            model = from_hf_gpt2(args.donor, layout=layout)
-            save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
     print(f"mom-convert {args.command}: wrote {args.out}")
     return 0
+
+
+def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
+    from ..model import ConfigError
+    from ..model.hf import from_hf_gpt2
+    from ..model.hf_export import is_mom_export, read_exported
+    from ..model.weights_file import save_weights
+
+    if is_mom_export(args.donor):
+        if args.config or overrides:
+            raise ConfigError(f"{args.donor} is a mom-ds export, which imports as it is. "
+                              f"Fix: drop --config and the --model.* overrides (they cut a "
+                              f"GPT-2 donor into a layout).")
+        config, weights = read_exported(args.donor)
+        if args.print_config:
+            return print_config({"model": config.to_dict()})
+        save_weights(args.out, config.to_dict(), weights, 0)
+    else:
+        with notes_to_stderr(args.print_config):
+            layout = donor_layout(args, overrides)
+        if args.print_config:
+            return print_config({"model": layout.to_dict()})
+        model = from_hf_gpt2(args.donor, layout=layout)
+        save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
+    print(f"mom-convert from-hf: wrote {args.out}")
+    return 0
+
+
+def donor_layout(args: argparse.Namespace, overrides: list[str]):
+    """The model a GPT-2 donor becomes: the recipe's model section, else the donor's vanilla
+    preset, changed by the --model.* overrides (the donor's own config alone, never its
+    weights, is read for the vanilla preset)."""
+    from ..config import load_run_config, parse_overrides
+    from ..model import MoMConfig
+    from ..model.hf import gpt2_vanilla_config
+
+    if args.config:
+        return load_run_config(args.config, overrides).model
+    vanilla = gpt2_vanilla_config(args.donor).to_dict()
+    return MoMConfig.from_dict({**vanilla, **parse_overrides(overrides).get("model", {})})
 
 
 def hf_tokenizer(args: argparse.Namespace, run):

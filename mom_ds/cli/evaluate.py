@@ -26,8 +26,13 @@ import torch
 
 from ..model.flops import flops_per_token
 from ..model.mod_block import MoDRouting
-from .args import add_device_argument, device, positive_int
+from .args import (add_config_arguments, add_device_argument, check_overrides, device,
+                   parse_command_line, positive_int, print_config)
 from .errors import run_command
+
+# the checkpoint's config is what mom-eval scores with: its model (any field that leaves
+# the weights as trained) and where its windows come from
+EVAL_READS = ("model", "data.data_dir", "data.seq_len")
 
 
 def validation_windows(n_windows: int, count: int) -> list[int]:
@@ -99,12 +104,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                               "hooks run code: only directories you trust")
     harness.add_argument("--output",
                          help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser, EVAL_READS)
+    args, overrides = parse_command_line(parser, argv)
     if not args.tasks and (args.limit or args.num_fewshot is not None or args.include_path
                            or args.output):
         parser.error("--limit, --num-fewshot, --include-path and --output go with --tasks")
-    body = run_tasks if args.tasks else evaluate
-    return run_command("mom-eval", lambda: body(args))
+    if args.tasks and overrides:
+        parser.error("--tasks takes no --section.key overrides (the harness loads the "
+                     "checkpoint as trained); --depth and --top-k choose its compute")
+    if args.tasks and not args.print_config:
+        return run_command("mom-eval", lambda: run_tasks(args))
+    return run_command("mom-eval", lambda: evaluate(args, overrides))
 
 
 def task_list(text: str) -> list[str]:
@@ -136,12 +146,15 @@ def run_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data import TokenizedDataset
     from ..train.export import load_model, validation_window_count
     from ..train.run_data import check_data
 
-    run, model, client = load_model(args.checkpoint, args.depth, args.top_k)
+    run, model, client = load_model(args.checkpoint, args.depth, args.top_k,
+                                    check_overrides("mom-eval", overrides, EVAL_READS))
+    if args.print_config:
+        return print_config(run.to_dict())
     data_dir = args.data_dir or run.data.data_dir
     check_data("mom-eval", args.checkpoint, run.data.fingerprint, data_dir,
                args.allow_data_change)

@@ -15,15 +15,21 @@ from typing import Optional
 import torch
 
 from ..model import ConfigError
-from .args import add_device_argument, device, non_negative_float, positive_int, probability
+from .args import (add_config_arguments, add_device_argument, check_overrides, device,
+                   non_negative_float, parse_command_line, positive_int, print_config,
+                   probability)
 from .errors import run_command
+
+# the checkpoint's model is what samples (any field that leaves the weights as trained);
+# the tokenizer is the run's own (--data-dir names another)
+GENERATE_READS = ("model",)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mom-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run directory, its ckpt/ or a ckpt/step_* dir")
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--prompt", help="the text to continue (required)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=200, help="default: 200")
     parser.add_argument("--temperature", type=non_negative_float, default=0.8,
                         help="0 is greedy (default: 0.8)")
@@ -42,15 +48,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-k-modules", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained; --top-k is "
                              "the sampler's)")
-    args = parser.parse_args(argv)
-    return run_command("mom-generate", lambda: generate(parser, args))
+    add_config_arguments(parser, GENERATE_READS)
+    args, overrides = parse_command_line(parser, argv)
+    if args.prompt is None and not args.print_config:  # --print-config alone needs none
+        parser.error("the following arguments are required: --prompt")
+    return run_command("mom-generate", lambda: generate(parser, args, overrides))
 
 
-def generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             overrides: list[str]) -> int:
     from ..train.export import load_model
     from ..train.run_data import run_tokenizer
 
-    run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules)
+    run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules,
+                               check_overrides("mom-generate", overrides, GENERATE_READS))
+    if args.print_config:
+        return print_config(run.to_dict())
     tokenizer = run_tokenizer("mom-generate", args.checkpoint, run, args.data_dir,
                               args.allow_data_change)
     try:

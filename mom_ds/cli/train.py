@@ -19,15 +19,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError, RunConfig, load_run_config, override_help
-from .args import positive_int
+from ..config import ConfigError, RunConfig, load_run_config
+from .args import (EVERY_FIELD, add_config_arguments, check_overrides, notes_to_stderr,
+                   parse_command_line, positive_int, print_config)
 from .errors import exit_code, run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="mom-train", description=__doc__,
-                                     epilog=override_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mom-train", description=__doc__)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON (overrides parallel.deepspeed)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, type=resume_value,
@@ -50,7 +49,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--verbose", action="store_true",
                         help="show DeepSpeed's own start-up lines")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
-    return parser.parse_known_args(argv)
+    add_config_arguments(parser, EVERY_FIELD)
+    return parse_command_line(parser, argv)
 
 
 def resume_value(value: str) -> str:
@@ -83,6 +83,7 @@ def single_process_env() -> None:
 
 
 def load_config(args: argparse.Namespace, overrides: list[str]) -> RunConfig:
+    overrides = check_overrides("mom-train", overrides, EVERY_FIELD)
     if args.deepspeed:
         overrides = [*overrides, "--parallel.deepspeed", args.deepspeed]
     return load_run_config(args.config, overrides)
@@ -120,6 +121,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.print_config:
+        with notes_to_stderr(True):
+            run = load_config(args, overrides)
+        return print_config(run.to_dict())
     if args.resume_from:
         args.resume = True
     single_process_env()

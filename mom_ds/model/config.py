@@ -9,10 +9,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
+# The choices of the choice fields, which are annotated Literal[CHOICES]: --help and the
+# config reference list them, a YAML or command-line value outside them is refused.
 ROUTER_KINDS = ("gru", "mlp", "fixed")
 FIXED_ROUTES = ("layer", "cycle")
 SKIP_IN_ATTENTION = ("zero", "mask")
@@ -61,14 +63,14 @@ class MoMConfig:
     """H: routing steps per routed block (the assembled depth)."""
     top_k: int = 1
     """K: modules (or SKIP) each token picks per step for attention and for FFN."""
-    router: str = "gru"
+    router: Literal[ROUTER_KINDS] = "gru"
     """Router kind for both halves: gru (state across steps), mlp (stateless), fixed (one
     module per step, weight 1, whatever top_k says)."""
-    attn_router: Optional[str] = None
+    attn_router: Optional[Literal[ROUTER_KINDS]] = None
     """Override of `router` for the attention half (e.g. fixed attention in the MoE preset)."""
-    ffn_router: Optional[str] = None
+    ffn_router: Optional[Literal[ROUTER_KINDS]] = None
     """Override of `router` for the FFN half."""
-    fixed_route: str = "layer"
+    fixed_route: Literal[FIXED_ROUTES] = "layer"
     """Fixed routers: `layer` sends step h to module h (needs H <= pool), `cycle` to
     module h mod pool (layer sharing)."""
     router_width: int = 256
@@ -77,10 +79,10 @@ class MoMConfig:
     """Softmax temperature of the router logits."""
     use_skip: bool = True
     """Add the SKIP class: a token choosing it passes on the residual."""
-    skip_in_attention: str = "zero"
+    skip_in_attention: Literal[SKIP_IN_ATTENTION] = "zero"
     """A SKIP-only token in attention: `zero` keeps it as a key with q=k=v=0 (authors),
     `mask` removes it from the key set."""
-    weighting: str = "prob"
+    weighting: Literal[WEIGHTINGS] = "prob"
     """`prob`: K=1 multiplies by the raw top-1 probability (router gets LM gradient),
     K>=2 renormalises; `renorm`: always renormalise (K=1 weight is exactly 1, authors);
     `logit`: the chosen raw router logits, no softmax, no temperature (the authors' default
@@ -103,7 +105,7 @@ class MoMConfig:
     """Fraction of each sequence's tokens a MoD block processes; 0 turns MoD off."""
     mod_every: int = 2
     """Every mod_every-th bottom layer (the 2nd, 4th, ...) is a MoD block."""
-    mod_decode: str = "bce"
+    mod_decode: Literal[MOD_DECODE] = "bce"
     """Causal routing for sampling: `bce` (router logit > 0 trained by a BCE loss) or
     `predictor` (small MLP on stop-gradient inputs)."""
     mod_aux_loss_coef: float = 0.01

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, with_overrides
 from ..model import ConfigError, MoMConfig, MoMForCausalLM
 from .checkpoint import DENSE, choose_tag, read_tag, verify_tag
 from .published import LATEST
@@ -78,14 +78,25 @@ def with_compute(config: MoMConfig, depth: Optional[int] = None,
         raise ConfigError(f"--depth {depth} / --top-k {top_k}: {err}") from None
 
 
-def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None
-               ) -> tuple[RunConfig, MoMForCausalLM, dict[str, Any]]:
+def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None,
+               overrides: Sequence[str] = ()) -> tuple[RunConfig, MoMForCausalLM, dict[str, Any]]:
     """(config, model, client state) of a checkpoint, the model on one process in eval mode,
-    optionally with H' routing steps and K' modules per step (with_compute); run.model then
-    describes the changed model."""
+    optionally with H' routing steps and K' modules per step (with_compute) and the
+    checkpoint's config changed by `--section.key VALUE` overrides; run then describes the
+    changed model. An override that changes a weight's shape is a ConfigError."""
     run, weights, client = consolidated_state_dict(path)
     require_whole_model(run, path)
+    run = with_overrides(run, overrides)
     run.model = with_compute(run.model, depth, top_k)
     model = MoMForCausalLM(run.model)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        if not overrides:
+            raise
+        problem = str(err).splitlines()[1].strip().rstrip(".")  # the first mismatch
+        raise ConfigError(f"{' '.join(overrides)}: the checkpoint's weights do not fit the "
+                          f"changed model ({problem}). Fix: override only what leaves the "
+                          f"weights as trained (e.g. --model.depth, --model.top_k, "
+                          f"--model.temperature).") from None
     return run, model.eval(), client
