@@ -16,6 +16,10 @@ Two kinds of read stall a GPU:
 mom-ds's own custom operators (mom_ds::grouped_mm, ...) reach the mode as one op each; the
 guard runs their implementations under itself, so what they call is checked as well.
 
+What `.cpu()` returns is on the host on CUDA too: the guard marks it, and everything
+computed from marked tensors only, and reading those is no sync (a logging step's numbers,
+read once with `.cpu()`, then printed: mom_ds/train/step_log.py).
+
 `count_syncs()` counts both; `no_syncs()` fails at the first one, naming it.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections import Counter
 from typing import Iterator, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mom_ds.model import pools
@@ -89,6 +94,18 @@ def why_it_syncs(func, args: tuple, kwargs: dict) -> Optional[str]:
     return None
 
 
+HOST = "_sync_guard_on_host"
+
+
+def on_host(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, HOST, False)
+
+
+def _mark(t) -> None:
+    if isinstance(t, torch.Tensor):
+        setattr(t, HOST, True)
+
+
 class _SyncCounter(TorchDispatchMode):
     def __init__(self, strict: bool):
         super().__init__()
@@ -107,10 +124,15 @@ class _SyncCounter(TorchDispatchMode):
         if func.namespace == "mom_ds":  # our custom operators: look inside them too
             with self:
                 return pools.IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        host = bool(tensors) and all(on_host(t) for t in tensors)
         why = why_it_syncs(func, args, kwargs)
-        if why is not None:
+        if why is not None and not host:
             self.record(str(func.overloadpacket).replace("aten.", "aten::"), why)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if host:  # computed on the host from host data: stays there
+            pytree.tree_map(_mark, out)
+        return out
 
 
 @contextlib.contextmanager
@@ -122,8 +144,15 @@ def _guard(strict: bool) -> Iterator[Counter]:
         original = saved[name]
 
         def read(self, *args, **kwargs):
-            mode.record(f"Tensor.{name}", "a device-to-host copy on CUDA")
-            return original(self, *args, **kwargs)
+            if not on_host(self):
+                mode.record(f"Tensor.{name}", "a device-to-host copy on CUDA")
+            out = original(self, *args, **kwargs)
+            if name == "cpu":
+                # on a CPU machine .cpu() returns the tensor itself: mark a new alias, not
+                # the device-side tensor the caller keeps
+                out = out.detach() if out is self else out
+                _mark(out)
+            return out
         return read
     try:
         for name in PYTHON_READS:

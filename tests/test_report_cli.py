@@ -28,7 +28,7 @@ def run_dir(tmp_path):
         stats.add(model(torch.randint(0, 257, (2, 16))).routing)
         monitor.scalars(step, {"train/loss": 5.0 - 0.2 * step, "train/lr": 1e-3 * step,
                                "perf/tokens_per_s": 1000.0 + step, "perf/mfu": 0.01})
-        monitor.routing(step, stats)
+        monitor.routing(step, stats.blocks)
     monitor.scalars(5, {"eval/loss": 4.5})
     monitor.close()
     return tmp_path

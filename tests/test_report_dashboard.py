@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,13 +18,13 @@ TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n
 
 
 def test_load_balance_statistics():
-    balanced = torch.tensor([[5, 5, 5, 5, 7]])        # SKIP (last) is not a module load
+    balanced = np.array([[5, 5, 5, 5, 7]])        # SKIP (last) is not a module load
     assert load_balance(balanced) == (1.0, 0.0)
-    one_hot = torch.tensor([[8, 0, 0, 0, 1], [2, 2, 2, 2, 0]])
+    one_hot = np.array([[8, 0, 0, 0, 1], [2, 2, 2, 2, 0]])
     max_over_mean, cv = load_balance(one_hot)
     assert max_over_mean == 4.0                        # the worst router step
     assert cv == pytest.approx(math.sqrt(3) / 2)       # mean of sqrt(3) and 0
-    assert load_balance(torch.tensor([[0, 0, 9]])) == (1.0, 0.0)  # everything skipped
+    assert load_balance(np.array([[0, 0, 9]])) == (1.0, 0.0)  # everything skipped
 
 
 def test_dashboard_read_back(tmp_path):
@@ -45,6 +46,15 @@ def test_dashboard_read_back(tmp_path):
         for name in ("attn_skip_rate", "ffn_skip_rate", "attn_load_max_over_mean",
                      "ffn_load_cv", "mean_depth", "balance_loss", "dropped_tokens", "capacity"):
             assert [e.step for e in events.Scalars(f"{tag}/{name}")] == [1, 2], name
+        # tokens per module, summed over the steps by hand, and the modules none chose
+        for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):
+            pool = counts.shape[1] - 1
+            for j in range(pool):
+                by_hand = sum(int(counts[h, j]) for h in range(config.depth))
+                assert events.Scalars(f"{tag}/{half}_tokens_module{j}")[0].value == by_hand
+            dead = sum(all(int(counts[h, j]) == 0 for h in range(config.depth))
+                       for j in range(pool))
+            assert events.Scalars(f"{tag}/{half}_dead_modules")[0].value == dead
         skip = events.Scalars(f"{tag}/attn_skip_rate")[0].value
         counts = block.attn_counts.double()
         assert skip == pytest.approx(float(counts[:, -1].sum() / counts.sum()), rel=1e-6)

@@ -4,8 +4,9 @@
 
 Reads the TensorBoard events under RUN_DIR/tb (what mom-train writes) and renders
 REPORT.png (default RUN_DIR/report.png) plus REPORT.html beside it: loss (train and val),
-learning rate, throughput and MFU, and per routed block the SKIP rates and mean depth over
-training and a heat map of module usage at the last logged step. Needs matplotlib.
+learning rate, gradient norm, throughput and MFU, and per routed block the SKIP rates and mean depth over
+training and a heat map of module usage at the last logged step; a dotted line on every
+panel over steps marks each step the run resumed at (run/resumed). Needs matplotlib.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def load_events(run_dir: Path) -> RunEvents:
 
 def panel_titles(run: RunEvents) -> list[str]:
     """The panels render() draws for this run, in order."""
-    titles = ["loss", "learning rate", "throughput"]
+    titles = ["loss", "learning rate", "gradient norm", "throughput"]
     for block in sorted(run.usage):
         titles += [f"block {block}: skip rate and depth", f"block {block}: module usage"]
     return titles
@@ -90,6 +91,7 @@ def render(run: RunEvents, title: str):
     fig.suptitle(title)
     panels = iter(axes.flat)
     s = run.scalars
+    resumes = s["run/resumed"][0].tolist() if "run/resumed" in s else []
 
     def lines(title: str, names: list[str], ylabel: str):
         """Next panel: the named scalars over steps."""
@@ -100,7 +102,9 @@ def render(run: RunEvents, title: str):
                 ax.plot(*s[name], marker="." if len(s[name][0]) < 50 else None, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if ax.lines:
+        for i, step in enumerate(resumes):
+            ax.axvline(step, color="grey", linestyle=":", label="resumed" if i == 0 else None)
+        if len(ax.lines) > len(resumes):
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", transform=ax.transAxes)
@@ -115,6 +119,7 @@ def render(run: RunEvents, title: str):
 
     lines("loss", ["train/loss", "train/lm_loss", "eval/loss"], "loss")
     lines("learning rate", ["train/lr"], "learning rate")
+    lines("gradient norm", ["train/grad_norm"], "global gradient norm (before clipping)")
     twin(lines("throughput", ["perf/tokens_per_s"], "tokens/s"), "perf/mfu", "MFU % (dashed)",
          100.0)
     for block in sorted(run.usage):

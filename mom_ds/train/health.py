@@ -114,17 +114,29 @@ class Health:
         mean, steps = torch.stack([self.mean, self.mean_steps]).tolist()
         return {"loss_mean": mean, "loss_mean_steps": int(steps)}
 
-    def check(self, step: int, grad_norm: Optional[float]) -> None:
-        """Collective (every rank at the same step): raise if a policy says the run ends."""
+    def reduced(self, *extra: torch.Tensor) -> torch.Tensor:
+        """Collective (every rank at the same step): what `judge` reads, as the maximum over
+        ranks, on the device (no host sync); `extra` scalars ride along in the same
+        all-reduce (a logging step's peak memory)."""
         # -1 (none) is below every step, so MAX keeps a bad step; the skip run is a count
         device = self.first_bad.device
         seen = torch.stack([self.first_bad.to(torch.float64),
                             torch.tensor(float(self.longest_skip_run), dtype=torch.float64,
                                          device=device),
-                            self.spike_start, self.spike_loss, self.mean])
+                            self.spike_start, self.spike_loss, self.mean,
+                            *(e.to(device=device, dtype=torch.float64) for e in extra)])
         if dist.is_initialized():
             dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        bad, skip_run, spike, spike_loss, mean = seen.tolist()
+        return seen
+
+    def check(self, step: int, grad_norm: Optional[float]) -> None:
+        """Collective: raise if a policy says the run ends (one host read)."""
+        self.judge(step, self.reduced().tolist(), grad_norm)
+
+    def judge(self, step: int, seen: list[float], grad_norm: Optional[float]) -> None:
+        """`reduced()` read to the host (a logging step reads it with everything else it
+        logs, in one transfer): raise if a policy says the run ends."""
+        bad, skip_run, spike, spike_loss, mean = seen[:5]
         if bad >= 0:
             raise stop("the training loss is not finite", int(bad), self.ckpt_dir)
         if spike >= 0:
@@ -137,5 +149,5 @@ class Health:
                 raise stop(f"{int(skip_run)} steps in a row had a non-finite loss or gradient "
                            f"and were skipped (train.max_skipped_steps = {self.max_skipped})",
                            step, self.ckpt_dir)
-        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise stop(f"the gradient norm is {float(grad_norm)}", step, self.ckpt_dir)
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            raise stop(f"the gradient norm is {grad_norm}", step, self.ckpt_dir)

@@ -4,6 +4,7 @@ reduction (expert parameters over their expert-data-parallel group), the clippin
 optimizer step of every parameter."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from .health import Health, SpikeError
 from .profiling import StepProfiler
 from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
-from .monitor import Monitor, RoutingStats, comm_stats, device_peak_tflops, memory_gb
+from .monitor import Monitor, RoutingStats, device_peak_tflops
+from .step_log import grad_norm_tensor, read_step
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -91,7 +93,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
     spikes_skipped = 0
     agreement = StopAgreement(stopping.REQUEST, timedelta(minutes=run.parallel.timeout_minutes))
     profiler = StepProfiler(t.profile_steps, t.out_dir)
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
     while progress.step < stop:
         step = progress.step
         logging = t.log_interval and ((step + 1) % t.log_interval == 0 or step == 0
@@ -102,7 +104,9 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         stats = RoutingStats() if logging else None
         sums: dict[str, torch.Tensor] = {}  # loss and its terms: no host sync per step
         for _ in range(t.grad_accum_steps):
+            fetch_start = time.perf_counter()
             x, y = batches.next()
+            data_seconds += time.perf_counter() - fetch_start
             out = engine(x, labels=y, loss_chunk_tokens=t.loss_chunk_tokens)
             engine.backward(out.loss)
             engine.step()  # DeepSpeed steps the optimizer and LR only at the boundary
@@ -124,45 +128,55 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         saving = stop_requested or progress.step == stop or (
             t.ckpt_interval and progress.step % t.ckpt_interval == 0)
         evaluating = done or saving or (t.eval_interval and progress.step % t.eval_interval == 0)
-        grad_norm = None
+        reading = None
         if logging or evaluating or saving:  # where the loop syncs anyway
             grad_norm = engine.get_global_grad_norm()
             try:
-                health.check(progress.step, grad_norm)
+                if logging:  # the health flags come in the logging step's one transfer
+                    reading = read_step(sums, t.grad_accum_steps, stats, out.mod_routing,
+                                        health, grad_norm, engine.module)
+                    health.judge(progress.step, reading.health, reading.grad_norm)
+                else:
+                    norm = grad_norm_tensor(grad_norm)
+                    health.check(progress.step, float(norm if norm is not None else grad_norm)
+                                 if grad_norm is not None else None)
             except SpikeError as spike:
                 if t.spike_policy != "skip" or spikes_skipped == t.max_spike_skips:
                     raise
                 spikes_skipped += 1
                 health = skip_spike(spike, engine, model, layout, ckpt_dir, progress, t,
                                     batches.device, monitor)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
                 continue
 
-        if logging:
-            means = mean_over_ranks(torch.stack(list(sums.values())) / t.grad_accum_steps)
-            losses = {f"train/{name}": v for name, v in zip(sums, means)}
-            stats.all_reduce()
+        if reading is not None:
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
-            fpt = model.train_flops_per_token(run.data.seq_len, out, stats.blocks)
-            loss = losses["train/loss"]
+            # the FLOPs of the routing taken, from the host copies of what it chose
+            fpt = model.train_flops_per_token(
+                run.data.seq_len, dataclasses.replace(out, mod_routing=reading.mod_routing),
+                reading.routing)
+            losses = {f"train/{name}": v for name, v in reading.losses.items()}
             values = {**losses, "train/lr": lr, "perf/tokens_per_s": tok_s,
                       "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
                       "perf/mfu": tok_s * fpt / (peak * 1e12 * world),
-                      "perf/memory_gb": memory_gb(), "train/tokens_seen": progress.tokens_seen}
-            if grad_norm is not None:
-                values["train/grad_norm"] = float(grad_norm)
+                      "perf/step_time_s": elapsed / window_steps,
+                      "perf/data_time_s": data_seconds / window_steps,
+                      "perf/memory_gb": reading.memory_gb,
+                      "train/tokens_seen": progress.tokens_seen}
+            if reading.grad_norm is not None:
+                values["train/grad_norm"] = reading.grad_norm
             skipped = ""
             if t.nan_policy == "skip":  # DeepSpeed's count, kept in its checkpoints
                 values["train/skipped_steps"] = engine.skipped_steps
                 skipped = f" skipped {engine.skipped_steps}" if engine.skipped_steps else ""
             eta = (stop - progress.step) * elapsed / window_steps
             monitor.scalars(progress.step, values, echo=(
-                f"step {progress.step}/{t.max_steps} loss {loss:.4f} lr {values['train/lr']:.2e} "
-                f"{tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% eta {format_eta(eta)}"
-                f"{skipped}"))
-            monitor.routing(progress.step, stats, comm_stats(engine.module))
-            window_start, window_steps = time.perf_counter(), 0
+                f"step {progress.step}/{t.max_steps} loss {losses['train/loss']:.4f} "
+                f"lr {lr:.2e} {tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% "
+                f"eta {format_eta(eta)}{skipped}"))
+            monitor.routing(progress.step, reading.routing, reading.comm)
+            window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
 
         if evaluating:
             last_eval = evaluate(engine, make_val, t.eval_batches, t.loss_chunk_tokens)
@@ -176,7 +190,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             if stop_requested and progress.step < stop:  # at the end, the run just ends
                 raise agreement.stop(progress.step, tag, ckpt_dir, monitor)
         if evaluating or saving:  # their time is not training time
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
     agreement.close()
     return last_eval
 

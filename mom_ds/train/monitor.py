@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from ..files import write_text
 from ..model.routed_block import BlockRouting
@@ -105,15 +106,15 @@ class RoutingStats:
             b.calls *= dist.get_world_size()
 
 
-def comm_stats(model) -> dict[str, Any]:
-    """All-to-all bytes and seconds of the expert-parallel exchanges since the last call
-    (summed, resp. averaged, over ranks); {} without expert parallelism. Every rank calls it
-    at the same step."""
+def comm_totals(model) -> Optional[torch.Tensor]:
+    """(2,) float64 on the device: the all-to-all bytes of the expert-parallel exchanges
+    since the last call, summed over ranks, and their seconds, averaged over ranks; None
+    without expert parallelism. Collective: every rank calls it at the same step."""
     dispatchers = [d for block in getattr(model, "chunks", [])
                    for d in (block.attn_dispatcher, block.ffn_dispatcher)
                    if hasattr(d, "take_comm_stats")]
     if not dispatchers:
-        return {}
+        return None
     taken = [d.take_comm_stats() for d in dispatchers]
     device = next(model.parameters()).device
     values = torch.tensor([float(sum(t[0] for t in taken)), sum(t[1] for t in taken)],
@@ -121,8 +122,7 @@ def comm_stats(model) -> dict[str, Any]:
     if dist.is_initialized():
         dist.all_reduce(values)
         values[1] /= dist.get_world_size()
-    sent, seconds = values.tolist()
-    return {"all_to_all_bytes": sent, "all_to_all_seconds": seconds}
+    return values
 
 
 class Monitor:
@@ -169,6 +169,19 @@ class Monitor:
                           f"raise the quota) on that file system, then mom-train --resume; the "
                           f"last published checkpoint is intact.") from None
 
+    def started(self, step: int, config: dict[str, Any]) -> None:
+        """At every start: the resolved config as text (TensorBoard's text tab), and on a
+        resume a marker, run/resumed = 1 at the step the run went on from (mom-report draws
+        it). TensorBoard only: metrics.jsonl keeps one row per logged step."""
+        if not self.enabled:
+            return
+        text = "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```"
+        with self._writing(self.tb_dir):
+            self.writer.add_text("run/config", text, step)
+            if step:
+                self.writer.add_scalar("run/resumed", 1.0, step)
+            self.writer.flush()
+
     def scalars(self, step: int, values: dict[str, float], echo: Optional[str] = None) -> None:
         if not self.enabled:
             return
@@ -182,12 +195,13 @@ class Monitor:
         if echo:
             print(echo, flush=True)
 
-    def routing(self, step: int, stats: RoutingStats, comm: Optional[dict] = None) -> None:
+    def routing(self, step: int, blocks: list[BlockRouting],
+                comm: Optional[dict] = None) -> None:
         """The routing dashboard (routing_dashboard.py) of the global batch."""
-        if not self.enabled or not stats.blocks:
+        if not self.enabled or not blocks:
             return
         with self._writing(self.tb_dir):
-            log_routing(self.writer, step, stats.blocks, **(comm or {}))
+            log_routing(self.writer, step, blocks, **(comm or {}))
 
     def close(self) -> None:
         if self.enabled:

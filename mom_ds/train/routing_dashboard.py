@@ -10,6 +10,8 @@ For every routed block, at one step:
                                                  (1 = perfectly balanced; worst router step)
   routing/block{c}/{attn,ffn}_load_cv            coefficient of variation of module loads
                                                  (std / mean, averaged over router steps)
+  routing/block{c}/{attn,ffn}_tokens_module{j}  choices of module j, summed over the steps
+  routing/block{c}/{attn,ffn}_dead_modules       modules no token chose at any step
   routing/block{c}/{attn,ffn}_usage_step{h}     histogram: choices per module (last = SKIP)
   routing/block{c}/depth          histogram of assembled depth per token
   routing/block{c}/mean_depth, routing/block{c}/balance_loss
@@ -61,10 +63,10 @@ def usage_image(attn_counts: torch.Tensor, ffn_counts: torch.Tensor) -> np.ndarr
     return image.transpose(2, 0, 1)
 
 
-def load_balance(counts: torch.Tensor) -> tuple[float, float]:
+def load_balance(counts: np.ndarray) -> tuple[float, float]:
     """(worst max/mean load, mean coefficient of variation) over router steps, of the
     modules only (SKIP is a choice, not a module with a load to balance)."""
-    loads = counts.detach().double().cpu().numpy()[:, :-1]
+    loads = counts[:, :-1]
     mean = loads.mean(axis=1)
     used = mean > 0  # a step where every token skipped has no load to balance
     if not used.any():
@@ -74,11 +76,10 @@ def load_balance(counts: torch.Tensor) -> tuple[float, float]:
     return float(max_over_mean), float(cv)
 
 
-def write_count_histogram(writer, name: str, values: torch.Tensor, counts: torch.Tensor,
+def write_count_histogram(writer, name: str, values: np.ndarray, counts: np.ndarray,
                           step: int) -> None:
     """A TensorBoard histogram from counts per value (bucket i holds value i's count)."""
-    values, counts = values.double(), counts.double().cpu()
-    edges = torch.cat([(values[1:] + values[:-1]) / 2, values[-1:] + 0.5])
+    edges = np.concatenate([(values[1:] + values[:-1]) / 2, values[-1:] + 0.5])
     writer.add_histogram_raw(
         name, min=float(values[0]), max=float(values[-1]), num=float(counts.sum()),
         sum=float((values * counts).sum()), sum_squares=float((values * values * counts).sum()),
@@ -95,20 +96,24 @@ def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
         tag = f"routing/block{c}"
         writer.add_image(f"{tag}/usage", usage_image(block.attn_counts, block.ffn_counts), step)
         for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):
-            total = float(counts.sum())
+            counts = counts.detach().double().cpu().numpy()
             writer.add_scalar(f"{tag}/{half}_skip_rate",
-                              float(counts[:, -1].sum()) / max(total, 1.0), step)
+                              counts[:, -1].sum() / max(counts.sum(), 1.0), step)
             max_over_mean, cv = load_balance(counts)
             writer.add_scalar(f"{tag}/{half}_load_max_over_mean", max_over_mean, step)
             writer.add_scalar(f"{tag}/{half}_load_cv", cv, step)
-            for h, row in enumerate(counts.detach().double().cpu()):  # bucket = module id
+            per_module = counts[:, :-1].sum(axis=0)  # choices of each module, all steps
+            for j, n in enumerate(per_module):
+                writer.add_scalar(f"{tag}/{half}_tokens_module{j}", n, step)
+            writer.add_scalar(f"{tag}/{half}_dead_modules", int((per_module == 0).sum()), step)
+            for h, row in enumerate(counts):  # bucket = module id
                 write_count_histogram(writer, f"{tag}/{half}_usage_step{h}",
-                                      torch.arange(len(row)), row, step)
-        depth = block.depth_hist.detach().double().cpu()
+                                      np.arange(len(row), dtype=np.float64), row, step)
+        depth = block.depth_hist.detach().double().cpu().numpy()
         if depth.sum() > 0:
-            levels = torch.arange(len(depth), dtype=torch.float64) / 2
+            levels = np.arange(len(depth), dtype=np.float64) / 2
             write_count_histogram(writer, f"{tag}/depth", levels, depth, step)
-            writer.add_scalar(f"{tag}/mean_depth", block.mean_depth, step)
+            writer.add_scalar(f"{tag}/mean_depth", (levels * depth).sum() / depth.sum(), step)
         writer.add_scalar(f"{tag}/balance_loss",
                           float(block.aux_loss.detach().mean()) / block.calls, step)
         writer.add_scalar(f"{tag}/dropped_tokens", float(block.dropped), step)

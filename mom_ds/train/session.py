@@ -99,6 +99,7 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         if progress.step == 0:  # else config.yaml is the checkpoint's until the next one
             write_config(run, out_dir)  # the exact config, overrides included
     monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
+    monitor.started(progress.step, run.to_dict())
     if rank == 0:
         if world > 1:
             print(describe(peers), flush=True)
