@@ -5,6 +5,10 @@ key, instead of a traceback on every rank or a setting silently ignored.
 
 The known top-level keys are the ones DeepSpeedConfig reads: it is run once over a dict
 that records every key asked for, so the list follows the installed DeepSpeed.
+
+`"auto"` values (the Hugging Face Trainer's convention: "fill this in from the training
+arguments") are resolved from the recipe first (resolve_auto), so a JSON kept from the
+Trainer works as it is; the values they become are then checked like any other.
 """
 from __future__ import annotations
 
@@ -12,10 +16,14 @@ import difflib
 import functools
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError
 
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
+AUTO = "auto"
 # what DeepSpeedConfig needs to parse a JSON that leaves the batch sizes to mom-train
 _BATCH = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
 _FILLED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -107,6 +115,39 @@ def check_deepspeed_json(ds_json: Any, where: str) -> None:
                               f"ds_configs/*.json and deepspeed.ai/docs/config-json.") from None
     raise ConfigError(f"{where}: DeepSpeed refuses these settings together "
                       f"({_first_line(failure)}). Fix: change one of them.")
+
+
+def auto_values(run: "RunConfig", filled: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    """What `"auto"` stands for at each key (dotted path) it may appear at: the values
+    mom-train fills in (`filled`: batch sizes, clipping), the precision it chose, the AdamW
+    settings of train.*, and the ZeRO buckets sized from model.d_model as the Trainer sizes
+    them from the hidden size (transformers' HfTrainerDeepSpeedConfig)."""
+    t, width = run.train, run.model.d_model
+    return {**filled, "bf16.enabled": bf16, "fp16.enabled": False, "amp.enabled": False,
+            "optimizer.params.lr": t.lr, "optimizer.params.betas": [t.beta1, t.beta2],
+            "optimizer.params.eps": t.eps, "optimizer.params.weight_decay": t.weight_decay,
+            "zero_optimization.reduce_bucket_size": width * width,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * width * width),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * width}
+
+
+def resolve_auto(ds_json: Any, values: dict[str, Any], where: str) -> Any:
+    """`ds_json` with every `"auto"` replaced by its value in `values` (auto_values);
+    ConfigError naming an `"auto"` the recipe has no value for."""
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, dict):
+            return {key: walk(value, f"{path}.{key}" if path else key)
+                    for key, value in node.items()}
+        if node != AUTO:
+            return node
+        if path not in values:
+            raise ConfigError(f'{where}: {path} = "auto", but mom-train has nothing in the '
+                              f'recipe to fill it with ("auto" is resolved at '
+                              f'{", ".join(sorted(values))}). Fix: give {path} a value or '
+                              f'remove it.')
+        return values[path]
+
+    return walk(ds_json, "")
 
 
 def _did_you_mean(close: list[str]) -> str:

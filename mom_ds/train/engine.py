@@ -21,7 +21,7 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..parallel.parallelize import engine_param_groups
-from .ds_schema import check_deepspeed_json
+from .ds_schema import auto_values, check_deepspeed_json, resolve_auto
 
 
 def world_size_from_env() -> int:
@@ -48,16 +48,19 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
     DeepSpeed's own parser refuses the JSON (ds_schema.py)."""
     t = run.train
     where = f"DeepSpeed config {run.parallel.deepspeed}"
-    check_deepspeed_json(ds_json, where)
-    cfg = copy.deepcopy(ds_json)
-    for key in ("optimizer", "scheduler"):
-        if key in cfg:
-            raise ConfigError(f"{where} has an {key!r} block. Fix: remove it; mom-train builds "
-                              f"AdamW and the warmup + cosine schedule from train.*.")
+    if isinstance(ds_json, dict) and "scheduler" in ds_json:
+        raise ConfigError(f"{where} has a 'scheduler' block. Fix: remove it; mom-train builds "
+                          f"the warmup + cosine schedule from train.* (a Trainer block of "
+                          f"\"auto\" values still names another schedule in its type).")
     wanted = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": t.grad_accum_steps,
               "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
               "gradient_clipping": t.grad_clip}
+    bf16 = use_bf16(run, device)
+    ds_json = resolve_auto(ds_json, auto_values(run, wanted, bf16), where)
+    check_deepspeed_json(ds_json, where)
+    cfg = copy.deepcopy(ds_json)
+    _check_optimizer_block(cfg.pop("optimizer", None), run, where)
     for key, value in wanted.items():
         if key in cfg and cfg[key] != value:
             raise ConfigError(
@@ -66,7 +69,6 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
                 f"size {world_size}). Fix: drop {key} from the JSON (mom-train fills it in) or "
                 f"make train.* agree with it.")
         cfg[key] = value
-    bf16 = use_bf16(run, device)
     if "fp16" in cfg and cfg["fp16"].get("enabled", False):
         raise ConfigError(f"{where} enables fp16. Fix: use bf16 (train.precision bf16); fp16 "
                           f"loss scaling is not supported by mom-train.")
@@ -93,6 +95,25 @@ def build_ds_config(run: RunConfig, ds_json: dict[str, Any], world_size: int,
         cfg["optimizer"]["params"].pop("torch_adam")  # offload runs DeepSpeedCPUAdam
     cfg.setdefault("steps_per_print", 10 ** 9)  # our loop prints; keep DeepSpeed quiet
     return cfg
+
+
+def _check_optimizer_block(block: Any, run: RunConfig, where: str) -> None:
+    """An optimizer block may stay (a Trainer JSON has one, often all "auto") if it asks for
+    what mom-train builds anyway: AdamW with train.*'s settings."""
+    if block is None:
+        return
+    t = run.train
+    recipe = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
+              "weight_decay": t.weight_decay}
+    differs = [f"type {block.get('type')!r}"] if str(block.get("type")).lower() != "adamw" \
+        else []
+    differs += [f"params.{key} = {value!r}" + (f" but the recipe gives {recipe[key]!r}"
+                                               if key in recipe else " (not from train.*)")
+                for key, value in block.get("params", {}).items() if recipe.get(key) != value]
+    if differs:
+        raise ConfigError(f"{where} has an 'optimizer' block ({'; '.join(differs)}). Fix: "
+                          f"remove it; mom-train builds AdamW from train.* (a block of AdamW "
+                          f"with \"auto\" params is accepted).")
 
 
 def _check_skippable(cfg: dict[str, Any], bf16: bool, where: str) -> None:
