@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv quickstart test bench clean
+.PHONY: venv venv-hf4 quickstart test bench clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,20 @@ venv: $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
 
+# transformers 4.x beside .venv's 5.x, for tests/test_hf_export_hf4.py (the exports load with
+# both): its own transformers, tokenizers and huggingface_hub come first on sys.path, then
+# .venv's site-packages through a .pth line, so torch is not installed twice. pip sees .venv's
+# packages and reports their requirements that 4.x's pins break: they hold in .venv itself.
+HF4_VENV := .venv-hf4
+HF4_VERSION ?= 4.44.*
+venv-hf4: venv
+	test -x $(HF4_VENV)/bin/python || $(BIN)/python -m venv $(HF4_VENV)
+	echo '*' > $(HF4_VENV)/.gitignore
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+	  > "$$($(HF4_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/mom_ds_venv.pth"
+	$(HF4_VENV)/bin/pip install -q "transformers==$(HF4_VERSION)" safetensors tokenizers
+	$(HF4_VENV)/bin/python -c "import transformers, torch; print('$(HF4_VENV): transformers', transformers.__version__, 'torch', torch.__version__)"
+
 quickstart: venv
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/quickstart.sh
 
@@ -22,4 +36,4 @@ test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra tests
 
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) $(HF4_VENV) runs data

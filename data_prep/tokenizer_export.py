@@ -1,7 +1,12 @@
 """Any mom-prep tokenizer as a transformers tokenizer (PreTrainedTokenizerFast), with the
 same ids: what `mom-convert to-hf` writes beside an exported model, so that
-AutoTokenizer.from_pretrained(DIR) encodes text as the run's data was encoded."""
+AutoTokenizer.from_pretrained(DIR) encodes text as the run's data was encoded, with
+transformers 4.x as with 5.x (save_tokenizer)."""
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
 
 from .tokenizer import EOT_TEXT, BytesTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer
 
@@ -76,3 +81,38 @@ def transformers_tokenizer(tokenizer: Tokenizer):
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot,
                                    pad_token=eot, unk_token=None,
                                    model_max_length=int(1e30), clean_up_tokenization_spaces=False)
+
+
+# transformers 5 saves PreTrainedTokenizerFast under its new name, which 4.x's AutoTokenizer
+# does not know; the old name still loads the same class in 5.x.
+_RENAMED_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _string_merges(path: Path) -> None:
+    """BPE merges in tokenizer.json as "left right" strings. tokenizers 0.20 on write them as
+    [left, right] pairs and read both forms; 0.19 (transformers 4.44) reads only strings.
+    Byte-level parts never hold a space, so the string form is exact for them; a merge whose
+    part holds one (a BPE that is not byte-level) keeps the pair form, which only
+    transformers 4.45 on reads."""
+    backend = json.loads(path.read_text(encoding="utf-8"))
+    merges = backend["model"].get("merges") or []
+    if any(isinstance(merge, list) for merge in merges) and \
+            not any(" " in part for merge in merges for part in merge):
+        backend["model"]["merges"] = [" ".join(merge) for merge in merges]
+        path.write_text(json.dumps(backend, ensure_ascii=False, indent=2) + "\n",
+                        encoding="utf-8")
+
+
+def save_tokenizer(tokenizer: Any, directory: Union[str, Path]) -> None:
+    """tokenizer.save_pretrained(directory), in files that transformers 4.44 to 5.x read
+    alike: tokenizer_config.json names a class each knows, tokenizer.json holds its merges
+    in the form each tokenizers library reads."""
+    tokenizer.save_pretrained(directory)
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    name = config.get("tokenizer_class")
+    if name in _RENAMED_CLASSES:
+        config["tokenizer_class"] = _RENAMED_CLASSES[name]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (Path(directory) / "tokenizer.json").is_file():
+        _string_merges(Path(directory) / "tokenizer.json")

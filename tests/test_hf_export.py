@@ -1,9 +1,12 @@
 """`mom-convert to-hf` for every preset: the exported directory loads with transformers alone
 (a subprocess in which mom_ds and data_prep cannot be imported) and gives mom-ds's logits,
-loss and greedy generate() output; bad targets and incomplete directories are one error."""
+loss and greedy generate() output; bad targets and incomplete directories are one error.
+test_hf_export_hf4.py runs the same check under transformers 4.x."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from data_prep.tokenizer import load_tokenizer
-from data_prep.tokenizer_export import transformers_tokenizer
+from data_prep.tokenizer_export import save_tokenizer, transformers_tokenizer
 from mom_ds import MoMConfig, MoMForCausalLM
 from mom_ds.model.hf_export import ExportError, check_exported, to_hf
 from mom_ds.model.presets import preset
@@ -35,24 +38,30 @@ MODELS = {
                          **SHAPE),
 }
 PROMPT_TOKENS, NEW_TOKENS = 10, 12
+GPT2_TEXT = "Hello world! It's 2026:  naïve café —\n\n\tdon't we'll 12345 x"
 
 LOAD_WITHOUT_MOM_DS = """
 import sys
 sys.modules["mom_ds"] = None      # import mom_ds -> ImportError: transformers alone
 sys.modules["data_prep"] = None
-import json, torch
+import json, torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 ids = torch.load(sys.argv[2])
-results = {}
+results = {"version": transformers.__version__}
 for name in json.loads(sys.argv[1]):
     directory = sys.argv[3] + "/" + name
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     with torch.no_grad():
         out = model(ids, labels=ids)
+    # the length of each forward's input: one token a step once the prompt is cached
+    lengths = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(
+        (args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True)
     new = model.generate(ids[:, :%d], max_new_tokens=%d, do_sample=False)
     results[name] = {"class": type(model).__name__, "logits": out.logits, "loss": out.loss,
-                     "generated": new, "text": tokenizer.decode(tokenizer("Hello, world")["input_ids"])}
+                     "generated": new, "lengths": lengths,
+                     "text": tokenizer.decode(tokenizer("Hello, world")["input_ids"])}
 torch.save(results, sys.argv[4])
 """ % (PROMPT_TOKENS, NEW_TOKENS)
 
@@ -70,10 +79,11 @@ def mom_ds_outputs(model: MoMForCausalLM, ids: torch.Tensor) -> dict:
     return {"logits": out.logits, "loss": out.lm_loss, "generated": new}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """Every model exported, then loaded and run once in a process without mom_ds."""
-    root = tmp_path_factory.mktemp("exports")
+def export_and_load(root: Path, python: str) -> tuple[dict, dict]:
+    """Every model exported under root, then loaded and run once by `python` in a process
+    without mom_ds: (mom-ds's outputs, that process's outputs and its transformers version).
+    The process gets its own modules cache: copies of the modeling files left there by
+    another run (or another transformers) would hide a file the export lacks."""
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (2, 24))
     torch.save(ids, root / "ids.pt")
@@ -83,36 +93,60 @@ def exported(tmp_path_factory):
         model = MoMForCausalLM(config).eval()
         to_hf(model, root / name, byte_tokenizer())
         expected[name] = mom_ds_outputs(model, ids)
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_MOM_DS, json.dumps(list(MODELS)),
+    proc = subprocess.run([python, "-c", LOAD_WITHOUT_MOM_DS, json.dumps(list(MODELS)),
                            str(root / "ids.pt"), str(root), str(root / "got.pt")],
-                          capture_output=True, text=True, timeout=600, cwd=root)
+                          capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "HF_MODULES_CACHE": str(root / "modules")})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return root, expected, torch.load(root / "got.pt", weights_only=False)
+    return expected, torch.load(root / "got.pt", weights_only=False)
+
+
+def check_same_outputs(name: str, want: dict, have: dict, directory: Path) -> None:
+    """The loaded export gives mom-ds's logits, loss and greedy tokens, generates with its
+    cache, and its tokenizer round-trips text; the directory holds no pickle."""
+    assert have["class"] == ("GPT2LMHeadModel" if name == "vanilla" else "MoMHFForCausalLM")
+    torch.testing.assert_close(have["logits"], want["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(have["loss"], want["loss"], atol=1e-5, rtol=1e-5)
+    assert have["generated"].tolist() == want["generated"].tolist()
+    assert have["lengths"] == [PROMPT_TOKENS] + [1] * (NEW_TOKENS - 1)
+    assert have["text"] == "Hello, world"
+    files = {p.name for p in directory.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert ("modeling_mom.py" in files) == (name != "vanilla")
+    assert not any(p.suffix in (".bin", ".pt") for p in directory.iterdir())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return (root, *export_and_load(root, sys.executable))
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_loads_with_transformers_alone_and_matches(exported, name):
     root, expected, got = exported
-    want, have = expected[name], got[name]
-    assert have["class"] == ("GPT2LMHeadModel" if name == "vanilla" else "MoMHFForCausalLM")
-    torch.testing.assert_close(have["logits"], want["logits"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(have["loss"], want["loss"], atol=1e-5, rtol=1e-5)
-    assert have["generated"].tolist() == want["generated"].tolist()
-    assert have["text"] == "Hello, world"
-    files = {p.name for p in (root / name).iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert ("modeling_mom.py" in files) == (name != "vanilla")
-    assert not any(p.suffix in (".bin", ".pt") for p in (root / name).iterdir())
+    check_same_outputs(name, expected[name], got[name], root / name)
 
 
 def test_shipped_code_is_mom_ds_own(exported):
-    """The modeling files are copies of mom_ds/model, with a header naming their source."""
+    """The modeling files are copies of mom_ds/model, with a header naming their source.
+    modeling_mom.py then names every other file in a `from .x import` line that never runs:
+    transformers 4.x copies only the files the modeling file itself imports so."""
     root, _, _ = exported
     package = Path(__file__).resolve().parent.parent / "mom_ds" / "model"
+    files = {path.stem for path in (root / "mom_gru").glob("*.py")}
     for path in (root / "mom_gru").glob("*.py"):
-        source = package / ("hf_modeling.py" if path.name == "modeling_mom.py" else path.name)
+        source = (package / ("hf_modeling.py" if path.name == "modeling_mom.py" else path.name)
+                  ).read_text()
         header, body = path.read_text().split("\n", 1)
-        assert header.startswith("# Generated by mom-convert to-hf") and body == source.read_text()
+        assert header.startswith("# Generated by mom-convert to-hf") and body.startswith(source)
+        if path.name == "modeling_mom.py":
+            added = body[len(source):]
+            assert re.search(r"^if False:$", added, re.MULTILINE)
+            named = re.findall(r"^\s*from \.(\w+) import", body, re.MULTILINE)
+            assert set(named) == files - {"modeling_mom"}
+        else:
+            assert body == source
 
 
 def test_gpt2_tokenizer_round_trip(shared_gpt2_tokenizer_dir, tmp_path):
@@ -120,11 +154,10 @@ def test_gpt2_tokenizer_round_trip(shared_gpt2_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
     ours = load_tokenizer(f"gpt2:{shared_gpt2_tokenizer_dir}")
-    transformers_tokenizer(ours).save_pretrained(tmp_path)
+    save_tokenizer(transformers_tokenizer(ours), tmp_path)
     theirs = AutoTokenizer.from_pretrained(tmp_path)
-    text = "Hello world! It's 2026:  naïve café —\n\n\tdon't we'll 12345 x"
-    assert theirs(text)["input_ids"] == ours.encode(text).tolist()
-    assert theirs.decode(ours.encode(text).tolist()) == text
+    assert theirs(GPT2_TEXT)["input_ids"] == ours.encode(GPT2_TEXT).tolist()
+    assert theirs.decode(ours.encode(GPT2_TEXT).tolist()) == GPT2_TEXT
     assert theirs.eos_token_id == 50256
 
 

@@ -4,7 +4,9 @@ samples from it.
 This file is shipped: `mom-convert to-hf` copies it, as modeling_mom.py, beside copies of
 the model files it imports (hf_export.py), so an exported directory loads with
 `trust_remote_code=True` and transformers alone. Its imports therefore stay inside
-mom_ds/model: the same code runs in mom-ds and in the exported directory.
+mom_ds/model: the same code runs in mom-ds and in the exported directory. It runs under
+transformers 4.44 to 5.x (tests/test_hf_export_hf4.py): what differs between them is named
+where it is handled.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from .config import MoMConfig
 from .model import MoMForCausalLM
 
 MODEL_TYPE = "mom_ds"
+# The name generate() gives the key/value cache in the model's inputs and outputs: transformers
+# 5.25 renamed `past_key_values` to `cache`, and generate() passes on only the one it knows.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class MoMHFConfig(PretrainedConfig):
@@ -63,7 +68,8 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # the cache is mom-ds's dict, made in prepare_inputs_for_generation
+        # the cache is mom-ds's dict, made in prepare_inputs_for_generation (4.x calls this
+        # on the instance, 5.x on the class: a classmethod answers both)
         return False
 
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -72,6 +78,9 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 mod_routing: str = "topk", **kwargs) -> CausalLMOutputWithPast:
+        """`cache` (mom-ds's dict) is also taken as `past_key_values`, the name of 4.x and
+        of 5.x before 5.25; other keyword arguments of generate() are not used."""
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("mom-ds models take no padding mask: every token attends to all "
                              "before it. Fix: pass prompts of equal length (or one at a "
@@ -81,11 +90,12 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
                                    labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{CACHE: cache})
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: Optional[dict] = None,
                                       attention_mask: Optional[torch.Tensor] = None,
                                       use_cache: bool = True, **kwargs) -> dict:
+        cache = cache if cache is not None else kwargs.get("past_key_values")
         if use_cache and cache is None:
             cache = {}
         seen = cache.get("length", 0) if cache is not None else 0
