@@ -113,7 +113,7 @@ class TrainConfig:
     together in the backward)."""
     compile: bool = False
     """torch.compile the parts of the model with no host sync: every vanilla and MoD layer
-    and every learned router (the README says what and why). Not with ZeRO-3; dropout
+    and every learned router (docs/training.md says what and why). Not with ZeRO-3; dropout
     masks come from inductor's generator, so they differ from an eager run's."""
     profile_steps: list[int] = field(default_factory=list)
     """[start, end]: record optimizer steps start+1 .. end with torch.profiler into
@@ -138,6 +138,10 @@ class TrainConfig:
     """Optimizer steps in a row above spike_factor x the running mean that make a spike."""
     max_spike_skips: int = 3
     """Under spike_policy skip, the spikes after which the run stops as under stop."""
+    wandb_project: str = ""
+    """Weights & Biases project that also receives every TensorBoard scalar and the config
+    (pip install 'mom-ds[wandb]'; WANDB_MODE=offline needs no network); "" logs to
+    TensorBoard and metrics.jsonl only. A resumed run continues the same W&B run."""
 
 
 @dataclass

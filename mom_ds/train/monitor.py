@@ -20,6 +20,7 @@ import yaml
 
 from ..files import write_text
 from ..model.routed_block import BlockRouting
+from . import wandb_sink
 from .routing_dashboard import log_routing
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets, SXM parts, no sparsity).
@@ -126,11 +127,16 @@ def comm_totals(model) -> Optional[torch.Tensor]:
 
 
 class Monitor:
-    def __init__(self, out_dir: str | Path, enabled: bool, resumed_step: int = 0):
+    def __init__(self, out_dir: str | Path, enabled: bool, resumed_step: int = 0,
+                 wandb_project: str = ""):
         """resumed_step: a resumed run replays the steps after its checkpoint, so what was
         logged after that step is dropped (metrics.jsonl rewritten atomically, TensorBoard's
-        purge_step) and every step appears once."""
+        purge_step) and every step appears once. wandb_project: also log to W&B
+        (wandb_sink.py), from `started` on."""
         self.enabled = enabled
+        self.out_dir = Path(out_dir)
+        self.wandb_project = wandb_project
+        self.wandb = None
         self.writer = None
         self.metrics = None
         self.metrics_path = Path(out_dir) / "metrics.jsonl"
@@ -175,6 +181,8 @@ class Monitor:
         it). TensorBoard only: metrics.jsonl keeps one row per logged step."""
         if not self.enabled:
             return
+        if self.wandb_project and self.wandb is None:
+            self.wandb = wandb_sink.open_run(self.wandb_project, self.out_dir, config)
         text = "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```"
         with self._writing(self.tb_dir):
             self.writer.add_text("run/config", text, step)
@@ -192,6 +200,8 @@ class Monitor:
         with self._writing(self.metrics_path):
             self.metrics.write(json.dumps({"step": step, **values}) + "\n")
             self.metrics.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
         if echo:
             print(echo, flush=True)
 
@@ -200,10 +210,16 @@ class Monitor:
         """The routing dashboard (routing_dashboard.py) of the global batch."""
         if not self.enabled or not blocks:
             return
+        writer = wandb_sink.TeeWriter(self.writer)
         with self._writing(self.tb_dir):
-            log_routing(self.writer, step, blocks, **(comm or {}))
+            log_routing(writer, step, blocks, **(comm or {}))
+        if self.wandb is not None:
+            self.wandb.log(writer.scalars, step=step)
 
     def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.enabled:
             with self._writing(self.tb_dir):
                 self.writer.close()

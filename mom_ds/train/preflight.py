@@ -12,6 +12,7 @@ from ..config import ConfigError, RunConfig, load_deepspeed_json
 from ..parallel.placement import sharded_pools, validate_expert_parallel
 from .engine import build_ds_config, device_type, world_size_from_env
 from .profiling import PROFILE_DIR
+from . import wandb_sink
 from .run_lock import RunLock
 
 
@@ -64,8 +65,10 @@ def check_expert_clipping(run: RunConfig, ds_config: dict[str, Any]) -> None:
             f"or train.grad_clip 0.")
 
 
-# What a run writes into train.out_dir (a fresh run refuses to mix with them)
-RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml", PROFILE_DIR)
+# What a run writes into train.out_dir (a fresh run refuses to mix with them; --overwrite
+# removes them; a fresh start after a failed attempt sets them aside)
+RUN_FILES = ("ckpt", "tb", "metrics.jsonl", "config.yaml", PROFILE_DIR, wandb_sink.ID_FILE,
+             wandb_sink.LOCAL_DIR)
 
 
 def check_writable(directory: Path) -> None:
@@ -138,6 +141,7 @@ def preflight(run: RunConfig) -> dict[str, Any]:
     ds_config = build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,
                                 device_type())
     check_expert_clipping(run, ds_config)
+    wandb_sink.check(run.train.wandb_project)
     return ds_config
 
 

@@ -98,7 +98,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         save_run_tokenizer(run.data.data_dir, out_dir)
         if progress.step == 0:  # else config.yaml is the checkpoint's until the next one
             write_config(run, out_dir)  # the exact config, overrides included
-    monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step)
+    monitor = Monitor(out_dir, enabled=rank == 0, resumed_step=progress.step,
+                      wandb_project=run.train.wandb_project)
     monitor.started(progress.step, run.to_dict())
     if rank == 0:
         if world > 1:
