@@ -5,7 +5,6 @@ the recipe is still refused with the error it always got."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -64,6 +64,8 @@ def test_torchrun_trains_as_the_deepspeed_launcher(runs):
     assert got[STEPS]["train/tokens_seen"] == want[STEPS]["train/tokens_seen"]
     assert "2 rank(s)" in runs["torchrun"][1]
     assert (runs["torchrun"][0] / "ckpt" / "latest").read_text() == f"step_{STEPS:06d}"
+    # DeepSpeed's CPU all-reduce buffers are released under torchrun too
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29521_*"))
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])

@@ -72,11 +72,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, reads: tuple[str, ...]
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[list[str]]
-               ) -> tuple[argparse.Namespace, list[str]]:
+                       ) -> tuple[argparse.Namespace, list[str]]:
     """The command's own arguments, and the overrides taken out of argv wherever they stand
-    (before a positional argument too): every `--name.with.dot VALUE` or `--name=VALUE`
-    with a dot in its name, since no command option has one. check_overrides checks them,
-    inside the command, so a bad one is the command's one-line error."""
+    (before a positional argument too): every `--section.key VALUE` or
+    `--section.key=VALUE`, known by the dot in its name, which no command option has.
+    check_overrides checks them inside the command, so a bad one is its one-line error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     own, overrides, i = [], [], 0
     while i < len(argv):
