@@ -201,14 +201,14 @@ def test_recipes_validate_and_their_size_lines_are_fresh():
 
 def test_preset_files_are_fresh(tmp_path):
     """configs/presets/*.yaml are generated: each equals what the generator writes now."""
-    from mom_ds.model.presets import write_preset_files
+    from mom_ds.recipes import PRESETS_COMMAND, write_preset_files
 
     write_preset_files(str(tmp_path))
     written = sorted(p.name for p in tmp_path.glob("*.yaml"))
     assert written == sorted(p.name for p in (REPO / "configs" / "presets").glob("*.yaml"))
     for name in written:
         assert (tmp_path / name).read_text() == (REPO / "configs" / "presets" / name).read_text(), \
-            f"configs/presets/{name} is stale: run python -m mom_ds.model.presets configs/presets"
+            f"configs/presets/{name} is stale: run {PRESETS_COMMAND}"
 
 
 def test_one_rank_of_several_keeps_bad_input_for_the_agreement_and_raises_bugs():

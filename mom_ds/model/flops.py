@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 
 from .config import MoMConfig
 from .mod_block import MoDRouting
@@ -91,14 +90,3 @@ def _modules_per_token(counts, pool: int, choices: int) -> list[float]:
     counts = counts.double()
     tokens = counts.sum(dim=1) / choices
     return (counts[:, :pool].sum(dim=1) / tokens).tolist()
-
-
-def describe(config: MoMConfig, seq_len: int) -> str:
-    """One comment line for a recipe: parameters and planned training FLOPs per token."""
-    from .model import MoMForCausalLM  # local: building the model is only for counting
-
-    with torch.device("meta"):
-        n = MoMForCausalLM(config).num_params(exclude_positions=False)
-    gflops = flops_per_token(config, seq_len) / 1e9
-    return (f"{n / 1e6:.1f}M parameters; {gflops:.3f} GFLOPs/token to train at "
-            f"seq_len {seq_len} (planned routing: top-K modules per learned step, no SKIP)")
