@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-
 from .config import MoMConfig
 from .mod_block import MoDRouting
 from .routed_block import BlockRouting
