@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.profiler import record_function
@@ -29,8 +29,9 @@ class RoutePlan:
 
     token, weight: (N * K,) token row and routing weight of each sorted assignment.
     groups: which rows belong to which module (rows past its last offset: none).
-    counts: (n_modules + 1,) choices per module before any capacity limit, last = SKIP.
-    chosen: (N,) bool, the token chose at least one real module.
+    counts: (n_modules + 1,) choices per module before any capacity limit, last = SKIP;
+    padding counts nowhere.
+    chosen: (N,) bool, the token chose at least one real module (padding: False).
     dropped: () assignments removed by the capacity limit.
     """
 
@@ -44,19 +45,32 @@ class RoutePlan:
 
 
 def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
-              capacity_factor: float = 0.0) -> RoutePlan:
+              capacity_factor: float = 0.0, real: Optional[torch.Tensor] = None) -> RoutePlan:
     """ids, weights: (N, K); an id >= n_modules means SKIP (no module runs). With
     capacity_factor > 0 each module keeps at most ceil(capacity_factor * N * K / n_modules)
-    rows, the earliest tokens in sequence order (the stable sort keeps that order)."""
+    rows, the earliest tokens in sequence order (the stable sort keeps that order).
+
+    real (N,) bool: which rows are tokens; the others (padding) go to SKIP whatever they
+    chose, are counted nowhere (counts, chosen, dropped) and take no capacity slot, and N in
+    the capacity counts the real rows only: the plan of a padded batch is that of its
+    tokens alone."""
     N, K = ids.shape
     flat = ids.reshape(-1).clamp_max(n_modules)  # every SKIP-acting slot -> one bucket
-    counts = count_ids(flat, n_modules + 1)
+    real_slots = None
+    if real is not None:
+        real_slots = real.unsqueeze(1).expand(N, K).reshape(-1)
+        flat = torch.where(real_slots, flat, n_modules)
+    counts = count_ids(flat, n_modules + 1, real_slots)
     order = torch.argsort(flat, stable=True)
     module = flat[order]
     kept = counts[:n_modules]
     dropped = counts.new_zeros(())
     if capacity_factor > 0:
-        cap = math.ceil(capacity_factor * N * K / n_modules)
+        if real is None:
+            cap = math.ceil(capacity_factor * N * K / n_modules)
+        else:  # float64: the same rounding as the host's math.ceil above
+            tokens = real.sum(dtype=torch.float64)
+            cap = torch.ceil(capacity_factor * tokens * K / n_modules).long()
         start = torch.cumsum(counts, 0) - counts
         rank_in_module = torch.arange(len(flat), device=ids.device) - start[module]
         over = (module < n_modules) & (rank_in_module >= cap)
@@ -67,8 +81,8 @@ def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
         dropped = (counts[:n_modules] - kept).sum()
     return RoutePlan(token=torch.div(order, K, rounding_mode="floor"),
                      weight=weights.reshape(-1)[order], groups=RowGroups.from_sorted(module, kept),
-                     counts=counts, chosen=(ids < n_modules).any(dim=1), dropped=dropped,
-                     n_tokens=N)
+                     counts=counts, chosen=(flat.view(N, K) < n_modules).any(dim=1),
+                     dropped=dropped, n_tokens=N)
 
 
 def combine(y: torch.Tensor, plan: RoutePlan, weighted: bool) -> torch.Tensor:

@@ -48,8 +48,12 @@ class MoDBlock(nn.Module):
     def capacity_tokens(self, T: int) -> int:
         return max(1, math.ceil(self.capacity * T))
 
-    def forward(self, x: torch.Tensor, *, routing: str = "topk", cache: Optional[dict] = None,
+    def forward(self, x: torch.Tensor, *, routing: str = "topk",
+                real: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 cache_key: object = None) -> tuple[torch.Tensor, MoDRouting]:
+        """x (B, T, d); real (B, T) bool: which positions are tokens. Padding is never
+        selected, takes no capacity (a row's k counts its tokens) and is left out of the
+        BCE."""
         if routing not in ROUTINGS:
             raise ValueError(f"MoD routing {routing!r} is not one of {ROUTINGS}")
         B, T, d = x.shape
@@ -60,18 +64,40 @@ class MoDBlock(nn.Module):
             k = self.capacity_tokens(T)
             # Gather by the chosen positions sorted ascending: the selected tokens keep
             # their causal order (not the first k tokens, not the top-k list order).
-            idx = r.topk(k, dim=1).indices.sort(dim=1).values  # (B, k)
+            if real is None:
+                idx = r.topk(k, dim=1).indices.sort(dim=1).values  # (B, k)
+                valid = None
+            else:
+                # Padding ranks last; of a row's k slots the first capacity_tokens(tokens)
+                # are its selection, the rest (and any padding among them) are invalid:
+                # no key, no output. float64: capacity_tokens' rounding.
+                k_row = torch.ceil(self.capacity * real.sum(1, dtype=torch.float64))
+                ranked = r.masked_fill(~real, float("-inf")).topk(k, dim=1).indices
+                idx, order = ranked.sort(dim=1)
+                in_capacity = torch.arange(k, device=x.device) < k_row.clamp_min(1)[:, None]
+                valid = in_capacity.gather(1, order) & real.gather(1, idx)
             gather = idx.unsqueeze(-1).expand(B, k, d)
             x_sel = x.gather(1, gather)
-            delta = self.layer(x_sel) - x_sel
-            scaled = (r.gather(1, idx).unsqueeze(-1) * delta).to(x.dtype)
+            delta = self.layer(x_sel, keep=valid) - x_sel
+            gate = r.gather(1, idx)
+            if valid is not None:
+                gate = gate * valid
+            scaled = (gate.unsqueeze(-1) * delta).to(x.dtype)
             out = x.scatter_add(1, gather, scaled)
             selected = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-            selected.scatter_(1, idx, True)
+            selected.scatter_(1, idx, True if valid is None else valid)
         else:
             selected = causal_logit > 0  # sigmoid(logit) > 0.5
+            if real is not None:
+                selected = selected & real
             delta = self.layer(x, keep=selected, cache=cache, cache_key=cache_key) - x
             out = x + ((selected * r).unsqueeze(-1) * delta).to(x.dtype)
-        aux = F.binary_cross_entropy_with_logits(causal_logit, selected.float()) \
-            if routing == "topk" else r.new_zeros(())
+        if routing != "topk":
+            aux = r.new_zeros(())
+        elif real is None:
+            aux = F.binary_cross_entropy_with_logits(causal_logit, selected.float())
+        else:
+            aux = F.binary_cross_entropy_with_logits(
+                causal_logit, selected.float(), weight=real.float(), reduction="sum") \
+                / real.sum().clamp_min(1)
         return out, MoDRouting(selected.detach(), aux)

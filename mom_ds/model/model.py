@@ -89,19 +89,35 @@ class MoMForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                cache: Optional[dict] = None, mod_routing: str = "topk",
-                loss_chunk_tokens: int = 0) -> MoMOutput:
+                attention_mask: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
+                mod_routing: str = "topk", loss_chunk_tokens: int = 0) -> MoMOutput:
         """input_ids (B, T). labels (B, T) are the targets at each position (already shifted,
         as nanoGPT's X/Y; -100 ignored). With a cache dict, positions continue after the
         tokens it holds and keys/values are appended to it. With labels and
         loss_chunk_tokens > 0 the head and the loss run that many tokens at a time and
-        out.logits is None (the whole logits are never built)."""
+        out.logits is None (the whole logits are never built).
+
+        attention_mask (B, past + T), 1 = token, 0 = padding, as Hugging Face passes it:
+        the tokens in the cache and these (so T columns without a cache). Padding (left
+        padding in generation; any pattern in a forward) is no key to any query, takes no
+        position (a token's position counts the tokens before it in its row), chooses no
+        module and counts in no routing statistic, capacity or auxiliary loss, and its
+        labels are ignored. A padding query's output is finite and meaningless."""
         B, T = input_ids.shape
         past = cache.get("length", 0) if cache is not None else 0
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens exceeds model.n_positions = "
                              f"{self.config.n_positions}")
-        pos = torch.arange(past, past + T, device=input_ids.device)
+        real = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; "
+                                 f"expected ({B}, {past + T}): one column per token in the "
+                                 f"cache ({past}) and per input token ({T})")
+            real = attention_mask[:, past:].bool()
+            if labels is not None:
+                labels = labels.masked_fill(~real, -100)  # a padding position predicts nothing
+        pos = self._positions(real, past, T, cache, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         out = MoMOutput(logits=x)
         # activations are recomputed in training only (generation's cache is filled once)
@@ -116,18 +132,18 @@ class MoMForCausalLM(nn.Module):
 
         for i, layer in enumerate(self.bottom):
             if isinstance(layer, MoDBlock):
-                x, mod = run(layer, x, ("bottom", i), routing=mod_routing)
+                x, mod = run(layer, x, ("bottom", i), routing=mod_routing, real=real)
                 out.mod_routing.append(mod)
             else:
-                x = run(layer, x, ("bottom", i))
+                x = run(layer, x, ("bottom", i), keep=real)
         for c, block in enumerate(self.chunks):
             # under `layer` the block checkpoints each routing step itself
-            x, routing = run(block, x, ("chunk", c))
+            x, routing = run(block, x, ("chunk", c), real=real)
             out.routing.append(routing)
             if self.config.anchor_layers:
-                x = run(self.anchors[c], x, ("anchor", c))
+                x = run(self.anchors[c], x, ("anchor", c), keep=real)
         for i, layer in enumerate(self.top):
-            x = run(layer, x, ("top", i))
+            x = run(layer, x, ("top", i), keep=real)
         if cache is not None:
             cache["length"] = past + T
         hidden = self.ln_f(x)
@@ -143,6 +159,24 @@ class MoMForCausalLM(nn.Module):
             self._add_aux_losses(out)
         return out
 
+    @staticmethod
+    def _positions(real: Optional[torch.Tensor], past: int, T: int, cache: Optional[dict],
+                   device: torch.device) -> torch.Tensor:
+        """The position of each input token: past, past + 1, ... without padding; with it,
+        the number of tokens before it in its row (Hugging Face's GPT-2 in generate:
+        cumsum(mask) - 1), clamped at 0 for leading padding, whose position nothing sees.
+        A cache that saw padding keeps each row's token count, so later calls continue
+        from it with or without a mask."""
+        before = cache.get("tokens") if cache is not None else None
+        if real is None and before is None:
+            return torch.arange(past, past + T, device=device)
+        new = real.long() if real is not None else \
+            torch.ones(before.shape[0], T, dtype=torch.long, device=device)
+        counted = torch.cumsum(new, dim=1) + (before[:, None] if before is not None else past)
+        if cache is not None:
+            cache["tokens"] = counted[:, -1]
+        return (counted - 1).clamp_min(0)
+
     def _add_aux_losses(self, out: MoMOutput) -> None:
         cfg = self.config
         zero = out.lm_loss.new_zeros(())
@@ -157,15 +191,18 @@ class MoMForCausalLM(nn.Module):
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 attention_mask: Optional[torch.Tensor] = None,
                  temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None
                  ) -> torch.Tensor:
         """Sample up to max_new_tokens after input_ids (B, T). temperature 0 is greedy.
-        Sequences that produced eos_token_id keep emitting it until all have stopped."""
+        Sequences that produced eos_token_id keep emitting it until all have stopped.
+        attention_mask (B, T): prompts of different lengths, padded on the left (0 = pad);
+        each row then continues as its prompt alone would."""
         was_training = self.training
         self.eval()
-        ids = input_ids
+        ids, mask = input_ids, attention_mask
         cache: Optional[dict] = {} if use_cache else None
         fresh = ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -173,13 +210,15 @@ class MoMForCausalLM(nn.Module):
             if ids.shape[1] > self.config.n_positions:
                 raise ValueError(f"generation reached model.n_positions = "
                                  f"{self.config.n_positions}; ask for fewer new tokens")
-            logits = self(fresh if use_cache else ids, cache=cache,
+            logits = self(fresh if use_cache else ids, attention_mask=mask, cache=cache,
                           mod_routing="threshold").logits[:, -1, :].float()
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             fresh = nxt[:, None]
             if eos_token_id is not None and bool(done.all()):
                 break

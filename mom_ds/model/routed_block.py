@@ -26,6 +26,7 @@ class BlockRouting:
     attn_counts / ffn_counts: (H, pool + 1) choices per module at each step, last = SKIP.
     depth_hist: (2H + 1,) tokens per assembled depth 0, 0.5, ... H (the modules-executing
     steps of a token, averaged over the two halves).
+    Padding (a forward's attention_mask) is in none of them.
     aux_loss: (H,) balancing loss of attention + FFN router at each step (with grad in a
     forward's record; a sum is detached).
     dropped: () assignments a capacity limit removed, both halves of every step.
@@ -73,11 +74,15 @@ class RoutedBlock(nn.Module):
         # train.activation_checkpointing layer: each routing step recomputed in the backward
         self.checkpoint_steps = False
 
-    def forward(self, x: torch.Tensor, *, cache: Optional[dict] = None,
-                cache_key: object = None) -> tuple[torch.Tensor, BlockRouting]:
+    def forward(self, x: torch.Tensor, *, real: Optional[torch.Tensor] = None,
+                cache: Optional[dict] = None, cache_key: object = None
+                ) -> tuple[torch.Tensor, BlockRouting]:
+        """x (B, T, d); real (B, T) bool: which positions are tokens. Padding chooses no
+        module (it passes on the residual), is no key, and counts in no statistic."""
         cfg = self.config
         B, T, d = x.shape
         h = x.reshape(B * T, d)
+        real = real.reshape(B * T) if real is not None else None
         g_attn = g_ffn = None  # router states, reset at every block call
         exited = torch.zeros(B * T, dtype=torch.bool, device=x.device) if cfg.early_exit else None
         halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
@@ -85,21 +90,22 @@ class RoutedBlock(nn.Module):
             and torch.is_grad_enabled()
         attn_counts, ffn_counts, aux, dropped = [], [], [], []
         for step in range(cfg.depth):
-            args = (h, g_attn, g_ffn, exited, halves, step, (B, T), cache, cache_key)
+            args = (h, g_attn, g_ffn, exited, halves, real, step, (B, T), cache, cache_key)
             h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_aux, step_dropped = \
                 checkpointed(self._step, *args) if per_step else self._step(*args)
             attn_counts.append(counts_a)
             ffn_counts.append(counts_f)
             aux.append(step_aux)
             dropped.append(step_dropped)
-        depth_hist = count_ids(halves, 2 * cfg.depth + 1)
+        depth_hist = count_ids(halves, 2 * cfg.depth + 1, real)
         routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
                                torch.stack(aux), torch.stack(dropped).sum())
         return h.view(B, T, d), routing
 
     def _step(self, h: torch.Tensor, g_attn: Optional[torch.Tensor],
               g_ffn: Optional[torch.Tensor], exited: Optional[torch.Tensor],
-              halves: torch.Tensor, step: int, shape: tuple[int, int],
+              halves: torch.Tensor, real: Optional[torch.Tensor], step: int,
+              shape: tuple[int, int],
               cache: Optional[dict], cache_key: object) -> tuple:
         """One routing step: the attention half, then the FFN half. Returns the new
         (h, router states, exited, halves) and the step's choice counts, balancing loss and
@@ -110,14 +116,17 @@ class RoutedBlock(nn.Module):
         attn, ffn = self.attn_pool, self.ffn_pool
         # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
         with record_function("route"):
-            route, g_attn = self.attn_router(h, g_attn, step, exited)
-            plan = make_plan(route.ids, route.weights, A, cap)
+            route, g_attn = self.attn_router(h, g_attn, step, exited, real)
+            plan = make_plan(route.ids, route.weights, A, cap, real)
         if exited is not None:
             exited = exited | ~plan.chosen
         qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
                                        weighted=cfg.weighted_qkv)
         q, k, v = qkv.view(B, T, 3 * d).split(d, dim=-1)
-        keep = plan.chosen.view(B, T) if cfg.skip_in_attention == "mask" else None
+        # `mask`: a token that chose no module is no key (padding never chooses one);
+        # `zero`: it stays a key, padding does not
+        keep = plan.chosen if cfg.skip_in_attention == "mask" else real
+        keep = keep.view(B, T) if keep is not None else None
         with record_function("attention"):
             a = causal_attention(q, k, v, cfg.n_heads, keep=keep, cache=cache,
                                  cache_key=(cache_key, step),
@@ -127,8 +136,8 @@ class RoutedBlock(nn.Module):
         attn_counts, step_aux, step_dropped = plan.counts, route.aux_loss, plan.dropped
         # --- FFN half ----------------------------------------------------------------
         with record_function("route"):
-            route, g_ffn = self.ffn_router(h, g_ffn, step, exited)
-            plan = make_plan(route.ids, route.weights, Fn, cap)
+            route, g_ffn = self.ffn_router(h, g_ffn, step, exited, real)
+            plan = make_plan(route.ids, route.weights, Fn, cap, real)
         if exited is not None:
             exited = exited | ~plan.chosen
         h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))

@@ -73,9 +73,11 @@ class Router(nn.Module):
         return n + z * (g - n)
 
     def forward(self, x: torch.Tensor, state: Optional[torch.Tensor], step: int,
-                exited: Optional[torch.Tensor] = None
+                exited: Optional[torch.Tensor] = None, real: Optional[torch.Tensor] = None
                 ) -> tuple[RouteDecision, Optional[torch.Tensor]]:
-        """x: (N, d) residual stream (no LayerNorm). Returns the decision and the new state."""
+        """x: (N, d) residual stream (no LayerNorm); real (N,) bool: which rows are tokens
+        (the balancing loss leaves padding out; make_plan sends it to SKIP). Returns the
+        decision and the new state."""
         N = x.shape[0]
         if not self.learned:
             module = step % self.pool_size if self.fixed_cycle else step
@@ -105,15 +107,27 @@ class Router(nn.Module):
                 weights = top_p
             if exited is not None:  # early exit: SKIP is final
                 ids = torch.where(exited.unsqueeze(1), torch.full_like(ids, self.n_classes - 1), ids)
-            aux = self.balancing_loss(probs, ids[:, 0])
+            aux = self.balancing_loss(probs, ids[:, 0], real)
         return RouteDecision(ids, weights, aux), state
 
-    def balancing_loss(self, probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
+    def balancing_loss(self, probs: torch.Tensor, top1: torch.Tensor,
+                       real: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Switch: N_cls * sum_e f_e * P_e, f_e = share of tokens whose top-1 is e,
-        P_e = mean probability of e. SKIP-acting classes optionally left out."""
+        P_e = mean probability of e. SKIP-acting classes optionally left out. With `real`
+        (N,) bool the shares and means are over the real tokens only."""
         n = self.n_classes if self.count_skip else self.pool_size
-        f = count_ids(top1, self.n_classes)[:n].float() / top1.shape[0]
-        P = probs[:, :n].mean(dim=0)
+        if real is None:
+            f = count_ids(top1, self.n_classes)[:n].float() / top1.shape[0]
+            P = probs[:, :n].mean(dim=0)
+            if self.stat_mean is not None:
+                f, P = self.stat_mean(f), self.stat_mean(P)
+            return n * (f * P).sum()
+        # Sums and the token count are averaged over ranks separately, then divided: the
+        # global batch's shares even where ranks hold different amounts of padding.
+        chosen = count_ids(top1, self.n_classes, real)[:n].float()
+        mass = (probs[:, :n] * real.unsqueeze(1)).sum(dim=0)
+        tokens = real.sum().float()
         if self.stat_mean is not None:
-            f, P = self.stat_mean(f), self.stat_mean(P)
-        return n * (f * P).sum()
+            chosen, mass, tokens = (self.stat_mean(t) for t in (chosen, mass, tokens))
+        tokens = tokens.clamp_min(1)  # a batch of padding alone: no loss, not NaN
+        return n * (chosen / tokens * (mass / tokens)).sum()
