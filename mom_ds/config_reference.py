@@ -35,6 +35,32 @@ recipe may also name its model by preset (`preset: NAME` and `preset_args: {{...
 [the model](model.md#special-cases)); fields its own `model:` section sets win over it.
 The engine's side (ZeRO stage, precision, offload) is the DeepSpeed JSON that
 `parallel.deepspeed` names ([training](training.md)).
+
+**Overrides in every command.** Each command that builds or reads a config takes
+`--section.key VALUE` (or `=VALUE`), before or after its positional arguments, and refuses
+one it would not use:
+
+| command | overrides it takes |
+|---|---|
+| mom-train | every field |
+| mom-convert from-hf | `model.*` (the `--config` layout, or the donor's vanilla preset without one) |
+| mom-eval | `model.*` fields that keep the trained weights (depth, top_k, temperature, ...), `data.data_dir`, `data.seq_len` |
+| mom-generate | `model.*` |
+| mom-assemble | `data.data_dir`, `data.seq_len` |
+
+`--help` lists each with its type, its choices (`{{auto,bf16,fp32}}`) and default;
+`--print-config` prints the resolved config (recipe or checkpoint, plus overrides) as YAML
+on stdout and exits 0, so `mom-train ... --print-config > r.yaml` then `--config r.yaml`
+gives the same run.
+
+**`"auto"` in the DeepSpeed JSON.** A JSON kept from the Hugging Face Trainer works as it
+is: the batch sizes, gradient clipping, `bf16.enabled` and the optimizer's lr, betas, eps
+and weight_decay come from `train.*`; `fp16.enabled` and `amp.enabled` become false; the
+ZeRO bucket sizes come from `model.d_model` as the Trainer sizes them
+(`reduce_bucket_size` = d², `stage3_prefetch_bucket_size` = 0.9·d²,
+`stage3_param_persistence_threshold` = 10·d). A scheduler block is refused (mom-train keeps
+its own warmup + cosine schedule), and a concrete value that contradicts the recipe is one
+error, as before (`tests/test_ds_auto.py`).
 """
 
 
