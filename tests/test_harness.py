@@ -174,14 +174,19 @@ def test_mom_eval_tasks_runs_the_shipped_task_and_names_unknown_tasks(tmp_path):
     marker = plant_task_that_runs_code(run / "lm_eval" / "tasks", tmp_path)
     out = tmp_path / "results.json"
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(run), "--tasks", "mom_cloze",
-                       "--limit", "12", "--output", str(out)], timeout=600)
+                       "--limit", "12", "--output", str(out), "--model.temperature", "0.5"],
+                      timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the planted task neither ran its code nor replaced mom_cloze (it has 3 documents)
     assert not marker.exists(), marker.read_text()
     results = json.loads(out.read_text())
     acc = results["results"]["mom_cloze"]["acc,none"]
     assert 0 <= acc <= 1 and results["n-samples"]["mom_cloze"]["effective"] == 12
+    # the standard error lm_eval prints for a mean of 12 zeros and ones, by hand
+    assert results["results"]["mom_cloze"]["acc_stderr,none"] == \
+        pytest.approx(math.sqrt(acc * (1 - acc) / 11))
     assert results["mom_ds"]["step"] == 4 and "mom_cloze" in proc.stdout
+    assert results["mom_ds"]["model"]["temperature"] == 0.5  # the override reached the model
     # a name the harness does not know: one error with the close names, nothing written
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(run), "--tasks", "lambada_opena",
                        "--output", str(tmp_path / "no.json")], timeout=600)

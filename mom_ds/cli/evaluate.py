@@ -102,6 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     harness.add_argument("--include-path", action="append", default=[], metavar="DIR",
                          help="a directory of task YAMLs (repeatable); their !function "
                               "hooks run code: only directories you trust")
+    harness.add_argument("--bootstrap-iters", type=int, default=100000, metavar="N",
+                         help="resamples for the standard errors of metrics that are not "
+                              "means, as lm_eval's own option (0: none, reported N/A)")
     harness.add_argument("--output",
                          help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
     add_config_arguments(parser, EVAL_READS)
@@ -109,11 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.tasks and (args.limit or args.num_fewshot is not None or args.include_path
                            or args.output):
         parser.error("--limit, --num-fewshot, --include-path and --output go with --tasks")
-    if args.tasks and overrides:
-        parser.error("--tasks takes no --section.key overrides (the harness loads the "
-                     "checkpoint as trained); --depth and --top-k choose its compute")
     if args.tasks and not args.print_config:
-        return run_command("mom-eval", lambda: run_tasks(args))
+        return run_command("mom-eval", lambda: run_tasks(args, overrides))
     return run_command("mom-eval", lambda: evaluate(args, overrides))
 
 
@@ -131,13 +131,15 @@ def positive_number(text: str) -> float:
     return int(value) if value >= 1 and value == int(value) else value
 
 
-def run_tasks(args: argparse.Namespace) -> int:
+def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..harness import HarnessRequest, run_harness
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
                              args.batch_size, args.include_path, args.output,
                              str(device(args.device)), args.depth, args.top_k,
-                             args.allow_data_change)
+                             args.allow_data_change,
+                             check_overrides("mom-eval", overrides, EVAL_READS),
+                             args.bootstrap_iters)
     out, results = run_harness(request)
     from lm_eval.utils import make_table  # installed: run_harness checked
 

@@ -28,6 +28,9 @@ class HarnessRequest:
     depth: Optional[int] = None   # H' and K': compute chosen at inference (train/export.py)
     top_k: Optional[int] = None
     allow_data_change: bool = False  # score a data directory that is not the run's
+    overrides: list[str] = field(default_factory=list)  # --section.key VALUE (cli/args.py)
+    # lm_eval's own default: the standard errors lm_eval prints (0: "N/A", none computed)
+    bootstrap_iters: int = 100000
 
 
 def require_lm_eval() -> None:
@@ -49,7 +52,8 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
 
     ckpt_dir, _ = resolve(request.checkpoint)
     run_dir = ckpt_dir.parent if ckpt_dir.name == "ckpt" else ckpt_dir
-    run, model, client = load_model(request.checkpoint, request.depth, request.top_k)
+    run, model, client = load_model(request.checkpoint, request.depth, request.top_k,
+                                    request.overrides)
     # mom_cloze is built from the val split: the run's data, or one the user allows
     check_data("mom-eval", request.checkpoint, run.data.fingerprint, run.data.data_dir,
                request.allow_data_change)
@@ -66,7 +70,8 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
             results = lm_eval.simple_evaluate(model=lm, tasks=tasks,
                                               num_fewshot=request.num_fewshot,
                                               limit=request.limit, task_manager=manager,
-                                              log_samples=False, bootstrap_iters=0)
+                                              log_samples=False,
+                                              bootstrap_iters=request.bootstrap_iters)
         except OSError as err:  # datasets' ConnectionError when a hub task's data cannot be had
             raise ConfigError(f"--tasks {','.join(request.tasks)}: a task's data could not be "
                               f"read ({err}). Fix: run where the Hugging Face hub is reachable "
