@@ -134,8 +134,9 @@ def test_loglikelihood_rolling_is_the_sum_over_every_token(model):
 
 
 def test_generate_until_is_greedy_decoding_cut_at_the_stop(model):
-    lm = MoMHarnessLM(model, TOKENIZER, batch_size=2)
-    prompts = ["The cat sat", "One, two,", "The dog ran"]  # two of equal length: one batch
+    lm = MoMHarnessLM(model, TOKENIZER, batch_size=3)
+    # different lengths in one batch: left-padded, each as it would be alone
+    prompts = ["The cat sat", "One, two,", "The dog ran down the road", "Hi"]
     settings = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
     got = lm.generate_until([request("generate_until", p, dict(settings)) for p in prompts])
     for prompt, text in zip(prompts, got):

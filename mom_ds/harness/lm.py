@@ -6,11 +6,12 @@ context (a context's trailing spaces move to the continuation, an empty context 
 end-of-text), rolling windows of n_positions for perplexity tasks, and greedy or sampled
 generation cut at the task's stop strings.
 
-Batches are padded on the right. That leaves every real token's logits as they are alone
-because attention is causal, a MoD block routes by its causal threshold here (as in
+Scoring batches are padded on the right. That leaves every real token's logits as they are
+alone because attention is causal, a MoD block routes by its causal threshold here (as in
 generation, not the training-time top-k over the sequence), and dropless routing treats each
 token alone. A model whose routed blocks drop tokens past a capacity (capacity_factor > 0)
-makes tokens compete within a batch, so it is scored one sequence at a time.
+makes tokens compete within a batch, so it is scored one sequence at a time. Generation
+batches prompts of any lengths padded on the left, with their attention mask.
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ class MoMHarnessLM(LM):
 
     # --- generation ---------------------------------------------------------------------
     def generate_until(self, requests) -> list[str]:
-        """Requests with the same context length and generation settings go as one batch."""
+        """Requests with the same generation settings go in batches, longest prompt first,
+        padded on the left (attention_mask 0): each row continues as its prompt alone would
+        (MoMForCausalLM.generate)."""
         outputs: list[Optional[str]] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         prompts = []
@@ -102,22 +105,29 @@ class MoMHarnessLM(LM):
                         self.max_length - 1)
             ids = self.encode(context)[-(self.max_length - limit):] or [self.eot]
             prompts.append(ids)
-            key = (len(ids), limit, repr(sorted(settings.items())))
-            groups.setdefault(key, []).append(n)
-        for (_, limit, _), members in groups.items():
+            groups.setdefault((limit, repr(sorted(settings.items()))), []).append(n)
+        for (limit, _), members in groups.items():
             settings = dict(requests[members[0]].args[1] or {})
             stops = _stop_strings(settings.get("until"))
+            members.sort(key=lambda n: -len(prompts[n]))  # less padding in each batch
             for batch in _chunks(members, self.batch_size):
-                prompt = torch.tensor([prompts[n] for n in batch], device=self.model_device)
-                new = self._generate(prompt, limit, settings)
+                width = len(prompts[batch[0]])
+                pads = [width - len(prompts[n]) for n in batch]
+                prompt = torch.tensor([[self.eot] * pad + prompts[n]
+                                       for pad, n in zip(pads, batch)], device=self.model_device)
+                mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in pads],
+                                    device=self.model_device)
+                new = self._generate(prompt, mask, limit, settings)
                 for n, ids in zip(batch, new):
                     outputs[n] = _cut(self.tokenizer.decode(ids), stops)
         return outputs  # type: ignore[return-value]
 
-    def _generate(self, prompt: torch.Tensor, limit: int, settings: dict) -> list[list[int]]:
+    def _generate(self, prompt: torch.Tensor, mask: torch.Tensor, limit: int,
+                  settings: dict) -> list[list[int]]:
         sample = bool(settings.get("do_sample", False))
         temperature = float(settings.get("temperature", 1.0 if sample else 0.0))
-        out = self.model.generate(prompt, limit, temperature=temperature if sample else 0.0,
+        out = self.model.generate(prompt, limit, attention_mask=mask,
+                                  temperature=temperature if sample else 0.0,
                                   top_p=settings.get("top_p"), top_k=settings.get("top_k"),
                                   eos_token_id=self.eot)
         new = out[:, prompt.shape[1]:].tolist()
