@@ -92,7 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> PrepSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mom_ds.cli.errors import run_command
+    from mom_ds.errors import run_command
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["adopt"]:

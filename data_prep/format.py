@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mom_ds.errors import BAD_INPUT
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -23,6 +25,7 @@ DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 class DataError(ValueError):
     """A corpus, tokenizer or prepared directory that cannot be used; the message names the fix."""
+    exit_code = BAD_INPUT
 
 
 def holds(name: str, vocab_size: int) -> bool:

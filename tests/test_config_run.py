@@ -212,7 +212,7 @@ def test_preset_files_are_fresh(tmp_path):
 
 
 def test_one_rank_of_several_keeps_bad_input_for_the_agreement_and_raises_bugs():
-    from mom_ds.cli.errors import exit_code
+    from mom_ds.errors import exit_code
     from mom_ds.train.preflight import StartCheck
 
     def bad_input():

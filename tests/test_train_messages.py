@@ -38,7 +38,7 @@ sys.exit(main(sys.argv[1:]))
 
 MONITOR_UNTIL_FULL = LIMIT_FILES + """
 import sys
-from mom_ds.cli.errors import run_command
+from mom_ds.errors import run_command
 from mom_ds.train.monitor import Monitor
 out, limit, names = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def body():

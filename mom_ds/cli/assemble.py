@@ -20,7 +20,7 @@ from typing import Optional
 from ..model import ConfigError
 from .args import (add_config_arguments, check_overrides, parse_command_line, positive_int,
                    print_config)
-from .errors import run_command
+from ..errors import run_command
 
 # the modules and the teacher are the run's; the held-out windows of --strategy search (and
 # the data the assembled run records) can come from elsewhere

@@ -23,7 +23,7 @@ from typing import Optional
 
 from .args import (add_config_arguments, check_overrides, notes_to_stderr, parse_command_line,
                    print_config)
-from .errors import run_command
+from ..errors import run_command
 
 # from-hf builds a model config (a layout for the donor's layers), nothing else
 FROM_HF_READS = ("model",)

@@ -28,7 +28,7 @@ from ..model.flops import flops_per_token
 from ..model.mod_block import MoDRouting
 from .args import (add_config_arguments, add_device_argument, check_overrides, device,
                    parse_command_line, positive_int, print_config)
-from .errors import run_command
+from ..errors import run_command
 
 # the checkpoint's config is what mom-eval scores with: its model (any field that leaves
 # the weights as trained) and where its windows come from

@@ -18,7 +18,7 @@ from ..model import ConfigError
 from .args import (add_config_arguments, add_device_argument, check_overrides, device,
                    non_negative_float, parse_command_line, positive_int, print_config,
                    probability)
-from .errors import run_command
+from ..errors import run_command
 
 # the checkpoint's model is what samples (any field that leaves the weights as trained);
 # the tokenizer is the run's own (--data-dir names another)

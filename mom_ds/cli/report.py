@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import run_command
+from ..errors import run_command
 
 USAGE_TAG = re.compile(r"routing/block(\d+)/(attn|ffn)_usage_step(\d+)")
 

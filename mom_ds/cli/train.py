@@ -22,7 +22,7 @@ from typing import Optional
 from ..config import ConfigError, RunConfig, load_run_config
 from .args import (EVERY_FIELD, add_config_arguments, check_overrides, notes_to_stderr,
                    parse_command_line, positive_int, print_config)
-from .errors import exit_code, run_command
+from ..errors import BAD_INPUT, exit_code, run_command
 
 
 def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]]:
@@ -144,7 +144,7 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         return ds_config
 
     # alone: one message, exit 2, before torch starts; one of several: agreed on at start
-    start = StartCheck.of(checks, lambda err: exit_code(err) == 2, world_size_from_env())
+    start = StartCheck.of(checks, lambda err: exit_code(err) == BAD_INPUT, world_size_from_env())
     from ..train.session import run_training  # imports torch/deepspeed: after the checks
     from ..train.stopping import REQUEST
 

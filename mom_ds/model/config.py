@@ -24,6 +24,9 @@ MOD_DECODE = ("bce", "predictor")
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the field and the fix."""
+    # bad input (mom_ds/errors.py BAD_INPUT); a literal: the model package is shipped alone
+    # in Hugging Face exports (hf_export.py), so it imports nothing from above it
+    exit_code = 2
 
 
 @dataclass

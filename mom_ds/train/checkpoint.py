@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import BAD_INPUT
 from ..files import replaced, sha256_file, write_text
 from ..parallel.parallelize import ParallelLayout
 from ..parallel.placement import ModulePlacement
@@ -62,6 +63,7 @@ _WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|file write fai
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed; the message names the file and the fix."""
+    exit_code = BAD_INPUT
 
 
 def tag_for(step: int) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
+from ..errors import DIVERGED
 from .published import last_good_checkpoint
 
 # The running mean reaches back about this many optimizer steps (an EMA whose weight is
@@ -25,6 +26,7 @@ SPIKE_MIN_RISE = 1.0
 
 class DivergenceError(RuntimeError):
     """The loss, the gradient norm or the weights stopped being finite."""
+    exit_code = DIVERGED
 
 
 def stopped(what: str, step: int, ckpt_dir: Path, fix: str = "") -> str:

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ..errors import LOST_RANK
 from .published import latest_tag
 
 CHECK_IN_WAIT_S = 15.0  # survivors reach their own failed collective within seconds of each other
-LOST_RANK_EXIT = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class LostRankError(RuntimeError):
     """A collective failed because a rank (or the network to it) is gone; exit code 4.
     `report` is True on the rank that prints the message (the lowest survivor, or every
     rank when rank 0's store is gone too)."""
+    exit_code = LOST_RANK
 
     def __init__(self, message: str, report: bool):
         super().__init__(message)

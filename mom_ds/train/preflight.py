@@ -148,7 +148,7 @@ def preflight(run: RunConfig) -> dict[str, Any]:
 @dataclass
 class StartCheck:
     """The outcome of this rank's start-up checks: their result, or the error (a bad-input
-    error, see cli/errors.exit_code) that agreement.agree() raises on every rank once the
+    error, see mom_ds/errors.py) that agreement.agree() raises on every rank once the
     process group is up."""
     result: Any = None
     error: Optional[str] = None

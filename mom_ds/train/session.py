@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
+from ..errors import BAD_INPUT, exit_code
 from ..model import MoMForCausalLM
 from ..model.compiling import compile_parts
 from ..parallel.parallelize import parallelize
@@ -156,9 +157,7 @@ def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
 
 def is_bad_input(err: BaseException) -> bool:
     """An error the ranks agree on (agreement.agree): bad input, exit 2."""
-    from ..cli.errors import exit_code
-
-    return exit_code(err) == 2
+    return exit_code(err) == BAD_INPUT
 
 
 def check_config(run: RunConfig, tag_dir: Path, allow_data_change: bool, report: bool) -> None:

@@ -1,6 +1,6 @@
 """Stopping on request: SIGTERM, SIGUSR1 or SIGINT (preemption, a scheduler's time limit,
 scancel, Ctrl-C) make every rank finish its optimizer step, agree on the step to stop at,
-save a complete checkpoint there and exit with STOPPED_EXIT. A second SIGINT exits at once
+save a complete checkpoint there and exit with mom_ds.errors.STOPPED (5). A second SIGINT exits at once
 without saving: checkpoint.save publishes `latest` only after a complete manifest, so a
 hard exit mid-save leaves the previous checkpoint published and the half-written tag unused.
 
@@ -18,14 +18,15 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-STOPPED_EXIT = 5  # stopped on a signal, checkpoint saved: resume (Slurm's script requeues)
-INTERRUPTED_EXIT = 130  # a second SIGINT: exited at once, nothing saved (128 + SIGINT)
+from ..errors import INTERRUPTED, STOPPED
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Stopped(Exception):
     """Raised on every rank once the stop checkpoint is saved and rank 0 printed its line;
-    mom-train exits STOPPED_EXIT (cli/errors.py)."""
+    mom-train exits 5: resume it (Slurm's script requeues)."""
+    exit_code = STOPPED
     report = False  # printed already, before the ranks exit (StopAgreement.stop)
 
 
@@ -61,7 +62,7 @@ class StopRequest:
             if self.interrupts > 1:  # the user insists: out now, `latest` stays as it was
                 os.write(2, b"mom-train: interrupted again: exiting at once without saving "
                             b"(the last published checkpoint is unchanged)\n")
-                os._exit(INTERRUPTED_EXIT)
+                os._exit(INTERRUPTED)  # nothing saved
         self.signum = self.signum or signum
 
 

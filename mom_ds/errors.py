@@ -13,29 +13,22 @@ import os
 import sys
 from typing import Callable, Optional
 
+BAD_INPUT = 2
+DIVERGED = 3
+LOST_RANK = 4
+STOPPED = 5
+INTERRUPTED = 130
+
 
 def exit_code(err: BaseException) -> Optional[int]:
-    """2 for bad input (config, data, checkpoint, file system), 3 for a diverged run, 4 for
-    a lost rank (resume once its host is back), 5 for a run stopped by a signal after its
-    checkpoint, None for anything else."""
-    from data_prep.format import DataError
-
-    from ..model.config import ConfigError  # imports torch: only once an error happened
-
-    if isinstance(err, (ConfigError, DataError, OSError)):
-        return 2
-    # raised only by modules already imported: importing them here would cost torch
-    checkpoint, health, peers, stopping = (sys.modules.get(f"mom_ds.train.{m}")
-                                           for m in ("checkpoint", "health", "peers", "stopping"))
-    if checkpoint is not None and isinstance(err, checkpoint.CheckpointError):
-        return 2
-    if health is not None and isinstance(err, health.DivergenceError):
-        return 3
-    if peers is not None and isinstance(err, peers.LostRankError):
-        return peers.LOST_RANK_EXIT
-    if stopping is not None and isinstance(err, stopping.Stopped):
-        return stopping.STOPPED_EXIT
-    return None
+    """The exit code an error explains, None for a bug. Each error class says its own code
+    (its `exit_code` attribute: 2 bad input, 3 a diverged run, 4 a lost rank, 5 stopped by a
+    signal), so this module imports none of them; an OSError (a file system's refusal) is
+    bad input too."""
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    return BAD_INPUT if isinstance(err, OSError) else None
 
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
@@ -43,7 +36,7 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
         return body()
     except KeyboardInterrupt:  # Ctrl-C where no handler catches it (mom-train's does)
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except Exception as err:  # noqa: BLE001 - re-raised unless explained
         code = exit_code(err)
         if code is None or os.environ.get("MOM_DEBUG"):
