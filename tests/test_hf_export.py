@@ -37,7 +37,7 @@ MODELS = {
     "mom_mod": MoMConfig(n_bottom=2, mod_capacity=0.5, mod_every=2, n_chunks=1, depth=2,
                          **SHAPE),
 }
-PROMPT_TOKENS, NEW_TOKENS = 10, 12
+PROMPT_TOKENS, NEW_TOKENS, PAD = 10, 12, 4
 GPT2_TEXT = "Hello world! It's 2026:  naïve café —\n\n\tdon't we'll 12345 x"
 
 LOAD_WITHOUT_MOM_DS = """
@@ -54,16 +54,24 @@ for name in json.loads(sys.argv[1]):
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
     with torch.no_grad():
         out = model(ids, labels=ids)
+    # the second prompt %(pad)d tokens shorter, padded on the left
+    batch, mask = ids[:, :%(prompt)d].clone(), torch.ones_like(ids[:, :%(prompt)d])
+    batch[1, :%(pad)d], mask[1, :%(pad)d] = tokenizer.pad_token_id, 0
+    padded = model.generate(batch, attention_mask=mask, max_new_tokens=%(new)d, do_sample=False)
+    with torch.no_grad():  # GPT-2 takes its positions from position_ids, mom-ds from the mask
+        padded_logits = model(batch, attention_mask=mask,
+                              position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
     # the length of each forward's input: one token a step once the prompt is cached
     lengths = []
     model.register_forward_pre_hook(lambda _, args, kwargs: lengths.append(
         (args[0] if args else kwargs["input_ids"]).shape[1]), with_kwargs=True)
-    new = model.generate(ids[:, :%d], max_new_tokens=%d, do_sample=False)
+    new = model.generate(ids[:, :%(prompt)d], max_new_tokens=%(new)d, do_sample=False)
     results[name] = {"class": type(model).__name__, "logits": out.logits, "loss": out.loss,
-                     "generated": new, "lengths": lengths,
+                     "generated": new, "lengths": lengths, "padded": padded[:, %(prompt)d:],
+                     "padded_logits": padded_logits[1, %(pad)d:],
                      "text": tokenizer.decode(tokenizer("Hello, world")["input_ids"])}
 torch.save(results, sys.argv[4])
-""" % (PROMPT_TOKENS, NEW_TOKENS)
+""" % dict(prompt=PROMPT_TOKENS, new=NEW_TOKENS, pad=PAD)
 
 
 def byte_tokenizer():
@@ -75,8 +83,16 @@ def mom_ds_outputs(model: MoMForCausalLM, ids: torch.Tensor) -> dict:
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     with torch.no_grad():
         out = model(ids, labels=targets)
+        short = model(ids[1:, PAD:PROMPT_TOKENS]).logits[0]
     new = model.generate(ids[:, :PROMPT_TOKENS], NEW_TOKENS, temperature=0, eos_token_id=256)
-    return {"logits": out.logits, "loss": out.lm_loss, "generated": new}
+    # each prompt of the padded batch alone; a row that ends first goes on with end-of-text
+    alone = [model.generate(prompt[None], NEW_TOKENS, temperature=0, eos_token_id=256)
+             [0, len(prompt):].tolist()
+             for prompt in (ids[0, :PROMPT_TOKENS], ids[1, PAD:PROMPT_TOKENS])]
+    width = max(map(len, alone))
+    padded = [row + [256] * (width - len(row)) for row in alone]
+    return {"logits": out.logits, "loss": out.lm_loss, "generated": new, "padded": padded,
+            "padded_logits": short}
 
 
 def export_and_load(root: Path, python: str) -> tuple[dict, dict]:
@@ -103,11 +119,15 @@ def export_and_load(root: Path, python: str) -> tuple[dict, dict]:
 
 def check_same_outputs(name: str, want: dict, have: dict, directory: Path) -> None:
     """The loaded export gives mom-ds's logits, loss and greedy tokens, generates with its
-    cache, and its tokenizer round-trips text; the directory holds no pickle."""
+    cache, scores and continues a left-padded batch as mom-ds does each prompt alone, and its
+    tokenizer round-trips text; the directory holds no pickle."""
     assert have["class"] == ("GPT2LMHeadModel" if name == "vanilla" else "MoMHFForCausalLM")
     torch.testing.assert_close(have["logits"], want["logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(have["loss"], want["loss"], atol=1e-5, rtol=1e-5)
     assert have["generated"].tolist() == want["generated"].tolist()
+    torch.testing.assert_close(have["padded_logits"], want["padded_logits"], atol=1e-5,
+                               rtol=1e-5)
+    assert have["padded"].tolist() == want["padded"], "padded batch != each prompt alone"
     assert have["lengths"] == [PROMPT_TOKENS] + [1] * (NEW_TOKENS - 1)
     assert have["text"] == "Hello, world"
     files = {p.name for p in directory.iterdir()}

@@ -60,7 +60,7 @@ def _shipped_name(module: str) -> str:
     return ENTRY_FILE if module == ENTRY else f"{module}.py"
 
 
-def reachable_imports(modules: list[str]) -> str:
+def _reachable_imports(modules: list[str]) -> str:
     """What the export appends to modeling_mom.py. transformers 4.x copies out of the
     directory only the files the modeling file itself names in `from .x import` lines (read
     as text; their own imports are not followed), so every other shipped module is named here
@@ -80,7 +80,7 @@ def _write_remote_code(directory: Path) -> None:
                   f"(mom-ds {__version__}). Change that file, not this copy.\n")
         source = (PACKAGE / f"{module}.py").read_text()
         if module == ENTRY:
-            source += reachable_imports(modules)
+            source += _reachable_imports(modules)
         (directory / _shipped_name(module)).write_text(header + source)
 
 

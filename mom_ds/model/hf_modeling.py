@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -50,7 +49,7 @@ class MoMHFConfig(PretrainedConfig):
 
 class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
     """MoMForCausalLM under the name `model`. The loss follows transformers: `labels` are
-    the input ids, shifted inside. Generation keeps mom-ds's own key/value cache (a dict)
+    the input ids, shifted inside. Prompts of different lengths are padded on the left. Generation keeps mom-ds's own key/value cache (a dict)
     and routes MoD blocks by their causal threshold, as `MoMForCausalLM.generate` does."""
 
     config_class = MoMHFConfig
@@ -79,18 +78,19 @@ class MoMHFForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
                 mod_routing: str = "topk", **kwargs) -> CausalLMOutputWithPast:
         """`cache` (mom-ds's dict) is also taken as `past_key_values`, the name of 4.x and
-        of 5.x before 5.25; other keyword arguments of generate() are not used."""
+        of 5.x before 5.25; other keyword arguments of generate() are not used.
+        attention_mask (B, past + T), 0 = padding: padding is never attended to nor routed
+        (MoMForCausalLM.forward) and a padding token is no target of the loss."""
         cache = cache if cache is not None else kwargs.get("past_key_values")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("mom-ds models take no padding mask: every token attends to all "
-                             "before it. Fix: pass prompts of equal length (or one at a "
-                             "time) without padding.")
-        out = self.model(input_ids, cache=cache, mod_routing=mod_routing)
-        loss = None
+        targets = None
         if labels is not None:
-            loss = F.cross_entropy(out.logits[:, :-1].float().flatten(0, 1),
-                                   labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{CACHE: cache})
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+            # transformers' labels are the input ids; mom-ds's are the next tokens
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
+        out = self.model(input_ids, labels=targets, attention_mask=attention_mask, cache=cache,
+                         mod_routing=mod_routing)
+        return CausalLMOutputWithPast(loss=out.lm_loss, logits=out.logits, **{CACHE: cache})
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: Optional[dict] = None,
                                       attention_mask: Optional[torch.Tensor] = None,
