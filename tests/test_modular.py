@@ -17,7 +17,7 @@ from mom_ds.model.weights_file import save_weights
 from mom_ds.modular.assemble import assembled_model, choose
 from mom_ds.modular.assembly import (Tile, coarsest_first, depth_for_ratio, finest_first,
                                      offered_depths, ratio, sample, tilings, uniform)
-from mom_ds.modular.config import ModularConfig
+from mom_ds.config import ModularConfig
 from mom_ds.modular.losses import hidden_distillation, logit_distillation
 from mom_ds.modular.student import ModularStudent
 from mom_ds.modular.teacher import check_vanilla, fingerprint, load_teacher, teacher_config

@@ -137,6 +137,10 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..train.preflight import StartCheck, check_run_dir, preflight
 
     def checks() -> dict:  # every rank, before any process group
+        if run.modular.enabled:  # its model: section becomes the teacher's, checked first
+            from ..modular.run import resolve_teacher
+
+            resolve_teacher(run)
         ds_config = preflight(run)
         check_run_dir(run, resume=bool(args.resume), overwrite=args.overwrite)
         if args.resume == "auto":
@@ -145,13 +149,15 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     # alone: one message, exit 2, before torch starts; one of several: agreed on at start
     start = StartCheck.of(checks, lambda err: exit_code(err) == BAD_INPUT, world_size_from_env())
-    from ..train.session import run_training  # imports torch/deepspeed: after the checks
+    from ..modular.run import build_student  # imports torch/deepspeed: after the checks
+    from ..train.session import run_training
     from ..train.stopping import REQUEST
 
     with REQUEST.installed():  # a signal stops the run at a step boundary, saved
         run_training(run, start, resume=args.resume, stop_after=args.stop_after,
                      overwrite=args.overwrite, resume_from=args.resume_from,
-                     verbose=args.verbose, allow_data_change=args.allow_data_change)
+                     verbose=args.verbose, allow_data_change=args.allow_data_change,
+                     build=build_student if run.modular.enabled else None)
     return 0
 
 if __name__ == "__main__":

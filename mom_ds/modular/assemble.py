@@ -9,9 +9,8 @@ from typing import Optional
 
 import torch
 
-from ..config import RunConfig
+from ..config import ModularConfig, RunConfig
 from ..model import ConfigError, MoMForCausalLM
-from ..modular.config import ModularConfig
 from .assembly import FIXED_RULES, Assembly, check, describe, ratio, with_depth
 from .student import ModularStudent
 from .teacher import load_teacher

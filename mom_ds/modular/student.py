@@ -24,7 +24,7 @@ from ..model import MoMForCausalLM, MoMOutput
 from ..model.checkpointing import MODES, checkpointed
 from ..model.flops import attention_module_params, ffn_module_params
 from .assembly import Assembly, check, sample, uniform
-from .config import ModularConfig
+from ..config import ModularConfig
 from .losses import hidden_distillation, logit_distillation
 
 

@@ -120,22 +120,9 @@ def check_run_files(out: Path, continues: bool) -> None:
                       f"--train.out_dir.")
 
 
-def resolve_teacher(run: RunConfig) -> None:
-    """A modular run's model is its teacher's (read from the teacher's config, weights left
-    on disk): the model: section is replaced, then the run and the granularities checked."""
-    if not run.modular.enabled:
-        return
-    from ..modular.teacher import teacher_config
-
-    run.model = teacher_config(run.modular.teacher)
-    run.validate()
-    run.modular.resolve(run.model)
-
-
 def preflight(run: RunConfig) -> dict[str, Any]:
     """Every check before DeepSpeed starts; returns the completed DeepSpeed config."""
     world_size = world_size_from_env()
-    resolve_teacher(run)
     validate_expert_parallel(world_size, run.parallel.expert_parallel_size)
     check_data(run, world_size)
     ds_config = build_ds_config(run, load_deepspeed_json(run.parallel.deepspeed), world_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,11 @@ def run_training(run: RunConfig, start: StartCheck, **options: Any) -> dict[str,
 def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                   stop_after: Optional[int] = None, overwrite: bool = False,
                   resume_from: Optional[str] = None, verbose: bool = False,
-                  allow_data_change: bool = False) -> dict[str, float]:
+                  allow_data_change: bool = False,
+                  build: Optional[Callable[[RunConfig, bool], torch.nn.Module]] = None
+                  ) -> dict[str, float]:
+    """build(run, resume): the model to train, build_model's by default (mom-train passes
+    the modular student's builder for a modular run)."""
     from ..data import TokenizedDataset, WindowSampler
 
     init_distributed(run, verbose)
@@ -59,7 +63,7 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     # recorded absolute, so mom-eval & co. find the data from any working directory
     run.data.data_dir = str(Path(run.data.data_dir).resolve())
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
-    model = build_model(run, resume)
+    model = (build or build_model)(run, resume)
     model.set_activation_checkpointing(run.train.activation_checkpointing)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
     if resume:
@@ -139,16 +143,8 @@ def remove_run(out_dir: Path) -> None:
 
 
 def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
-    """The model to train: a MoMForCausalLM (from train.init_from's weights on a fresh start),
-    or for a modular run the teacher's ModularStudent (its fingerprint recorded in the
-    config, so resume and mom-assemble can refuse another teacher)."""
-    if run.modular.enabled:
-        from ..modular.student import ModularStudent
-        from ..modular.teacher import load_teacher
-
-        teacher = load_teacher(run.modular.teacher)
-        run.modular.teacher_fingerprint = teacher.fingerprint
-        return ModularStudent(teacher, run.modular, run.train.seed)
+    """The model to train when the caller names no other: a MoMForCausalLM, from
+    train.init_from's weights on a fresh start."""
     model = MoMForCausalLM(run.model)
     if run.train.init_from and not resume:
         load_initial_weights(model, run.train.init_from)
