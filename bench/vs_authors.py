@@ -17,6 +17,8 @@ logits and every routing decision (per token, step, router) must be equal before
 timed (else the first mismatch is named and nothing is timed), then training steps (forward +
 backward + AdamW) are timed in pairs, interleaved, the order alternating (A B, B A, ...).
 
+--threads (default: torch's, one per core) sets both workers' intra-op threads; where other
+work shares the CPU, --threads 1 is far steadier (a descheduled OpenMP thread stalls the rest).
 AdamW's lr defaults to 0: every step does the same arithmetic as at any lr, while the weights,
 hence the routing checked above, stay the same for every timed step on both sides.
 Not run by CI: it needs their code from the network. tests/test_bench_vs_authors.py covers the
@@ -439,12 +441,14 @@ def make_venv(directory: Path) -> Path:
         if pip.returncode:
             raise BenchError(f"pip could not install transformers==4.40.* into {directory}. "
                              "Fix: check the network / package index, delete the folder, rerun.")
+    (directory / ".gitignore").write_text("*\n")  # harmless if made inside a checkout
     torch_site = Path(torch.__file__).resolve().parent.parent
-    sites = sorted((directory / "lib").glob("python*/site-packages"))
-    if not sites:
-        raise BenchError(f"{directory} has no lib/python*/site-packages. Fix: delete it and rerun "
-                         "with --make-venv, or pass a venv's python with --authors-python.")
-    (sites[0] / "zz_mom_ds_torch.pth").write_text(f"{torch_site}\n")
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True)
+    if site.returncode or not Path(site.stdout.strip()).is_dir():
+        raise BenchError(f"{python} does not run or has no site-packages. Fix: delete {directory} "
+                         "and rerun with --make-venv, or pass --authors-python.")
+    (Path(site.stdout.strip()) / "zz_mom_ds_torch.pth").write_text(f"{torch_site}\n")
     return python
 
 
@@ -542,8 +546,12 @@ def print_profile(k: int, theirs: dict, ours: dict, top: int) -> None:
     for n in names[:top]:
         (a, ac), (b, bc) = ours.get(n, (0, 0)), theirs.get(n, (0, 0))
         print(f"| {n} | {a:.1f} | {ac} | {b:.1f} | {bc} |")
-    print(f"| total | {sum(v[0] for v in ours.values()):.1f} | | "
-          f"{sum(v[0] for v in theirs.values()):.1f} | |")
+    # the matrix products are the same on both sides: their share bounds what the rest can win
+    gemm = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+    for label, keep in (("GEMMs (mm, addmm, bmm)", lambda n: n in gemm),
+                        ("everything else", lambda n: n not in gemm)):
+        print(f"| {label} | {sum(v[0] for n, v in ours.items() if keep(n)):.1f} | | "
+              f"{sum(v[0] for n, v in theirs.items() if keep(n)):.1f} | |")
 
 
 def parse(argv: list[str]):
@@ -579,7 +587,8 @@ def parse(argv: list[str]):
 def run(argv: list[str]) -> None:
     args = parse(argv)
     python = check_args(args)
-    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Layout) if f.name != "top_k"}
+    fields = {f.name: getattr(args, f.name)
+              for f in dataclasses.fields(Layout) if f.name != "top_k"}
     layouts = [Layout(**fields, top_k=k) for k in args.top_k]
     for layout in layouts:
         check_layout(layout)

@@ -132,7 +132,8 @@ def test_their_names_land_in_our_modules():
     assert torch.equal(m.chunks[0].attn_pool.qkv.ln_weight[0],
                        s[h + "1.mot_attn.attention_layernorm.0.weight"])
     assert torch.equal(m.chunks[0].ffn_pool.proj.bias[2], s[h + "1.mot_ffn.c_proj.2.bias"])
-    assert torch.equal(m.chunks[0].attn_router.cell.weight_ih, s[h + "1.mot_attn.router.x2h.weight"])
+    assert torch.equal(m.chunks[0].attn_router.cell.weight_ih,
+                       s[h + "1.mot_attn.router.x2h.weight"])
     assert torch.equal(m.chunks[0].ffn_router.cell.bias_hh, s[h + "1.mot_ffn.router.h2h.bias"])
     assert torch.equal(m.chunks[0].ffn_router.head.weight, s[h + "1.mot_ffn.router.router.weight"])
     assert torch.equal(m.bottom[0].attn.qkv.weight, s[h + "0.mot_attn.c_attn.weight"].t())
