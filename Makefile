@@ -13,7 +13,7 @@ $(BIN)/activate:
 # install your own torch first and this step keeps it.
 venv: $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test]" -c constraints.txt
 
 # transformers 4.x beside .venv's 5.x, for tests/test_hf_export_hf4.py (the exports load with
 # both): its own transformers, tokenizers and huggingface_hub come first on sys.path, then

@@ -78,7 +78,7 @@ class _OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace == "mom_ds":  # our custom operators: count what they run
             with self:
-                return pools.IMPLEMENTATIONS[func._schema.name](*args, **kwargs)
+                return pools.IMPLEMENTATIONS[func.name()](*args, **kwargs)
         if func.namespace != "profiler":  # record_function markers launch nothing
             self.ops += 1
         return func(*args, **kwargs)
@@ -96,7 +96,7 @@ def compiled_kernels(model, step_of) -> int:
     """Kernels inductor generates for the compiled model's forward + backward."""
     from torch._inductor import metrics
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     metrics.reset()
     step_of(torch.compile(model))()
     return metrics.generated_kernel_count

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from multirank import run_ranks  # noqa: E402
 
 from mom_ds import MoMForCausalLM  # noqa: E402
+from mom_ds import engine_adapter as adapter  # noqa: E402
 from mom_ds.model import presets  # noqa: E402
 from mom_ds.parallel.parallelize import engine_param_groups, parallelize  # noqa: E402
 
@@ -54,8 +55,7 @@ def rank_bytes(rank, world, ep_size, stage, width):
             master += p.ds_tensor.numel() * 4
         else:
             weights += p.numel() * p.element_size()
-            if p._hp_mapping is not None:
-                master += p._hp_mapping.lp_fragment_address.numel * 4
+            master += adapter.zero12_fragment_numel(p) * 4
     return weights, master, 3 * master  # master + exp_avg + exp_avg_sq
 
 

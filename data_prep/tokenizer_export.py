@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
+from mom_ds.engine_adapter import tiktoken_bpe
+
 from .tokenizer import EOT_TEXT, BytesTokenizer, HFTokenizer, TiktokenTokenizer, Tokenizer
 
 
@@ -48,7 +50,7 @@ def _from_tiktoken(tokenizer: TiktokenTokenizer):
     def spell(token: bytes) -> str:
         return "".join(alphabet[b] for b in token)
 
-    ranks = encoding._mergeable_ranks
+    ranks, pattern, special = tiktoken_bpe(encoding)
     merges = []
     for token, rank in ranks.items():
         splits = [(ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
@@ -57,8 +59,8 @@ def _from_tiktoken(tokenizer: TiktokenTokenizer):
     merges.sort()
     vocab = {spell(token): rank for token, rank in ranks.items()}
     backend = _byte_level(vocab, [(spell(a), spell(b)) for *_, a, b in merges],
-                          encoding._pat_str)
-    for text, token_id in sorted(encoding._special_tokens.items(), key=lambda item: item[1]):
+                          pattern)
+    for text, token_id in sorted(special.items(), key=lambda item: item[1]):
         backend.add_special_tokens([text])
         assert backend.token_to_id(text) == token_id, (text, token_id)  # ids stay dense
     return backend

@@ -1,17 +1,21 @@
 """The import graph of mom_ds, data_prep and bench, read with `ast` (function-level imports
 included): no package imports one of a higher layer, so there is no cycle between
-packages either. docs/design.md draws the same layers."""
+packages either. docs/design.md draws the same layers. And no module but
+mom_ds/engine_adapter.py touches a private name of a dependency (torch, DeepSpeed,
+tiktoken)."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = ("mom_ds", "data_prep", "bench")
 
 # Lowest first. A unit is a package under mom_ds, a module directly in mom_ds, or a root.
 LAYERS = [
-    {"mom_ds.files", "mom_ds.errors"},            # leaves every layer may use
+    {"mom_ds.files", "mom_ds.errors", "mom_ds.engine_adapter"},  # leaves every layer uses
     {"data_prep"},                                # mom-prep: corpora -> token files
     {"mom_ds.model", "mom_ds.data"},              # the model, reading token files
     {"mom_ds.parallel"},                          # expert parallelism, parameter groups
@@ -24,11 +28,14 @@ LAYERS = [
 LAYER = {unit: n for n, units in enumerate(LAYERS) for unit in units}
 
 
-def unit_of(module: str) -> str:
-    parts = module.split(".")
+def unit_of(name: str) -> str:
+    """The unit a module, or a name imported from one, belongs to."""
+    parts = name.split(".")
     if parts[0] != "mom_ds" or len(parts) == 1:
         return parts[0]
-    return f"mom_ds.{parts[1]}"
+    inside = REPO / "mom_ds" / parts[1]
+    return f"mom_ds.{parts[1]}" if inside.is_dir() or inside.with_suffix(".py").is_file() \
+        else "mom_ds"  # a name the package's face hands on
 
 
 def imports() -> list[tuple[str, str, str]]:
@@ -43,11 +50,11 @@ def imports() -> list[tuple[str, str, str]]:
                 if isinstance(node, ast.Import):
                     names = [alias.name for alias in node.names]
                 elif isinstance(node, ast.ImportFrom):
-                    if node.level:
-                        base = package.split(".")[:len(package.split(".")) - node.level + 1]
-                        names = [".".join(base + ([node.module] if node.module else []))]
-                    else:
-                        names = [node.module or ""]
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1] \
+                        if node.level else []
+                    where = ".".join(base + ([node.module] if node.module else []))
+                    # `from .. import engine_adapter` imports a module: name each one
+                    names = [f"{where}.{alias.name}" for alias in node.names]
                 else:
                     continue
                 for name in names:
@@ -72,6 +79,75 @@ def test_the_walker_sees_a_function_level_import(tmp_path, monkeypatch):
     pkg = tmp_path / "mom_ds" / "model"
     pkg.mkdir(parents=True)
     (pkg / "x.py").write_text("def f():\n    from ..train import loop\n")
+    (tmp_path / "mom_ds" / "train").mkdir()
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
     monkeypatch.setattr(__import__(__name__), "ROOTS", ("mom_ds",))
     assert imports() == [("mom_ds.model", "mom_ds.train", "mom_ds/model/x.py:2")]
+
+
+ADAPTER = "mom_ds/engine_adapter.py"
+PUBLIC_DESPITE_THE_UNDERSCORE = {"_exit"}  # os._exit: documented, for a child after fork
+
+
+def private_uses(roots=ROOTS) -> list[str]:
+    """'file:line expr' for every `x._name` whose _name mom-ds does not define itself (as a
+    function, class, module-level name, argument, import alias or `self._name`): a private
+    name of another package."""
+    trees = {path: ast.parse(path.read_text()) for root in roots
+             for path in sorted((REPO / root).rglob("*.py"))}
+    ours = set(PUBLIC_DESPITE_THE_UNDERSCORE)
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                ours.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                ours.add(node.id)
+            elif isinstance(node, ast.arg):
+                ours.add(node.arg)
+            elif isinstance(node, ast.alias):
+                ours.add(node.asname or node.name.split(".")[-1])
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) \
+                    and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                ours.add(node.attr)
+    found = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") \
+                    and not node.attr.startswith("__") and node.attr not in ours:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_private_names_of_dependencies_only_in_the_adapter():
+    outside = [use for use in private_uses() if not use.startswith(ADAPTER)]
+    assert not outside, ("move these into mom_ds/engine_adapter.py, with the public API "
+                         "that is missing:\n" + "\n".join(outside))
+
+
+def test_the_private_name_check_can_fail(tmp_path, monkeypatch):
+    (tmp_path / "mom_ds").mkdir()
+    (tmp_path / "mom_ds" / "x.py").write_text(
+        "import torch.distributed as dist\nstore = dist.distributed_c10d._get_default_store()\n")
+    monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
+    assert private_uses(("mom_ds",)) == \
+        ["mom_ds/x.py:2 dist.distributed_c10d._get_default_store"]
+
+
+def test_the_supported_versions_are_stated_once_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from mom_ds.engine_adapter import SUPPORTED
+
+    stated = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mom-ds"]["supported"]
+    assert stated == {package: f">={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+                      for package, (low, high) in SUPPORTED.items()}
+
+
+def test_a_version_outside_the_supported_range_is_one_warning(monkeypatch):
+    from mom_ds import engine_adapter
+
+    assert engine_adapter.version_warning() is None  # what CI installs is supported
+    monkeypatch.setattr(engine_adapter, "version",
+                        lambda package: "2.15.1+cu128" if package == "torch" else "0.19.8")
+    warning = engine_adapter.version_warning()
+    assert warning.startswith("warning: torch 2.15.1+cu128 (supported: >= 2.13, < 2.14)")
+    assert "deepspeed" not in warning

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..model.routers import Router
 from .dispatch import AllToAllDispatcher
-from .groups import expert_parallel_groups
+from .. import engine_adapter as adapter
 from .placement import POOLS, ModulePlacement, sharded_pools
 
 
@@ -42,35 +42,6 @@ class ParallelLayout:
         return f"ep_size_{self.ep_size}"
 
 
-def _expert_marker_class():
-    """DeepSpeed turns its expert machinery on only when it finds a module of its own MoE
-    types (runtime/engine.py, by isinstance). Of the two, AutoEPMoELayer is the one ZeRO-3
-    accepts, so the marker is one: it holds no parameter and computes nothing. (DeepSpeed's
-    own checkpoint code would look for AutoEP's w1/w2/w3 experts in it; mom-ds's
-    checkpoints are written by train/checkpoint.py, by global parameter name.)"""
-    from deepspeed.checkpoint.autoep_affine import legacy_uniform_autoep_placement_descriptor
-    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
-
-    class ExpertParallelMarker(AutoEPMoELayer):
-        def __init__(self, ep_size: int, n_modules: int):
-            nn.Module.__init__(self)  # not AutoEPMoELayer's: no gate, no experts
-            self.ep_size, self.ep_rank = ep_size, None
-            self.num_experts, self.num_local_experts = n_modules, n_modules // ep_size
-            self.ep_group_name, self.ep_group = f"ep_size_{ep_size}", None
-            self.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(
-                n_modules, self.num_local_experts, ep_size)
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
-                                      folding_group_handles=None) -> None:
-            self.ep_group = expert_parallel_groups(self.ep_size)[0]
-            self.ep_rank = dist.get_rank(self.ep_group)
-
-        def forward(self, *args, **kwargs):
-            raise RuntimeError("ExpertParallelMarker only marks the model for DeepSpeed")
-
-    return ExpertParallelMarker
-
-
 def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
     """Apply data and expert parallelism to a model built with the same seed on every rank
     (every module then starts from the weights a one-rank run would have). Call after
@@ -84,7 +55,7 @@ def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
         use_global_balance_stats(model)
     if not sharded:
         return layout
-    layout.ep_group, layout.expert_dp_group = expert_parallel_groups(ep_size)
+    layout.ep_group, layout.expert_dp_group = adapter.expert_groups(ep_size)
     layout.ep_rank = dist.get_rank(layout.ep_group)
     for b, block in enumerate(model.chunks):
         for name in sharded:
@@ -97,7 +68,7 @@ def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
             setattr(block, "attn_dispatcher" if name == "attn_pool" else "ffn_dispatcher",
                     dispatcher)
     n_modules = config.n_ffn_modules if "ffn_pool" in sharded else config.n_attn_modules
-    model.expert_parallel_marker = _expert_marker_class()(ep_size, n_modules)
+    model.expert_parallel_marker = adapter.expert_marker_class()(ep_size, n_modules)
     return layout
 
 

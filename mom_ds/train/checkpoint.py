@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import engine_adapter as adapter
 from ..errors import BAD_INPUT
 from ..files import replaced, sha256_file, write_text
 from ..parallel.parallelize import ParallelLayout
@@ -184,11 +185,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # --- the engine's state, whole tensors by name ----------------------------------------------
-def _base_optimizer(engine):
-    """The torch optimizer under DeepSpeed's wrapper (ZeRO, bf16), or the optimizer itself."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
-
-
 def _whole(engine, param: torch.Tensor, key: Optional[str]) -> torch.Tensor:
     """The fp32 weight (key None) or AdamW moment of one parameter, unpartitioned, on CPU.
     Collective under ZeRO (every rank calls it for the same parameters in the same order)."""
@@ -197,7 +193,7 @@ def _whole(engine, param: torch.Tensor, key: Optional[str]) -> torch.Tensor:
     value = safe_get_full_fp32_param(param) if key is None else \
         safe_get_full_optimizer_state(param, key)
     if value is None:  # ZeRO-0 in fp32: the torch optimizer steps the parameter itself
-        state = _base_optimizer(engine).state.get(param, {})
+        state = adapter.torch_optimizer(engine).state.get(param, {})
         value = param.detach() if key is None else state.get(key, torch.zeros_like(param))
     return value.detach().float().cpu().clone()
 
@@ -205,26 +201,19 @@ def _whole(engine, param: torch.Tensor, key: Optional[str]) -> torch.Tensor:
 def _prepare_optimizer_state(engine) -> None:
     """Make every AdamW moment reachable through DeepSpeed's accessors. A fresh engine has
     none yet (torch creates them at the first step), so they are created as that step
-    would, at zero; and DeepSpeed 0.19's ZeRO-1/2 and bf16 optimizers link the moments of
-    all parameter groups once, right after the first group's first step, while the other
-    groups have none (stage_1_and_2.py, _optimizer_step), so the link is made again."""
-    base = _base_optimizer(engine)
-    # ZeRO-3 steps its fp32 sub-group partitions, which it puts in the param groups only
-    # for the duration of a step
-    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])
-    for p in [*(p for group in base.param_groups for p in group["params"]), *flats]:
+    would, at zero, and linked to their parameters again (engine_adapter)."""
+    base = adapter.torch_optimizer(engine)
+    for p in [*(p for group in base.param_groups for p in group["params"]),
+              *adapter.zero3_groups(engine)]:
         state = base.state[p]
         if "exp_avg" not in state:
             state.update(step=torch.zeros((), dtype=torch.float32),
                          exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
+    adapter.relink_optimizer_states(engine)
 
 
 def _adam_step(engine) -> int:
-    for state in _base_optimizer(engine).state.values():
+    for state in adapter.torch_optimizer(engine).state.values():
         if "step" in state:
             return int(state["step"])
     return 0
@@ -246,17 +235,17 @@ def load_engine_state(engine, model, state: dict[str, dict[str, torch.Tensor]],
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     _prepare_optimizer_state(engine)
-    base = _base_optimizer(engine)
+    base = adapter.torch_optimizer(engine)
     partitioned = False
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         entry = state[name]
-        if hasattr(p, "ds_id"):
+        if adapter.is_zero3_partitioned(p):
             partitioned = True
             for key in (None, *MOMENTS):
-                _set_zero3_partition(p, entry["weight" if key is None else key], key)
-        elif hasattr(p, "_hp_mapping"):
+                adapter.set_zero3_partition(p, entry["weight" if key is None else key], key)
+        elif adapter.is_zero12_mapped(p):
             partitioned = True
             device = engine.device
             safe_set_full_fp32_param(p, entry["weight"].to(device))
@@ -272,32 +261,7 @@ def load_engine_state(engine, model, state: dict[str, dict[str, torch.Tensor]],
             slot["step"] = torch.full_like(torch.as_tensor(slot["step"]), float(adam_step)) \
                 if torch.is_tensor(slot["step"]) else adam_step
     if partitioned:
-        _refresh_low_precision(engine)
-
-
-def _set_zero3_partition(param, value: torch.Tensor, key: Optional[str]) -> None:
-    """This rank's ZeRO-3 partition of a whole fp32 tensor (weight, key None, or moment).
-    DeepSpeed 0.19's safe_set_full_* reads past the end of a tensor whose size the
-    partition count does not divide (stage3.py set_full_hp_param: "start + length exceeds
-    dimension size"), so the partition is written here, its padding left as it is."""
-    optimizer = param._z3_optimizer
-    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                      optim_state_key=key)
-    start = part.numel() * optimizer._get_param_partition_rank(param)
-    piece = value.flatten()[start:start + part.numel()]
-    part.data[:piece.numel()].copy_(piece)
-
-
-def _refresh_low_precision(engine) -> None:
-    """Copy the fp32 masters into the weights the forward reads: the step DeepSpeed runs
-    after an optimizer step, here after loading the masters (ZeRO-1/2 and the bf16 optimizer
-    expose it as update_lp_params; ZeRO-3 per partitioned sub-group)."""
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "update_lp_params"):
-        optimizer.update_lp_params()
-    elif hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        for i in range(len(optimizer.fp32_partitioned_groups_flat)):
-            optimizer._reassign_or_swap_out_partitioned_parameters(i)
+        adapter.refresh_low_precision(engine)
 
 
 # --- save -----------------------------------------------------------------------------------
@@ -537,11 +501,13 @@ def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, tag: str
 def _set_schedule_step(scheduler, step: int) -> None:
     """The LambdaLR the engine steps is a pure function of the step (loop.lr_factor); its
     state is that step, whatever parameter groups this layout has."""
-    scheduler.last_epoch = step
     rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, rates):
         group["lr"] = lr
-    scheduler._last_lr = rates
+    # through its public state dict: what get_last_lr() returns has no setter
+    state = scheduler.state_dict()
+    state.update(last_epoch=step, _last_lr=rates)
+    scheduler.load_state_dict(state)
 
 
 def _cut_to_this_rank(params: dict[str, dict[str, torch.Tensor]], model,

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import engine_adapter as adapter
 from ..config import ConfigError, RunConfig
 from ..parallel.parallelize import engine_param_groups
 from .ds_schema import auto_values, check_deepspeed_json, resolve_auto
@@ -144,23 +145,7 @@ def init_distributed(run: RunConfig, verbose: bool = False) -> None:
         deepspeed.init_distributed(dist_backend=backend,
                                    timeout=timedelta(minutes=run.parallel.timeout_minutes))
     release_shm_buffer_names()
-    use_current_collectives()
-
-
-def use_current_collectives() -> None:
-    """DeepSpeed reaches torch's all-gather and reduce-scatter into one tensor through the
-    functions its backend picks at start-up, torch.distributed.all_gather_into_tensor and
-    reduce_scatter_tensor: torch 2.13 deprecates both (a FutureWarning on every rank at
-    the first ZeRO step) for all_gather_single and reduce_scatter_single, the same
-    collectives under their new names (the old ones only forward to them). Point the
-    backend at the new ones where torch has them."""
-    import torch.distributed as dist
-    from deepspeed.comm import comm
-
-    if hasattr(dist, "all_gather_single"):
-        comm.cdb.all_gather_function = dist.all_gather_single
-    if hasattr(dist, "reduce_scatter_single"):
-        comm.cdb.reduce_scatter_function = dist.reduce_scatter_single
+    adapter.use_current_collectives()
 
 
 def apply_timeout_to_every_group(run: RunConfig) -> None:
@@ -169,13 +154,7 @@ def apply_timeout_to_every_group(run: RunConfig) -> None:
     timeout, which gives them torch's default (30 minutes on gloo, 10 on NCCL), so a peer
     whose network is gone would hang an all-to-all that long. Call once every group exists
     (after deepspeed.initialize)."""
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
-
-    timeout = timedelta(minutes=run.parallel.timeout_minutes)
-    for group in distributed_c10d._world.pg_map:
-        if isinstance(group, dist.ProcessGroup):
-            distributed_c10d._set_pg_timeout(timeout, group)
+    adapter.set_timeout_of_every_group(timedelta(minutes=run.parallel.timeout_minutes))
 
 
 def choose_accelerator_quietly() -> None:

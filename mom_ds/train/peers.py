@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from .. import engine_adapter as adapter
 from ..errors import LOST_RANK
 from .published import latest_tag
 
@@ -99,7 +100,7 @@ def lost_rank_error(err: BaseException, peers: list[Peer], rank: int, step: int,
 def _check_in(rank: int, world: int) -> tuple[list[int], bool]:
     """(ranks that did not check in within CHECK_IN_WAIT_S, whether the store is gone).
     A process checks in at most once: it exits after its first lost peer."""
-    store = dist.distributed_c10d._get_default_store()  # the rendezvous TCPStore
+    store = adapter.rendezvous_store()
     store.set_timeout(timedelta(seconds=CHECK_IN_WAIT_S))
     key = "mom/survivors/"
     try:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import engine_adapter as adapter
 from ..config import RunConfig
 from ..errors import BAD_INPUT, exit_code
 from ..model import MoMForCausalLM
@@ -50,6 +51,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
 
     init_distributed(run, verbose)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and (warning := adapter.version_warning()):
+        print(f"mom-train: {warning}", file=sys.stderr, flush=True)
     peers = gather_peers()
     ds_config = agree(start, peers)  # a rank's failed start-up check, on every rank
     # what the checkpoints record, and what the ranks compare: the same data on every node
