@@ -40,7 +40,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # main() says which python lacks it
+    torch = None
 
 HERE = Path(__file__).resolve()
 AUTHORS_TRANSFORMERS = "4.40."
@@ -339,12 +342,16 @@ def serve(side: str, authors_dir: str | None, threads: int) -> None:
     os.dup2(2, 1)
     torch.set_num_threads(threads)
     requests = sys.stdin.buffer
+    # the versions come back even when their code fails to import: the driver names the
+    # version problem (and its fix) before the import error it causes
+    hello = {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "transformers": _transformers_version()}
     try:
         model = AuthorsSide(Path(authors_dir)) if side == "authors" else MomdsSide()
-        _send(replies, {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "transformers": _transformers_version()})
-    except Exception as exc:  # the driver turns this into one clear message
-        _send(replies, {"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+    except Exception as exc:
+        hello["failed"] = f"{type(exc).__name__}: {exc}"
+    _send(replies, hello)
+    if "failed" in hello:
         return
     while True:
         try:
@@ -407,9 +414,13 @@ def _profile(side) -> dict[str, tuple[float, int]]:
 class Worker:
     def __init__(self, name: str, python: str, argv: list[str]):
         self.name = name
-        self.proc = subprocess.Popen([python, str(HERE), *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=str(HERE.parent.parent))
-        self.hello = self._reply(f"starting {name} ({python})")
+        try:
+            self.proc = subprocess.Popen([python, str(HERE), *argv], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, cwd=str(HERE.parent.parent))
+        except OSError as exc:
+            raise BenchError(f"cannot run {python} ({exc.strerror}). Fix: the python of a venv "
+                             "with transformers 4.40.x, or --make-venv DIR.") from None
+        self.hello = self._reply(f"starting ({python})")
 
     def _reply(self, what: str):
         try:
@@ -470,12 +481,17 @@ def check_args(args) -> str:
 
 
 def check_versions(theirs: dict, ours: dict, python: str) -> None:
+    if "failed" in ours:
+        raise BenchError(f"mom-ds could not be loaded in {sys.executable}: {ours['failed']}")
     if not theirs["transformers"].startswith(AUTHORS_TRANSFORMERS):
         raise BenchError(f"{python} has transformers {theirs['transformers']}; their code needs "
                          "4.40.x. Fix: --make-venv DIR (or pip install 'transformers==4.40.*').")
     if theirs["torch"] != ours["torch"]:
         raise BenchError(f"{python} has torch {theirs['torch']}, mom-ds's venv {ours['torch']}: "
                          "the timing would compare two torch builds. Fix: --make-venv DIR.")
+    if "failed" in theirs:
+        raise BenchError(f"their code did not import under {python}: {theirs['failed']}. Fix: "
+                         "--authors-dir must be an unmodified checkout of their repository.")
 
 
 def verify(authors: Worker, momds: Worker, layout: Layout, seed: int, ids) -> str:
@@ -578,6 +594,9 @@ def parse(argv: list[str]):
             type(field.default), type(field.default))
         ap.add_argument(flag, dest=field.name, type=kind, default=getattr(defaults, field.name))
     args = ap.parse_args(argv)
+    for name, least in (("pairs", 1), ("steps", 1), ("warmup", 0), ("threads", 1)):
+        if getattr(args, name) < least:
+            raise BenchError(f"--{name} {getattr(args, name)}: must be >= {least}.")
     if args.router not in ("gru", "mlp") or args.weighting not in ("renorm", "logit"):
         raise BenchError("--router is gru or mlp and --weighting renorm or logit (their "
                          "*_softmax routers renormalise, the others weight by raw logits).")
@@ -620,6 +639,11 @@ def run(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if torch is None:
+        fix = ("--make-venv DIR makes one that borrows mom-ds's torch" if argv[:1] == ["--worker"]
+               else "run this script with mom-ds's venv python")
+        print(f"vs_authors: {sys.executable} has no torch. Fix: {fix}.", file=sys.stderr)
+        return 2
     if argv[:1] == ["--worker"]:
         ap = argparse.ArgumentParser()
         ap.add_argument("--worker", choices=("authors", "mom-ds"))

@@ -198,6 +198,16 @@ def test_missing_interpreter_is_one_clear_error(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
+def test_wrong_transformers_for_their_code_is_named_before_anything_runs(tmp_path):
+    """This venv's transformers (5.x) as their interpreter: the version is the error, with the
+    fix, not the import failure it would cause."""
+    (tmp_path / "mom").mkdir()
+    (tmp_path / "mom" / "model.py").write_text("")
+    proc = run_bench("--authors-dir", str(tmp_path), "--authors-python", sys.executable)
+    assert proc.returncode == 2 and "their code needs 4.40.x" in proc.stderr
+    assert "--make-venv DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_layouts_their_code_cannot_express_are_refused():
     with pytest.raises(va.BenchError, match="fixed layer"):
         va.check_layout(va.Layout(n_attn=1))
