@@ -41,7 +41,7 @@ def test_report_png_and_html(run_dir, tmp_path):
 
     run = report.load_events(run_dir)
     titles = report.panel_titles(run)
-    assert titles == ["loss", "learning rate", "throughput",
+    assert titles == ["loss", "learning rate", "gradient norm", "throughput",
                       "block 0: skip rate and depth", "block 0: module usage",
                       "block 1: skip rate and depth", "block 1: module usage"]
     figure = report.render(run, "test")
