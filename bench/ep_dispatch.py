@@ -33,7 +33,7 @@ from mom_ds.model.dispatch import make_plan  # noqa: E402
 from mom_ds.model.modules import FFNModule, init_gpt2_  # noqa: E402
 from mom_ds.model.pools import FFNPool  # noqa: E402
 from mom_ds.parallel.dispatch import AllToAllDispatcher  # noqa: E402
-from mom_ds.parallel.groups import expert_parallel_groups  # noqa: E402
+from mom_ds.engine_adapter import expert_groups  # noqa: E402
 from mom_ds.parallel.placement import ModulePlacement  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def rank_main(rank, world, args):
     torch.set_num_threads(1)  # two ranks share two cores
     from deepspeed.moe.layer import MoE
 
-    ep_group, _ = expert_parallel_groups(world)
+    ep_group, _ = expert_groups(world)
     torch.manual_seed(1000 + rank)
     x = torch.randn(args.tokens, args.width, requires_grad=True)
     torch.manual_seed(0)
