@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def own_environment():
+    """Each test's changes to os.environ end with it. mom-train's main, called in-process,
+    makes its process rank 0 of 1 (RANK, MASTER_ADDR=127.0.0.1, a MASTER_PORT): leaked, a
+    later test's two-node Slurm job inherited them and its second node waited for a master
+    on its own loopback."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def shared_gpt2_tokenizer_dir() -> Path:
     """../shared/data/gpt2-tokenizer (real GPT-2 vocab + merges); skip where it is absent."""

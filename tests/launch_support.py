@@ -19,13 +19,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def env(**extra: str) -> dict[str, str]:
     """The test environment with the venv first on PATH (srun and mpirun children find
     python, mom-train and mpirun there) and CPU DeepSpeed."""
-    out = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "DS_ACCELERATOR": "cpu",
-           "PYTHONUNBUFFERED": "1"}
+    # a launcher sets the rank variables itself: none inherited from the test process
+    out = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    out.update(PATH=f"{BIN}:{os.environ.get('PATH', '')}", DS_ACCELERATOR="cpu",
+               PYTHONUNBUFFERED="1")
     out.update(extra)
     return out
 
