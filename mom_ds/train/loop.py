@@ -24,7 +24,7 @@ from .profiling import StepProfiler
 from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops
-from .step_log import grad_norm_tensor, read_step
+from .step_log import read_step
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -136,10 +136,8 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                     reading = read_step(sums, t.grad_accum_steps, stats, out.mod_routing,
                                         health, grad_norm, engine.module)
                     health.judge(progress.step, reading.health, reading.grad_norm)
-                else:
-                    norm = grad_norm_tensor(grad_norm)
-                    health.check(progress.step, float(norm if norm is not None else grad_norm)
-                                 if grad_norm is not None else None)
+                else:  # a host float or a device tensor: float() reads either
+                    health.check(progress.step, None if grad_norm is None else float(grad_norm))
             except SpikeError as spike:
                 if t.spike_policy != "skip" or spikes_skipped == t.max_spike_skips:
                     raise

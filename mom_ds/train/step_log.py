@@ -37,7 +37,7 @@ class StepReading:
     comm: dict[str, float]          # expert-parallel all-to-all totals ({} without)
 
 
-def grad_norm_tensor(grad_norm: Any) -> Optional[torch.Tensor]:
+def _grad_norm_tensor(grad_norm: Any) -> Optional[torch.Tensor]:
     """DeepSpeed's global gradient norm as a tensor when it is one (a device value to read
     with the rest), else None (a host float, or no norm)."""
     return grad_norm if isinstance(grad_norm, torch.Tensor) else None
@@ -52,7 +52,7 @@ def read_step(sums: dict[str, torch.Tensor], micro_batches: int, stats: RoutingS
     stats.all_reduce()
     seen = health.reduced(torch.tensor(memory_gb(), dtype=torch.float64))
     comm = comm_totals(model)
-    norm = grad_norm_tensor(grad_norm)
+    norm = _grad_norm_tensor(grad_norm)
     routing = [t for block in stats.blocks for t in block.tensors()]
     selected = [m.selected for m in mod_routing]
     parts = [seen, losses, *routing, *selected,
