@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from corpus import english_documents  # noqa: E402
-from mom_ds.cli.evaluate import evaluate_model  # noqa: E402
+from mom_ds.evaluation import Windows, row_windows, score  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from mom_ds.data import TokenizedDataset, WindowSampler  # noqa: E402
 from mom_ds.model import MoMForCausalLM  # noqa: E402
@@ -127,8 +127,7 @@ def drop_patterns(n_layers: int, depth: int) -> dict[str, list[int]]:
 
 @torch.no_grad()
 def rows_loss(model, rows: torch.Tensor) -> float:
-    model.eval()
-    return float(model(rows[:, :-1], labels=rows[:, 1:]).lm_loss)
+    return score(model.eval(), row_windows(rows, 8)).loss
 
 
 def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Path, steps: int,
@@ -170,27 +169,27 @@ def modular_settings(teacher: Path, steps: int) -> dict:
 
 
 def compression_row(student, teacher: MoMForCausalLM, depth: int, held_out: torch.Tensor,
-                    data: Path, steps: int, modular_cfg: dict, score,
+                    data: Path, steps: int, modular_cfg: dict, loss_of,
                     strategies: tuple[str, ...] = ("coarsest", "finest", "search")
                     ) -> tuple[dict, dict[str, MoMForCausalLM]]:
     """The teacher compressed to `depth` layers: the student assembled by each strategy,
     and the teacher with its best drop pattern (on the held-out rows) fine-tuned alone
-    ("drop") and with distillation ("kd") for `steps`. `score(model)` is the loss
+    ("drop") and with distillation ("kd") for `steps`. `loss_of(model)` is the loss
     reported. Returns the row and the models (the drop model untrained, for timing)."""
     row: dict = {"ratio": LAYERS / depth, "layers": depth}
     models = {}
     for strategy in strategies:
         assembly, _ = choose(student, depth, strategy, held_out)
         models[strategy] = assembled_model(student, assembly)
-        row[strategy] = {"loss": score(models[strategy]), "assembly": describe(assembly)}
+        row[strategy] = {"loss": loss_of(models[strategy]), "assembly": describe(assembly)}
     patterns = drop_patterns(LAYERS, depth)
     best = min(patterns, key=lambda name: rows_loss(dropped(teacher, patterns[name]), held_out))
     models["drop"] = dropped(teacher, patterns[best])
     for name, kd in (("drop", False), ("kd", True)):
         trained = train_baseline(dropped(teacher, patterns[best]), teacher, data, steps, kd,
                                  modular_cfg)
-        row[name] = {"loss": score(trained), "init": f"{best} {patterns[best]}"}
-    row["drop"]["untrained_loss"] = score(models["drop"])
+        row[name] = {"loss": loss_of(trained), "init": f"{best} {patterns[best]}"}
+    row["drop"]["untrained_loss"] = loss_of(models["drop"])
     row["flops_per_token"] = forward_flops(models["drop"])
     return row, models
 
@@ -211,18 +210,19 @@ def tokens_per_s(models: dict[str, MoMForCausalLM], repeats: int) -> dict[str, l
     return rates
 
 
-def score_rows(data: Path, n_windows: int) -> torch.Tensor:
-    """The first n_windows val windows: the rows every model is scored on."""
+def eval_windows(data: Path, n_windows: int) -> Windows:
+    """The first n_windows val windows in file order (the search scores the last ones), in
+    batches of 16: what every model is scored on."""
     val = TokenizedDataset(data, split="val", seq_len=SEQ)
-    return torch.from_numpy(val.windows(range(n_windows)).astype("int64"))
+    return row_windows(torch.from_numpy(val.windows(range(n_windows)).astype("int64")), 16)
 
 
-def learned_assembly(student, data: Path, rows: torch.Tensor, fixed: list[dict],
+def learned_assembly(student, data: Path, windows: Windows, fixed: list[dict],
                      steps: int) -> list[dict]:
     """Per-token paths under a price per layer (mom_ds/modular/learned.py), segments of 2 and
     of 3 layers, against the searched fixed assemblies at the same FLOPs (interpolated
     linearly between the two fixed ratios around it)."""
-    from mom_ds.modular.learned import LearnedAssembly, evaluate_routed, fit_routers
+    from mom_ds.modular.learned import LearnedAssembly, fit_routers
 
     train = TokenizedDataset(data, split="train", seq_len=SEQ)
     curve = sorted((r["flops_per_token"], r["search"]["loss"]) for r in fixed)
@@ -233,8 +233,11 @@ def learned_assembly(student, data: Path, rows: torch.Tensor, fixed: list[dict],
             model = LearnedAssembly(student, segment, price)
             batches = Batches(train, WindowSampler(len(train), seed=7), MICRO, torch.device("cpu"))
             fit_routers(model, batches, steps)
-            result = evaluate_routed(model, rows)
-            flops = result["flops_per_token"]
+            model.eval()
+            scored = score(model, windows, measure=lambda out: out.layers.sum())
+            layers = scored.measured / scored.tokens  # mean layers a token executed
+            flops = model.forward_flops_per_token(layers, SEQ)
+            result = {"loss": scored.loss, "layers": layers, "flops_per_token": flops}
             result.update(segment=segment, price=price,
                           fixed_loss_at_equal_flops=interpolate(curve, flops))
             points.append(result)
@@ -282,13 +285,15 @@ def main() -> int:
         out = Path(args.out)
         results = json.loads((out / "modular.json").read_text())
         _, student, _ = load_student(work / "modular")
-        results["learned"] = learned_assembly(student, data, score_rows(data, args.eval_windows),
+        results["learned"] = learned_assembly(student, data, eval_windows(data, args.eval_windows),
                                               results["rows"], args.router_steps)
         write_outputs(results, out)
         return 0
 
-    def score(model) -> float:
-        return evaluate_model(model.eval(), str(data), "val", SEQ, 16, args.eval_windows)["loss"]
+    scored_on = eval_windows(data, args.eval_windows)
+
+    def loss(model) -> float:
+        return score(model.eval(), scored_on).loss
 
     # stage 1: the teacher, and a MoM with the same budget
     mom_train(recipe(work, "teacher", vanilla(LAYERS, **SHAPE), args.teacher_steps, data))
@@ -303,25 +308,25 @@ def main() -> int:
     _, teacher, _ = load_model(work / "teacher")
     run_cfg, student, _ = load_student(work / "modular")
     held_out = search_windows(run_cfg, args.search_windows)
-    teacher_loss = score(teacher)
+    teacher_loss = loss(teacher)
     rows, models = [], {"teacher": teacher}
     for depth in offered_depths(LAYERS, tuple(GRAINS))[1:]:
         row, compressed = compression_row(student, teacher, depth, held_out, data,
-                                          args.student_steps, modular_cfg, score)
+                                          args.student_steps, modular_cfg, loss)
         rows.append(row)
         models.update({f"{row['ratio']:.2g}x {name}": m for name, m in compressed.items()})
         print(json.dumps(row), flush=True)
     rates = tokens_per_s(models, args.repeats)
-    learned = learned_assembly(student, data, score_rows(data, args.eval_windows), rows,
+    learned = learned_assembly(student, data, scored_on, rows,
                                args.router_steps)
 
     mom_rows = []
     for depth in (4, 3, 2, 1):
         for top_k in (2, 1):
             mrun, model, _ = load_model(work / "mom", depth=depth, top_k=top_k)
-            result = evaluate_model(model, str(data), "val", SEQ, 16, args.eval_windows)
-            mom_rows.append({"depth": depth, "top_k": top_k, "loss": result["loss"],
-                             "flops_per_token": result["flops_per_token"]})
+            result = score(model.eval(), scored_on, config=model.config)
+            mom_rows.append({"depth": depth, "top_k": top_k, "loss": result.loss,
+                             "flops_per_token": result.flops_per_token})
 
     results = {"teacher": {"loss": teacher_loss, "flops_per_token": forward_flops(teacher),
                            "tokens_per_s": statistics.median(rates["teacher"])},

@@ -64,9 +64,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
-                     compression_row, forward_flops, modular_settings,
+                     compression_row, eval_windows, forward_flops, modular_settings,
                      recipe as modular_recipe, write_outputs)
-from mom_ds.cli.evaluate import evaluate_model  # noqa: E402
+from mom_ds.evaluation import score  # noqa: E402
 from mom_ds.cli.report import load_events  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig  # noqa: E402
 from mom_ds.data import DataError, TokenizedDataset  # noqa: E402
@@ -270,10 +270,11 @@ def train_arm(arm: Arm, data: Path, runs: Path, s: Settings, hf_dir: Optional[Pa
     harness = harness_accuracy(run_dir, s.harness_limit) \
         if not s.quick or arm.key == "donor" else None
     _, model, _ = load_model(run_dir)
+    scored = score(model.eval(), eval_windows(data, s.eval_windows))
     row = {"key": arm.key, "label": arm.label, "init": arm.init, "steps": arm.steps,
            "tokens": arm.steps * s.step_tokens, "start_tokens": arm.start_tokens,
            "params": model.num_params(exclude_positions=False), "wall_s": wall,
-           "mom_cloze_acc": harness, **scores(model, data, s.eval_windows),
+           "mom_cloze_acc": harness, "val_loss": scored.loss, "val_ppl": scored.ppl,
            **logged_performance(run_dir)}
     if arm.ablate:
         row["routing"] = routing_redundancy(model, data, s.eval_windows, row["val_loss"])
@@ -291,11 +292,6 @@ def harness_accuracy(run_dir: Path, limit: int) -> Optional[float]:
     except (RuntimeError, OSError, KeyError, ValueError) as err:
         print(f"repro: mom_cloze n/a for {run_dir.name}: {str(err).strip()[:300]}", flush=True)
         return None
-
-
-def scores(model, data: Path, n_windows: int) -> dict:
-    result = evaluate_model(model, str(data), "val", SEQ, 16, max_windows=n_windows)
-    return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
 
 def logged_performance(run_dir: Path) -> dict:
@@ -343,7 +339,7 @@ def silenced_loss(model, data: Path, n_windows: int, pool: str, parts: tuple[str
             for part in parts:
                 for kind in ("weight", "bias"):
                     tensors[f"chunks.{block}.{pool}.{module}.{part}.{kind}"].zero_()
-    return scores(silenced, data, n_windows)["val_loss"]
+    return score(silenced.eval(), eval_windows(data, n_windows)).loss
 
 
 # --- the modular compression table ---------------------------------------------------------------
@@ -364,14 +360,16 @@ def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
     held_out = search_windows(run_cfg, s.search_windows)
     config = modular_settings(runs / "donor", s.compression_steps)
 
-    def score(model) -> float:
-        return scores(model.eval(), data, s.eval_windows)["val_loss"]
+    scored_on = eval_windows(data, s.eval_windows)
+
+    def loss(model) -> float:
+        return score(model.eval(), scored_on).loss
 
     rows = [{"layers": LAYERS, "ratio": 1.0, "flops_per_token": forward_flops(teacher),
-             "teacher": score(teacher)}]
+             "teacher": loss(teacher)}]
     for depth in s.compressed_depths:
         row, _ = compression_row(student, teacher, depth, held_out, data,
-                                 s.compression_steps, config, score, strategies=("search",))
+                                 s.compression_steps, config, loss, strategies=("search",))
         rows.append(row)
     return rows
 

@@ -18,6 +18,7 @@ LAYERS = [
     {"mom_ds.files", "mom_ds.errors", "mom_ds.engine_adapter"},  # leaves every layer uses
     {"data_prep"},                                # mom-prep: corpora -> token files
     {"mom_ds.model", "mom_ds.data"},              # the model, reading token files
+    {"mom_ds.evaluation"},                        # the one evaluator: val windows, scoring
     {"mom_ds.parallel"},                          # expert parallelism, parameter groups
     {"mom_ds.config", "mom_ds.strict_yaml"},      # the run config: every section, read
     {"mom_ds.train", "mom_ds.recipes", "mom_ds.config_reference"},  # the trainer

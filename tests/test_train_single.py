@@ -3,6 +3,7 @@ checkpoint write killed midway leaves the previous checkpoint published, TensorB
 the named scalars and histograms."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,13 +115,17 @@ def test_tensorboard_holds_named_scalars_and_histograms(reference):
 
 def test_eval_and_generate_commands(reference):
     """mom-eval is the run's own evaluator: by default it scores the windows the run's last
-    validation scored, and gives its loss."""
+    validation scored, in the same micro-batches, and gives its loss exactly (the float the
+    run recorded, not a rounding of it)."""
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(reference)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith(f"step {STEPS}: val loss ") and "(16 windows" in line
-    assert float(line.split()[4]) == pytest.approx(metrics(reference)[STEPS]["eval/loss"],
-                                                   abs=1e-4)  # printed to 4 decimals
+    proc = run_python(["-m", "mom_ds.cli.evaluate", str(reference), "--json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert scored["step"] == STEPS and scored["windows"] == 16
+    assert scored["loss"] == metrics(reference)[STEPS]["eval/loss"]  # exactly
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(reference), "--all"])
     assert proc.returncode == 0 and "(458 windows" in proc.stdout, proc.stdout
     proc = run_python(["-m", "mom_ds.cli.generate", str(reference), "--prompt", "def ",

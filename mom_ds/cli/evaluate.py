@@ -1,13 +1,15 @@
 """mom-eval: validation loss, perplexity and FLOPs per token of a mom-train checkpoint
 (one process), or lm-evaluation-harness tasks on it.
 
-  mom-eval runs/tiny [--split val] [--max-windows N | --all] [--batch-size 8]
+  mom-eval runs/tiny [--split val] [--max-windows N | --all] [--batch-size B] [--json]
            [--depth H'] [--top-k K']
   mom-eval runs/tiny --tasks lambada_openai,hellaswag,arc_easy [--limit N] [--num-fewshot K]
            [--include-path DIR] [--output FILE.json]
-By default it scores the windows the run's own validation scored (train.eval_batches x
-micro_batch_size x ranks windows of the seed-0 window order), so its loss is the run's last
-eval/loss; --max-windows N takes the first N of that order, --all the whole split.
+By default it scores the run's validation windows (mom_ds/evaluation.py: train.eval_batches
+x micro_batch_size x ranks windows of the seed-0 window order, in the micro-batches each
+rank read them) with the same scoring function, so its loss is the run's last eval/loss
+exactly (--json prints it at full precision); --max-windows N takes the first N windows of
+that order, --all the whole split, in batches of --batch-size.
 --depth / --top-k run a trained MoM with H' routing steps or K' modules per step (compute
 chosen at inference); the FLOPs reported are those of the routing executed (forward only).
 --tasks runs the harness (pip install 'mom-ds[eval]'; hub tasks download their data) and
@@ -18,14 +20,10 @@ own val split, needs no network; --include-path adds a directory of task YAMLs, 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
-import torch
-
-from ..model.flops import flops_per_token
-from ..model.mod_block import MoDRouting
 from .args import (add_config_arguments, add_device_argument, check_overrides, device,
                    parse_command_line, positive_int, print_config)
 from ..errors import run_command
@@ -33,47 +31,6 @@ from ..errors import run_command
 # the checkpoint's config is what mom-eval scores with: its model (any field that leaves
 # the weights as trained) and where its windows come from
 EVAL_READS = ("model", "data.data_dir", "data.seq_len")
-
-
-def validation_windows(n_windows: int, count: int) -> list[int]:
-    """The first `count` windows of the order training's validation reads (WindowSampler,
-    seed 0): rank r of W reads perm[r::W], so the W ranks' first k windows are these k*W."""
-    from ..data import WindowSampler
-
-    order = iter(WindowSampler(n_windows, seed=0))
-    return [next(order) for _ in range(count)]
-
-
-@torch.no_grad()
-def evaluate_model(model, data_dir: str, split: str, seq_len: int, batch_size: int,
-                   max_windows: Optional[int] = None, windows: Optional[Sequence[int]] = None,
-                   progress: bool = False) -> dict[str, float]:
-    """Mean cross-entropy (no balancing loss) over `windows` (indices; default: the first
-    max_windows, or all, in file order), every window weighted alike."""
-    from ..data import TokenizedDataset
-
-    data = TokenizedDataset(data_dir, split=split, seq_len=seq_len)
-    if windows is None:
-        windows = range(len(data) if max_windows is None else min(max_windows, len(data)))
-    n = len(windows)
-    total, routing, mod_routing = 0.0, None, []
-    batches = range(0, n, batch_size)
-    for b, start in enumerate(batches):
-        if progress and len(batches) > 20 and b % max(1, len(batches) // 10) == 0:
-            print(f"  {b}/{len(batches)} batches", file=sys.stderr, flush=True)
-        rows = torch.from_numpy(data.windows(windows[start:start + batch_size]).astype("int64"))
-        rows = rows.to(next(model.parameters()).device)
-        out = model(rows[:, :-1], labels=rows[:, 1:])
-        total += float(out.lm_loss) * len(rows)
-        routing = out.routing if routing is None else [a + b for a, b in zip(routing, out.routing)]
-        mod_routing.append(out.mod_routing)
-    loss = total / n
-    # the training convention counts forward + backward (6 per parameter); a forward is 1/3
-    shares = [MoDRouting(torch.cat([m[i].selected.flatten() for m in mod_routing]), None)
-              for i in range(len(mod_routing[0]))]
-    flops = flops_per_token(model.config, seq_len, routing or None, shares or None) / 3
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "windows": n,
-            "tokens": n * seq_len, "flops_per_token": flops}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -89,7 +46,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="default: as many as the run's validation scored")
     parser.add_argument("--all", action="store_true", help="score every window of the split")
     add_device_argument(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="default: 8")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="default: the run's micro_batch_size (harness: 8)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as one JSON object (full precision)")
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
     parser.add_argument("--top-k", type=positive_int, metavar="K'",
@@ -135,7 +95,7 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..harness import HarnessRequest, run_harness
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
-                             args.batch_size, args.include_path, args.output,
+                             args.batch_size or 8, args.include_path, args.output,
                              str(device(args.device)), args.depth, args.top_k,
                              args.allow_data_change,
                              check_overrides("mom-eval", overrides, EVAL_READS),
@@ -150,7 +110,8 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data import TokenizedDataset
-    from ..train.export import load_model, validation_window_count
+    from ..evaluation import first_windows, score, validation_windows
+    from ..train.export import load_model
     from ..train.run_data import check_data
 
     run, model, client = load_model(args.checkpoint, args.depth, args.top_k,
@@ -161,15 +122,28 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     check_data("mom-eval", args.checkpoint, run.data.fingerprint, data_dir,
                args.allow_data_change)
     model.to(device(args.device))
-    n_windows = len(TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len))
-    count = n_windows if args.all else \
-        min(n_windows, args.max_windows or validation_window_count(client))
-    result = evaluate_model(model, data_dir, args.split, run.data.seq_len, args.batch_size,
-                            windows=validation_windows(n_windows, count), progress=True)
+    data = TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len)
+    t = run.train
+    batch_size = args.batch_size or t.micro_batch_size
+    if args.all or args.max_windows:
+        windows = first_windows(data, len(data) if args.all else min(len(data), args.max_windows),
+                                batch_size)
+    else:  # the run's own validation: its windows in the micro-batches its ranks read
+        windows = validation_windows(data, t.eval_batches, t.micro_batch_size,
+                                     int(client.get("world_size", 1)))
+        if batch_size != t.micro_batch_size:
+            windows = windows.regrouped(batch_size)
+    result = score(model, windows, config=model.config, loss_chunk_tokens=t.loss_chunk_tokens,
+                   progress=True)
+    if args.json:
+        print(json.dumps({"step": client["step"], "split": args.split, "loss": result.loss,
+                          "ppl": result.ppl, "windows": result.windows,
+                          "tokens": result.tokens, "flops_per_token": result.flops_per_token}))
+        return 0
     compute = f" at depth {run.model.depth}, top-k {run.model.top_k}" if run.model.n_chunks else ""
-    print(f"step {client['step']}: {args.split} loss {result['loss']:.4f} ppl {result['ppl']:.2f} "
-          f"({result['windows']} windows, {result['tokens']:,} tokens); "
-          f"{result['flops_per_token'] / 1e6:.3f} MFLOPs/token forward{compute}")
+    print(f"step {client['step']}: {args.split} loss {result.loss:.4f} ppl {result.ppl:.2f} "
+          f"({result.windows} windows, {result.tokens:,} tokens); "
+          f"{result.flops_per_token / 1e6:.3f} MFLOPs/token forward{compute}")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..config import ModularConfig, RunConfig
+from ..evaluation import row_windows, score
 from ..model import ConfigError, MoMForCausalLM
 from .assembly import FIXED_RULES, Assembly, check, describe, ratio, with_depth
 from .student import ModularStudent
@@ -56,17 +57,6 @@ def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausal
     return model.eval()
 
 
-@torch.no_grad()
-def held_out_loss(student: ModularStudent, assembly: Assembly, rows: torch.Tensor,
-                  batch_size: int = 8) -> float:
-    total = 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        total += float(student(batch[:, :-1], labels=batch[:, 1:], assembly=assembly).lm_loss) \
-            * len(batch)
-    return total / len(rows)
-
-
 def search_windows(run: RunConfig, n_windows: int) -> torch.Tensor:
     """The last n_windows windows of the val split (mom-eval and the benchmark score from
     the first ones), as int64 rows of seq_len + 1 tokens."""
@@ -87,8 +77,14 @@ def choose(student: ModularStudent, depth: int, strategy: str,
         raise ConfigError(f"--strategy {strategy!r}: choose one of {STRATEGIES}")
     if rows is None:
         raise ConfigError("--strategy search needs held-out windows")
-    scored = sorted(((held_out_loss(student, a, rows), a)
-                     for a in with_depth(n_layers, grains, depth)), key=lambda s: s[0])
+    windows = row_windows(rows, 8)
+
+    def loss(assembly: Assembly) -> float:
+        return score(lambda x, labels: student(x, labels=labels, assembly=assembly),
+                     windows, device=next(student.parameters()).device).loss
+
+    scored = sorted(((loss(a), a) for a in with_depth(n_layers, grains, depth)),
+                    key=lambda s: s[0])
     return scored[0][1], scored
 
 

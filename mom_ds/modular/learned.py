@@ -126,20 +126,3 @@ def fit_routers(model: LearnedAssembly, batches, steps: int, lr: float = 3e-3) -
         optimizer.step()
         history.append(float(loss.detach()))
     return history
-
-
-@torch.no_grad()
-def evaluate_routed(model: LearnedAssembly, rows: torch.Tensor, batch_size: int = 16
-                    ) -> dict[str, float]:
-    """Val loss and mean layers per token of the routed model over int64 rows (seq + 1)."""
-    model.eval()
-    total = layers = 0.0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        out = model(batch[:, :-1], labels=batch[:, 1:])
-        total += float(out.lm_loss) * len(batch)
-        layers += float(out.layers.mean()) * len(batch)
-    mean_layers = layers / len(rows)
-    seq = rows.shape[1] - 1
-    return {"loss": total / len(rows), "layers": mean_layers,
-            "flops_per_token": model.forward_flops_per_token(mean_layers, seq)}

@@ -47,12 +47,6 @@ def consolidated_state_dict(path: str | Path
     return RunConfig.from_dict(client["config"]), weights, client
 
 
-def validation_window_count(client: dict[str, Any]) -> int:
-    """Windows one validation pass of the run scored: eval_batches x micro x its ranks."""
-    t = client["config"]["train"]
-    return int(t["eval_batches"]) * int(t["micro_batch_size"]) * int(client["world_size"])
-
-
 def require_whole_model(run: RunConfig, path: str | Path) -> None:
     """A modular run holds only its modules; the tools that want a model say what to do."""
     if run.modular.enabled:

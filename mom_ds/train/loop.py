@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
 from .monitor import Monitor, RoutingStats, device_peak_tflops
 from .step_log import read_step
+from ..evaluation import Windows, score
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -44,29 +45,6 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def mean_over_ranks(values: torch.Tensor) -> list[float]:
-    """The mean over ranks of each value (one all-reduce, one host sync)."""
-    tensor = values.detach().to(torch.float64)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
-
-
-@torch.no_grad()
-def evaluate(engine, make_val: Callable[[], Batches], n_batches: int,
-             loss_chunk_tokens: int = 0) -> dict[str, float]:
-    """Mean LM loss (cross-entropy only, no balancing loss) over the same val windows every
-    time, averaged over ranks; perplexity = exp(loss)."""
-    engine.eval()
-    val = make_val()
-    total = 0.0
-    for _ in range(n_batches):
-        x, y = val.next()
-        total += float(engine(x, labels=y, loss_chunk_tokens=loss_chunk_tokens).lm_loss)
-    engine.train()
-    loss, = mean_over_ranks(torch.tensor([total / n_batches], device=val.device))
-    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
-
-
 @dataclass
 class Progress:
     step: int = 0          # optimizer steps done
@@ -75,7 +53,7 @@ class Progress:
 
 
 def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
-          make_val: Callable[[], Batches], progress: Progress, monitor: Monitor,
+          val: Windows, progress: Progress, monitor: Monitor,
           stop_after: Optional[int] = None) -> dict[str, float]:
     """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
     Returns the last evaluation."""
@@ -177,7 +155,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
 
         if evaluating:
-            last_eval = evaluate(engine, make_val, t.eval_batches, t.loss_chunk_tokens)
+            last_eval = score(engine, val, loss_chunk_tokens=t.loss_chunk_tokens).scalars()
             monitor.scalars(progress.step, last_eval, echo=(
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))

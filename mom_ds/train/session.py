@@ -27,6 +27,7 @@ from .peers import describe, gather_peers, is_peer_failure, lost_rank_error
 from .preflight import StartCheck
 from .resume_rules import check_resume
 from .run_data import data_fingerprint, save_run_tokenizer
+from ..evaluation import validation_windows
 
 
 def run_training(run: RunConfig, start: StartCheck, **options: Any) -> dict[str, float]:
@@ -122,8 +123,11 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                   f"with local pools, routers); the first steps include their compilation",
                   flush=True)
     try:
-        # val windows: a fixed seed so every evaluation scores the same tokens
-        return train(run, engine, model, layout, train_batches, lambda: batches("val", 0),
+        # the validation windows (evaluation.py): every evaluation scores the same tokens
+        val = validation_windows(TokenizedDataset(run.data.data_dir, split="val",
+                                                  seq_len=run.data.seq_len),
+                                 run.train.eval_batches, run.train.micro_batch_size, world)
+        return train(run, engine, model, layout, train_batches, val,
                      progress, monitor, stop_after)
     except Exception as err:
         if world > 1 and is_peer_failure(err):
