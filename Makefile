@@ -1,9 +1,9 @@
-# The README's two commands: `make quickstart` and `make test`.
+# The README's two commands: `make quickstart` and `make test`; `make test-fast` while editing.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv venv-hf4 quickstart test bench clean
+.PHONY: venv venv-hf4 quickstart test test-fast bench clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,8 @@ $(BIN)/activate:
 venv: $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]" -c constraints.txt
+	# the shared test and benchmark helpers (testing/: not part of the mom-ds wheel)
+	$(BIN)/pip install -q --no-build-isolation -e ./testing
 
 # transformers 4.x beside .venv's 5.x, for tests/test_hf_export_hf4.py (the exports load with
 # both): its own transformers, tokenizers and huggingface_hub come first on sys.path, then
@@ -34,6 +36,11 @@ quickstart: venv
 
 test: venv
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra tests
+
+# The fast tier (docs/testing.md): the unit tests and one end-to-end training run, not the
+# launchers, multi-rank, two-host or other slow tests, which `make test` (CI) runs.
+test-fast: venv
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -ra -m "not slow or smoke" tests
 
 clean:
 	rm -rf $(VENV) $(HF4_VENV) runs data

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from multirank import run_ranks  # noqa: E402
+from mom_ds_testing.multirank import run_ranks  # noqa: E402
 
 from mom_ds.model.dispatch import make_plan  # noqa: E402
 from mom_ds.model.modules import FFNModule, init_gpt2_  # noqa: E402

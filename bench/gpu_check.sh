@@ -72,13 +72,13 @@ if timeout 240 "$PY" bench/model_speed.py --device cuda --dtype bf16 --vocab 502
 then row "bench/model_speed.py bf16 vocab 50257" "ok" "$(grep -i "vanilla preset" "$OUT/speed50257.txt" | tr '\n' ' ' | cut -c1-240)"
 else row "bench/model_speed.py bf16 vocab 50257" "FAIL" "$(tail -1 "$OUT/speed50257.txt")"; fi
 
-# 5. every preset's forward + backward in bf16 under the aten-level guard (tests/sync_guard.py:
+# 5. every preset's forward + backward in bf16 under the aten-level guard (mom_ds_testing/sync_guard.py:
 #    the ops whose CUDA kernels read device data on the host) and sync_debug_mode("error")
-if timeout 240 "$PY" - > "$OUT/guard.txt" 2>&1 <<'PY'
+# (PYTHONPATH=tests: CASES is the test's own table; the guard is mom_ds_testing's)
+if PYTHONPATH=tests timeout 240 "$PY" - > "$OUT/guard.txt" 2>&1 <<'PY'
 import sys
 import torch
-sys.path.insert(0, "tests")
-from sync_guard import no_syncs
+from mom_ds_testing.sync_guard import no_syncs
 from test_model_no_sync import CASES
 from mom_ds import MoMForCausalLM
 for name, (config, options) in CASES.items():

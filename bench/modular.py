@@ -4,7 +4,7 @@ with compute chosen at inference, on real English text at CPU scale.
     python bench/modular.py [--teacher-steps 1500] [--mom-steps 1000] [--student-steps 500]
                             [--out DIR]
 
-Data: the pydoc topics and standard-library docstrings (bench/corpus.py), byte tokens, 5% of
+Data: the pydoc topics and standard-library docstrings (mom_ds_testing/corpus.py), byte tokens, 5% of
 the documents held out. Teacher: vanilla GPT-2 of 6 layers (d 128) trained by mom-train.
 Then, each for the same --student-steps x 16 windows of 128 tokens:
   modular    one mom-train run with a modular: section (granularities 2 and 3, replacing
@@ -41,10 +41,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from corpus import english_documents  # noqa: E402
+from mom_ds_testing.corpus import english_documents  # noqa: E402
 from mom_ds.evaluation import Windows, row_windows, score  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
 from mom_ds.data import TokenizedDataset, WindowSampler  # noqa: E402
@@ -56,7 +54,7 @@ from mom_ds.modular.assembly import describe, offered_depths  # noqa: E402
 from mom_ds.modular.losses import logit_distillation  # noqa: E402
 from mom_ds.parallel.parallelize import engine_param_groups  # noqa: E402
 from mom_ds.train.batches import Batches  # noqa: E402
-from mom_ds.train.export import load_model  # noqa: E402
+from mom_ds.checkpoints.loading import load_model  # noqa: E402
 from mom_ds.train.loop import lr_factor  # noqa: E402
 
 SHAPE = dict(vocab_size=257, n_positions=128, d_model=128, n_heads=4)

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from multirank import run_ranks  # noqa: E402
+from mom_ds_testing.multirank import run_ranks  # noqa: E402
 
 from mom_ds import MoMForCausalLM  # noqa: E402
 from mom_ds import engine_adapter as adapter  # noqa: E402

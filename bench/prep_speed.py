@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from corpus import english_documents, write_corpus  # noqa: E402
+from mom_ds_testing.corpus import english_documents, write_corpus  # noqa: E402
 
 NANOGPT = r'''
 import json, sys, numpy as np, tiktoken

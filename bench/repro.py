@@ -60,8 +60,6 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
                      compression_row, eval_windows, forward_flops, modular_settings,
@@ -75,7 +73,7 @@ from mom_ds.model.flops import flops_per_token  # noqa: E402
 from mom_ds.model.presets import mixture_of_depths, mom, moe, vanilla  # noqa: E402
 from mom_ds.model.weights_file import SUFFIX as WEIGHTS_SUFFIX  # noqa: E402
 from mom_ds.modular.assemble import load_student, search_windows  # noqa: E402
-from mom_ds.train.export import load_model  # noqa: E402
+from mom_ds.checkpoints.loading import load_model  # noqa: E402
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")  # Debian's python3.11-doc
 ROUTER_WIDTH = 64

@@ -24,6 +24,16 @@ def own_environment():
     os.environ.update(saved)
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    """The prepared test corpus (the built-in corpus as bytes, through mom-prep), made once
+    per pytest session and shared by every test that trains the tiny recipe: read-only
+    (a test that changes its data directory makes its own with write_byte_data)."""
+    from mom_ds_testing.runs import write_byte_data
+
+    return write_byte_data(tmp_path_factory.mktemp("data"))
+
+
 @pytest.fixture
 def shared_gpt2_tokenizer_dir() -> Path:
     """../shared/data/gpt2-tokenizer (real GPT-2 vocab + merges); skip where it is absent."""

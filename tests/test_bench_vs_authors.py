@@ -10,9 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
 
-import vs_authors as va  # noqa: E402
+import vs_authors as va
 
 # The state dict of their GPT2MoTLMHeadModel (mom/model.py, transformers 4.40.2) for LAYOUT,
 # names and shapes as their code produced them: 1 bottom layer, one routed block (A = 2,

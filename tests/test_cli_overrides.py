@@ -16,14 +16,9 @@ from mom_ds.config import RunConfig, load_run_config
 from mom_ds.model import MoMForCausalLM
 from mom_ds.model.hf import from_hf_gpt2
 from mom_ds.model.weights_file import load_weights
-from mom_ds.train.checkpoint import write_weights
+from mom_ds.checkpoints.format import write_weights
 from mom_ds.train.run_data import data_fingerprint
-from test_train_fixtures import TINY, write_byte_data
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
+from mom_ds_testing.runs import TINY
 
 
 @pytest.fixture(scope="module")

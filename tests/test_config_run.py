@@ -3,7 +3,6 @@ before DeepSpeed starts any process group (one clear message each, exit code 2).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -14,12 +13,7 @@ from mom_ds.config import (ConfigError, field_docs, load_run_config,
 from mom_ds.parallel.parallelize import engine_param_groups
 from mom_ds.train.engine import build_ds_config
 from mom_ds.train.loop import lr_factor
-from test_train_fixtures import REPO, TINY, write_byte_data
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
+from mom_ds_testing.runs import REPO, TINY
 
 
 def test_yaml_and_overrides_are_typed():

@@ -9,7 +9,7 @@ import pytest
 
 from mom_ds.config import ConfigError, load_run_config
 from mom_ds.model import presets
-from test_train_fixtures import REPO, metrics, run_python, write_byte_data
+from mom_ds_testing.runs import REPO, metrics, run_python, write_byte_data
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "presets").glob("*.yaml"))
 SHRINK = ["--model.vocab_size", "257", "--model.n_positions", "32", "--model.d_model", "16",

@@ -100,3 +100,11 @@ def test_too_short_split_and_small_model_vocab(data_dir):
         TokenizedDataset(data_dir, seq_len=8, vocab_size=100)
     with pytest.raises(DataError, match="no split 'test'"):
         TokenizedDataset(data_dir, "test", seq_len=8)
+
+
+def test_the_shared_byte_data_reads_back(data):
+    """conftest's session corpus (mom_ds_testing.runs.write_byte_data): what the training
+    tests' eval reads is there."""
+    d = TokenizedDataset(data, split="val", seq_len=64)
+    assert d.vocab_size == 257 and len(d) >= 16  # the tests' eval reads 16 windows
+    assert d[0].shape == (65,) and d[0].max() <= 256

@@ -10,7 +10,7 @@ import pytest
 
 from mom_ds.config import ConfigError, load_run_config
 from mom_ds.train.engine import build_ds_config
-from test_train_fixtures import REPO, TINY, metrics, mom_train, tiny_args, write_byte_data
+from mom_ds_testing.runs import REPO, TINY, metrics, mom_train, tiny_args, write_byte_data
 
 # modelled on the ZeRO-3 example of transformers' DeepSpeed guide, its scheduler block left out
 # (mom-train's schedule is the recipe's warmup + cosine)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multirank import run_ranks
+from mom_ds_testing.multirank import run_ranks
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.parallel.dispatch import ExpertParallelMismatch

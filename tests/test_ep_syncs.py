@@ -1,22 +1,19 @@
 """At E = 2 a routed forward + backward reads the host exactly once per exchange: the split
 sizes of each uneven all-to-all (parallel/dispatch.py), counted by the aten-level guard
-(tests/sync_guard.py) on every rank; nothing else on the path reads, the backward none."""
+(mom_ds_testing/sync_guard.py) on every rank; nothing else on the path reads, the backward none."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from multirank import run_ranks
+from mom_ds_testing.multirank import run_ranks
 
 DEPTH, CHUNKS = 2, 2
 
 
 def count_on_rank(rank: int, world: int, top_k: int) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from sync_guard import count_syncs
+    from mom_ds_testing.sync_guard import count_syncs
     from mom_ds import MoMForCausalLM
     from mom_ds.model import pools, presets
     from mom_ds.parallel.parallelize import parallelize

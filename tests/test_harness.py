@@ -18,7 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from data_prep.tokenizer import load_tokenizer  # noqa: E402
 from mom_ds.harness.lm import MoMHarnessLM  # noqa: E402
 from mom_ds.model import MoMConfig, MoMForCausalLM  # noqa: E402
-from test_train_fixtures import mom_train, run_python, tiny_args, write_byte_data  # noqa: E402
+from mom_ds_testing.runs import mom_train, run_python, tiny_args, write_byte_data  # noqa: E402
 
 TOKENIZER = load_tokenizer("bytes")
 # MoM with a MoD layer: batches are padded, so the padding must change nothing

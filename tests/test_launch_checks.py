@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launch_support import REPO, run
+from mom_ds_testing.launchers import REPO, run
 from mom_ds.launch_utils import (LaunchError, check_allocation, format_hostfile,
                                  is_rank_command, main, parse_hostfile, world_size_pinned_by,
                                  train_run_config)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from launch_support import env, free_port, prepare_data, run, tiny_args
+from mom_ds_testing.launchers import env, free_port, prepare_data, run, tiny_args
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import REPO, local_slurm, prepare_data, run, tiny_args
+from mom_ds_testing.launchers import REPO, local_slurm, prepare_data, run, tiny_args
 
 pytestmark = pytest.mark.slow
 SUBMIT = str(REPO / "launch" / "slurm" / "submit.sh")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_train_fixtures import REPO, env, metrics, tiny_args, write_byte_data
+from mom_ds_testing.runs import REPO, env, metrics, tiny_args, write_byte_data
 
 pytestmark = pytest.mark.slow
 STEPS = 4

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import REPO, local_slurm, prepare_data, processes_with, run, tiny_args
+from mom_ds_testing.launchers import REPO, local_slurm, prepare_data, processes_with, run, tiny_args
 from test_launch_mpi import require_mpi
-from test_train_fixtures import metrics
-from two_hosts import TwoHosts, two_hosts
+from mom_ds_testing.runs import metrics
+from mom_ds_testing.two_hosts import TwoHosts, two_hosts
 
 pytestmark = pytest.mark.slow
 TABLE = "2 rank(s) on 2 host(s): rank 0 on mom-a; rank 1 on mom-b"

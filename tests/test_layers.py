@@ -21,8 +21,9 @@ LAYERS = [
     {"mom_ds.evaluation"},                        # the one evaluator: val windows, scoring
     {"mom_ds.parallel"},                          # expert parallelism, parameter groups
     {"mom_ds.config", "mom_ds.strict_yaml"},      # the run config: every section, read
+    {"mom_ds.checkpoints"},                       # checkpoints on disk, one process
     {"mom_ds.train", "mom_ds.recipes", "mom_ds.config_reference"},  # the trainer
-    {"mom_ds.modular", "mom_ds.harness"},         # built on the trainer and its checkpoints
+    {"mom_ds.modular", "mom_ds.harness"},         # built on the trainer and on checkpoints
     {"mom_ds.cli"},                               # the commands
     {"mom_ds.launch_utils", "mom_ds", "bench"},   # launchers, the package's face, benchmarks
 ]
@@ -73,6 +74,24 @@ def test_no_import_climbs_to_a_higher_layer():
     upward = [f"{where}: {a} (layer {LAYER[a]}) imports {b} (layer {LAYER[b]})"
               for a, b, where in imports() if LAYER.get(a, 0) < LAYER.get(b, 0)]
     assert not upward, "imports that climb:\n" + "\n".join(upward)
+
+
+# What reads a checkpoint on one process (mom-eval, mom-assemble, mom-convert, the export)
+# runs without a process group or an engine.
+SINGLE_PROCESS = {"mom_ds.checkpoints": ("torch.distributed", "deepspeed")}
+
+
+def test_the_checkpoint_format_imports_no_distributed_code():
+    found = []
+    for unit, banned in SINGLE_PROCESS.items():
+        for path in sorted((REPO / unit.replace(".", "/")).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level \
+                    else []
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {name}" for name in names
+                          if any(name == b or name.startswith(b + ".") for b in banned)]
+    assert not found, "\n".join(found)
 
 
 def test_the_walker_sees_a_function_level_import(tmp_path, monkeypatch):

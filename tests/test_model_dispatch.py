@@ -7,7 +7,7 @@ import torch
 from mom_ds.model import pools
 from mom_ds.model.dispatch import LocalDispatcher, make_plan
 from mom_ds.model.pools import FFNPool, RowGroups, grouped_linear
-from pool_modules import _modules
+from mom_ds_testing.pool_modules import _modules
 from mom_ds.model.modules import FFNModule
 
 # Modules 1 and 3 receive no token; ids 5 and 6 (>= pool) act as SKIP.

@@ -1,13 +1,13 @@
 """On one rank a training forward and backward make no device-to-host sync: every preset, MoM
 with SKIP (K = 1 and 2, a capacity limit, early exit), MoD, the chunked loss and activation
-checkpointing run under tests/sync_guard.py, which fails on every aten op that reads device
+checkpointing run under mom_ds_testing/sync_guard.py, which fails on every aten op that reads device
 data on the host on CUDA and on every Python-level read."""
 import pytest
 import torch
 
 from mom_ds import MoMForCausalLM
 from mom_ds.model import pools, presets
-from sync_guard import count_syncs, no_syncs
+from mom_ds_testing.sync_guard import count_syncs, no_syncs
 
 SHAPE = dict(vocab_size=64, n_positions=32, d_model=32, n_heads=4, router_width=16)
 

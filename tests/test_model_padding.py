@@ -8,7 +8,7 @@ import torch
 from mom_ds import MoMForCausalLM
 from mom_ds.model import pools, presets
 from mom_ds.model.dispatch import make_plan
-from sync_guard import no_syncs
+from mom_ds_testing.sync_guard import no_syncs
 from test_model_generation import CASES, SHAPE  # every preset (tiny)
 from test_model_no_sync import CASES as TRAINING_CASES
 

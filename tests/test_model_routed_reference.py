@@ -8,7 +8,7 @@ import torch
 
 from mom_ds import MoMConfig
 from mom_ds.model.routed_block import RoutedBlock
-from pool_modules import attention_modules, ffn_modules
+from mom_ds_testing.pool_modules import attention_modules, ffn_modules
 
 
 def ref_router(router, x, g, step, cfg):

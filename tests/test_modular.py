@@ -214,7 +214,7 @@ def test_hidden_distillation_compares_the_ends_of_the_module_groups():
 # --- compute chosen at inference ------------------------------------------------------------
 def test_depth_and_top_k_as_trained_give_the_same_logits_and_fewer_steps_fewer_flops():
     from mom_ds.model.flops import flops_per_token
-    from mom_ds.train.export import with_compute
+    from mom_ds.checkpoints.loading import with_compute
 
     torch.manual_seed(0)
     config = mom(n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2, router_width=16, **SHAPE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mom_ds.model.weights_file import save_weights
-from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+from mom_ds_testing.runs import metrics, mom_train, run_python, tiny_args, write_byte_data
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_assembled_models_evaluate_export_and_ratio_one_is_the_teacher(runs, tmp
     assert cli("convert", "to-hf", str(tmp_path / "r133"), str(tmp_path / "hf")).returncode == 0
     from transformers import GPT2LMHeadModel
 
-    from mom_ds.train.export import load_model
+    from mom_ds.checkpoints.loading import load_model
 
     _, model, _ = load_model(tmp_path / "r133")
     assert model.config.n_bottom == 3
@@ -101,7 +101,7 @@ def save_model_file(model, path: Path) -> Path:
 
 def test_modular_errors_name_the_cause(runs, tmp_path):
     from mom_ds.model import MoMForCausalLM
-    from mom_ds.train.export import load_model
+    from mom_ds.checkpoints.loading import load_model
 
     data, teacher = runs["data"], runs["teacher"]
     # a MoM model as teacher (the tiny recipe's, untrained)

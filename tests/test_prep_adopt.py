@@ -15,7 +15,7 @@ from data_prep.cli import main as mom_prep
 from mom_ds.config import ConfigError, load_run_config
 from mom_ds.train.run_data import data_fingerprint
 from test_prep_gpt2 import nanogpt_reference, reference_encoding, stdlib_docstrings, write_jsonl  # noqa: F401
-from test_train_fixtures import TINY, metrics, mom_train, tiny_args
+from mom_ds_testing.runs import TINY, metrics, mom_train, tiny_args
 
 # what mom-prep adopt cannot know about files another tool split and wrote
 PROVENANCE = {"created_by", "source", "split", "settings", "source_fingerprint"}

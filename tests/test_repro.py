@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import html
 import json
-import sys
 
 import pytest
 
-from test_train_fixtures import REPO, run_python
+from mom_ds_testing.runs import REPO, run_python
 
-sys.path.insert(0, str(REPO / "bench"))
-import repro  # noqa: E402
+import repro
 
 ARMS = {"donor", "vanilla_continued", "mom_deep", "mom_shallow", "mom_scratch", "mod", "moe",
         "vanilla5"}

@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from test_train_fixtures import (REPO, metrics, mom_train, run_python, tiny_args,
-                                 trace_event_names, write_byte_data)
+from mom_ds_testing.runs import (REPO, metrics, mom_train, run_python, tiny_args,
+                                 trace_event_names)
 
 pytestmark = pytest.mark.slow
 STEPS = ["--train.max_steps", "5", "--train.eval_interval", "5", "--train.ckpt_interval", "0"]
 DROPOUT = ["--model.dropout", "0.1"]  # the recompute must draw the same masks
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from multirank import run_ranks
-from test_train_fixtures import metrics, mom_train, tiny_args, write_byte_data
+from mom_ds_testing.multirank import run_ranks
+from mom_ds_testing.runs import metrics, mom_train, tiny_args, write_byte_data
 
 
 def _read_step_on(rank: int, world: int, ckpt_dir: str) -> tuple[float, dict, float]:

@@ -2,15 +2,12 @@
 tensors (the fp32 fragments and partitions ZeRO gives each rank, which the moments match;
 bench/pool_memory.py's measurement), not assumed: 2 ranks, E = 1 -> half of the pools'
 state per rank; 4 ranks, E = 2 -> a quarter."""
-import sys
-from pathlib import Path
 
 import pytest
 
-from multirank import run_ranks
+from mom_ds_testing.multirank import run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from pool_memory import build, rank_bytes  # noqa: E402
+from pool_memory import build, rank_bytes
 
 pytestmark = pytest.mark.slow
 WIDTH = 16

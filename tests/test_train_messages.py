@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mom_ds.config import ConfigError, load_deepspeed_json, load_run_config
-from test_train_fixtures import REPO, TINY, metrics, run_python, tiny_args, write_byte_data
+from mom_ds_testing.runs import REPO, TINY, metrics, run_python, tiny_args, write_byte_data
 
 # a file-size limit stands in for a full disk: writes past it fail (EFBIG) the way writes to
 # a full file system fail (ENOSPC), inside torch.save's C++ writer and TensorBoard's thread
@@ -121,13 +121,13 @@ class Planted:
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_without_the_unsafe_advice(tmp_path):
     import torch
 
-    from mom_ds.train.checkpoint import CheckpointError, _load
+    from mom_ds.checkpoints.format import CheckpointError, load_file
 
     marker = tmp_path / "code-ran"
     crafted = tmp_path / "dense.pt"
     torch.save({"client": {"step": 1}, "params": Planted(marker)}, crafted)
     with pytest.raises(CheckpointError) as err:
-        _load(crafted)
+        load_file(crafted)
     message = str(err.value)
     assert f"{crafted} is not a tensors-only checkpoint" in message and "Fix:" in message
     assert "weights_only" not in message and "\n" not in message and not marker.exists()
@@ -138,17 +138,18 @@ def test_a_free_space_message_shows_the_difference(tmp_path, monkeypatch):
 
     import torch.distributed as dist
 
+    from mom_ds.checkpoints.format import CheckpointError, size_text
     from mom_ds.train import checkpoint
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4_300_000))
     monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor)
-    with pytest.raises(checkpoint.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         checkpoint.check_space(tmp_path, 4_000_000, step=8)
     assert "it needs about 3.81 MB plus a 10% margin (4.20 MB), 4.10 MB are free" in \
         str(err.value)
-    assert checkpoint.size_text(5_000) == "5,000 bytes"
-    assert checkpoint.size_text(3 * 2 ** 30) == "3.00 GB"
+    assert size_text(5_000) == "5,000 bytes"
+    assert size_text(3 * 2 ** 30) == "3.00 GB"
 
 
 DS_REFUSED = [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_fixtures import (REPO, env, metrics, mom_train, poisoned_forward, tiny_args,
+from mom_ds_testing.runs import (REPO, env, metrics, mom_train, poisoned_forward, tiny_args,
                                  trace_event_names, write_byte_data)
 
 pytestmark = pytest.mark.slow
@@ -303,7 +303,7 @@ def test_e2_checkpoint_evaluates_as_one_model(four_ranks):
     import torch
 
     from mom_ds.data import TokenizedDataset, WindowSampler
-    from mom_ds.train.export import load_model
+    from mom_ds.checkpoints.loading import load_model
 
     run, model, client = load_model(four_ranks["ep2"])
     assert client["step"] == STEPS
@@ -374,7 +374,7 @@ def test_two_rank_resume_equals_uninterrupted(runs, stopped, uninterrupted):
 def test_a_non_finite_step_on_one_rank_is_skipped_on_every_rank(tmp_path):
     """nan_policy skip with E = 2 under ZeRO-2: DeepSpeed's overflow check spans the ranks,
     so both leave step 3 out (no rank steps alone, nothing hangs) and training goes on."""
-    from mom_ds.train.export import consolidated_state_dict
+    from mom_ds.checkpoints.loading import consolidated_state_dict
 
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not on PATH")

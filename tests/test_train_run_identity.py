@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_train_fixtures import REPO, env, metrics, mom_train, run_python, tiny_args, \
+from mom_ds_testing.runs import REPO, env, metrics, mom_train, run_python, tiny_args, \
     write_byte_data
 
 

@@ -12,16 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_fixtures import (REPO, env, metrics, mom_train, poisoned_forward, run_python,
-                                 tiny_args, write_byte_data)
+from mom_ds_testing.runs import (REPO, env, metrics, mom_train, poisoned_forward, run_python,
+                                 tiny_args)
 
 pytestmark = pytest.mark.slow
 DIVERGE = ["--train.lr", "1e6", "--train.min_lr", "1e5"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
 
 
 def train(*args: str):
@@ -62,7 +57,7 @@ def poisoned_train(call: int, *args: str):
 
 
 def test_skip_policy_leaves_a_non_finite_step_out_and_trains_on(data, tmp_path):
-    from mom_ds.train.export import consolidated_state_dict
+    from mom_ds.checkpoints.loading import consolidated_state_dict
 
     out = tmp_path / "run"
     proc = poisoned_train(3, *tiny_args(data, out, "--train.nan_policy", "skip",

@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import env as launch_env
-from launch_support import free_port, processes_with
-from test_train_fixtures import REPO, env, metrics, mom_train, tiny_args, write_byte_data
+from mom_ds_testing.launchers import env as launch_env
+from mom_ds_testing.launchers import free_port, processes_with
+from mom_ds_testing.runs import REPO, env, metrics, mom_train, tiny_args
 
 pytestmark = pytest.mark.slow
 STOPPED_EXIT = 5
 STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
 
 
 def args(data: Path, out: Path, steps: int = STEPS) -> list[str]:
@@ -96,12 +91,12 @@ def assert_stopped(code: int, log: str, out: Path, signame: str, ranks: int,
 SLOW_MANIFEST = """
 import sys, time
 from mom_ds.train import checkpoint
-write = checkpoint._write_manifest
+write = checkpoint.write_manifest
 def slow(tag_dir):
     print("writing the manifest", flush=True)
     time.sleep(60)
     write(tag_dir)
-checkpoint._write_manifest = slow
+checkpoint.write_manifest = slow
 from mom_ds.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """

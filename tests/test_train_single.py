@@ -9,15 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+from mom_ds_testing.runs import metrics, mom_train, run_python, tiny_args
 
 pytestmark = pytest.mark.slow
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_byte_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +43,7 @@ def assert_same_run(resumed: Path, reference: Path, first_step: int) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.smoke  # the end-to-end run `make test-fast` keeps (docs/testing.md)
 def test_loss_decreases(reference):
     rows = metrics(reference)
     assert rows[STEPS]["train/lm_loss"] < rows[1]["train/lm_loss"] - 1.0
@@ -175,7 +171,7 @@ def test_a_mom_run_exports_to_hf_and_imports_back(data, reference, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mom_ds.model.weights_file import load_weights
-    from mom_ds.train.export import load_model
+    from mom_ds.checkpoints.loading import load_model
 
     proc = run_python(["-m", "mom_ds.cli.convert", "to-hf", str(reference), str(tmp_path / "hf")])
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_fixtures import metrics, mom_train, run_python, tiny_args, write_byte_data
+from mom_ds_testing.runs import metrics, mom_train, run_python, tiny_args, write_byte_data
 
 GOOD_STEPS = 8  # the base run's checkpoints: steps 4 and 8, val loss falling
 

@@ -1,6 +1,6 @@
 """A training step at E = 1 makes no device-to-host sync of mom-ds's own: mom-train runs under
-tests/sync_guard.py (the grouped-GEMM path forced, as CUDA takes it) and every read is
-counted by the code that made it, step by step. A step that logs, evaluates or saves
+mom_ds_testing/sync_guard.py (the grouped-GEMM path forced, as CUDA takes it) and every read
+is counted by the code that made it, step by step. A step that logs, evaluates or saves
 nothing reads only where DeepSpeed itself does; a logging step adds exactly one read (its
 numbers and its health check, copied to the host together)."""
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from test_train_fixtures import REPO, run_python, tiny_args, write_byte_data
+from mom_ds_testing.runs import REPO, run_python, tiny_args, write_byte_data
 
 pytestmark = pytest.mark.slow
 
 RUNNER = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from sync_guard import count_syncs
+from mom_ds_testing.sync_guard import count_syncs
 from mom_ds.model import pools
 from mom_ds.model.model import MoMForCausalLM
 import mom_ds.train.loop as loop

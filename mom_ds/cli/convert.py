@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def convert(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..model.weights_file import save_weights
-    from ..train.export import consolidated_state_dict, load_model, require_whole_model
+    from ..checkpoints.loading import consolidated_state_dict, load_model, require_whole_model
 
     check_overrides(f"mom-convert {args.command}", overrides,
                     FROM_HF_READS if args.command == "from-hf" else ())

@@ -111,7 +111,7 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data import TokenizedDataset
     from ..evaluation import first_windows, score, validation_windows
-    from ..train.export import load_model
+    from ..checkpoints.loading import load_model
     from ..train.run_data import check_data
 
     run, model, client = load_model(args.checkpoint, args.depth, args.top_k,

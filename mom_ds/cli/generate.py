@@ -57,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
              overrides: list[str]) -> int:
-    from ..train.export import load_model
+    from ..checkpoints.loading import load_model
     from ..train.run_data import run_tokenizer
 
     run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules,

@@ -94,9 +94,9 @@ def resume_or_start(out_dir: Path) -> bool:
     resume takes the newest that verifies, or refuses naming the damage; nothing is
     deleted. Else start fresh (False): what a first attempt that never completed a
     checkpoint left (its logs, unfinished tags) is moved by rank 0 to out_dir/previous/."""
-    from ..train.checkpoint import MANIFEST
+    from ..checkpoints.format import MANIFEST
     from ..train.preflight import RUN_FILES
-    from ..train.published import LATEST
+    from ..checkpoints.published import LATEST
 
     ckpt = out_dir / "ckpt"
     if (ckpt / LATEST).exists() or any(ckpt.glob(f"step_*/{MANIFEST}")):

@@ -25,7 +25,7 @@ class HarnessRequest:
     include_paths: list[str] = field(default_factory=list)
     output: Optional[str] = None
     device: str = "cpu"
-    depth: Optional[int] = None   # H' and K': compute chosen at inference (train/export.py)
+    depth: Optional[int] = None   # H' and K': compute chosen at inference (checkpoints/loading.py)
     top_k: Optional[int] = None
     allow_data_change: bool = False  # score a data directory that is not the run's
     overrides: list[str] = field(default_factory=list)  # --section.key VALUE (cli/args.py)
@@ -45,7 +45,7 @@ def run_harness(request: HarnessRequest) -> tuple[Path, dict[str, Any]]:
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
-    from ..train.export import load_model, resolve
+    from ..checkpoints.loading import load_model, resolve
     from ..train.run_data import check_data, run_tokenizer
     from .lm import MoMHarnessLM
     from .tasks import LOCAL_TASK, local_task, results_path, task_manager

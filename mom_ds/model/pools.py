@@ -96,7 +96,7 @@ grouped_mm = torch.library.custom_op("mom_ds::grouped_mm", mutates_args=())(_gro
 grouped_mm_weight_grad = torch.library.custom_op(
     "mom_ds::grouped_mm_weight_grad", mutates_args=())(_grouped_mm_weight_grad)
 """The weight gradient of grouped_mm: (G, in, out), module j from its own rows."""
-# What each operator runs, for tests/sync_guard.py to look inside them.
+# What each operator runs, for mom_ds_testing/sync_guard.py (testing/) to look inside them.
 IMPLEMENTATIONS = {"mom_ds::grouped_mm": _grouped_mm,
                    "mom_ds::grouped_mm_weight_grad": _grouped_mm_weight_grad}
 

@@ -24,7 +24,7 @@ def load_student(path: str | Path, teacher: Optional[str] = None
     """A modular run's student (teacher + trained modules) on one process, in eval mode.
     `teacher` overrides the source recorded in the run; its weights must be the ones the
     student was trained with."""
-    from ..train.export import consolidated_state_dict
+    from ..checkpoints.loading import consolidated_state_dict
 
     run, weights, client = consolidated_state_dict(path)
     if not run.modular.enabled:
@@ -92,7 +92,7 @@ def write_assembled(run: RunConfig, model: MoMForCausalLM, assembly: Assembly, s
                     out_dir: str | Path, strategy: str) -> Path:
     """out_dir as a one-checkpoint run directory (config.yaml, ckpt/latest) of the vanilla
     preset: what mom-eval, mom-generate and mom-convert read."""
-    from ..train.checkpoint import write_weights
+    from ..checkpoints.format import write_weights
 
     out_dir = Path(out_dir)
     plain = RunConfig(model=model.config, data=run.data,

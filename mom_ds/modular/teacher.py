@@ -23,7 +23,7 @@ def _kind(source: str) -> str:
 
 
 def _run_parts(source: str) -> tuple[MoMConfig, dict[str, torch.Tensor]]:
-    from ..train.export import consolidated_state_dict, require_whole_model
+    from ..checkpoints.loading import consolidated_state_dict, require_whole_model
 
     run, weights, _ = consolidated_state_dict(source)
     require_whole_model(run, source)  # a modular run's checkpoints hold modules only

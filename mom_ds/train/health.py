@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config import TrainConfig
 from ..errors import DIVERGED
-from .published import last_good_checkpoint
+from ..checkpoints.published import last_good_checkpoint
 
 # The running mean reaches back about this many optimizer steps (an EMA whose weight is
 # 1/n for the first n steps: their plain mean, then 1/SPIKE_HORIZON).

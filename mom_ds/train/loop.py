@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from ..checkpoints.format import newest_before
 import torch.distributed as dist
 
 from ..config import RunConfig, TrainConfig
@@ -195,7 +196,7 @@ def skip_spike(spike: SpikeError, engine, model, layout: ParallelLayout, ckpt_di
     before the spike, weights, optimizer and schedule, while the data goes on from where it
     is, so the batches since that checkpoint are never trained on again. Collective. Raises
     the spike when there is no such checkpoint. Returns the checkpoint's Health."""
-    tag = checkpoint.newest_before(ckpt_dir, spike.step)
+    tag = newest_before(ckpt_dir, spike.step)
     if tag is None:
         raise spike
     client = checkpoint.load(engine, model, layout, ckpt_dir, tag)

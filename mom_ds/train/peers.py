@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .. import engine_adapter as adapter
 from ..errors import LOST_RANK
-from .published import latest_tag
+from ..checkpoints.published import latest_tag
 
 CHECK_IN_WAIT_S = 15.0  # survivors reach their own failed collective within seconds of each other
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .. import engine_adapter as adapter
 from ..config import RunConfig
+from ..checkpoints.format import choose_tag, read_client
 from ..errors import BAD_INPUT, exit_code
 from ..model import MoMForCausalLM
 from ..model.compiling import compile_parts
@@ -71,7 +72,7 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     model.set_activation_checkpointing(run.train.activation_checkpointing)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
     if resume:
-        tag, warning = checkpoint.choose_tag(out_dir / "ckpt", resume_from)
+        tag, warning = choose_tag(out_dir / "ckpt", resume_from)
         if warning and rank == 0:
             print(f"mom-train: warning: {warning}", file=sys.stderr, flush=True)
         # agreed on: a rank that refused alone (other data on its node) would leave the
@@ -166,7 +167,7 @@ def is_bad_input(err: BaseException) -> bool:
 def check_config(run: RunConfig, tag_dir: Path, allow_data_change: bool, report: bool) -> None:
     """The resume's config against the checkpoint's, field by field (resume_rules.RULES),
     before the engine is built. Rank 0 says what is applied from the resume step on."""
-    client = checkpoint.read_client(tag_dir)
+    client = read_client(tag_dir)
     applied, warnings = check_resume(run, client["config"], int(client["step"]),
                                      allow_data_change)
     if report:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data_prep.sources import BuiltinSource  # noqa: E402
+from data_prep.sources import BuiltinSource
 
 
 def english_documents() -> list[str]:

@@ -1,7 +1,7 @@
 """What a checkpoint directory publishes beside its tags: `latest`, the tag of the newest
 complete checkpoint, and `best.json`, the tag with the lowest validation loss. Plain files,
-no torch: checkpoint.py writes them, and whatever names the last good checkpoint (the
-divergence and spike messages, a lost rank) reads them."""
+no torch: format.py and train/checkpoint.py write them, and whatever names the last good
+checkpoint (the divergence and spike messages, a lost rank) reads them."""
 from __future__ import annotations
 
 import json

@@ -1,8 +1,8 @@
-"""A trained model out of a DeepSpeed checkpoint, on one process, without DeepSpeed's
-engine: used by mom-eval, mom-generate and mom-convert.
+"""A trained model out of a mom-train checkpoint, on one process, without DeepSpeed: used by
+mom-eval, mom-generate, mom-convert, mom-assemble and the harness.
 
 Accepts a run directory (`<out_dir>`), its `ckpt/` directory (latest complete tag) or one
-tag directory. The checkpoint holds every parameter's fp32 weight whole (train/checkpoint.py),
+tag directory. The checkpoint holds every parameter's fp32 weight whole (format.py),
 whatever the ZeRO stage and the expert-parallel size, so nothing needs merging.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from ..config import RunConfig, with_overrides
 from ..model import ConfigError, MoMConfig, MoMForCausalLM
-from .checkpoint import DENSE, choose_tag, read_tag, verify_tag
+from .format import DENSE, choose_tag, read_tag, verify_tag
 from .published import LATEST
 
 

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import pytest
 
-from launch_support import REPO, _spawn, _wait_for, env
+from .launchers import REPO, _spawn, _wait_for, env
 
 SUBNET = "10.231.7"
 HOST_NAMES = ("mom-a", "mom-b")
