@@ -311,8 +311,8 @@ def routing_redundancy(model, data: Path, n_windows: int, loss: float) -> dict:
     rows = torch.from_numpy(TokenizedDataset(data, split="val", seq_len=SEQ)
                             .windows(range(min(16, n_windows))).astype("int64"))
     routing = model(rows[:, :-1]).routing
-    attn = torch.stack([r.attn_counts.sum(0) for r in routing]).double()  # (blocks, A + 1)
-    ffn = torch.stack([r.ffn_counts.sum(0) for r in routing]).double()
+    attn = torch.stack([r.attn_counts.sum(0) for r in routing.blocks]).double()  # (blocks, A + 1)
+    ffn = torch.stack([r.ffn_counts.sum(0) for r in routing.blocks]).double()
     c = model.config
     return {"attn_skip_share": float(attn[:, -1].sum() / attn.sum()),
             "ffn_skip_share": float(ffn[:, -1].sum() / ffn.sum()),

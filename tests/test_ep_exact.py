@@ -43,7 +43,7 @@ def reference(top_k):
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
-    skips = sum(int(r.attn_counts[:, -1].sum() + r.ffn_counts[:, -1].sum()) for r in out.routing)
+    skips = sum(int(r.attn_counts[:, -1].sum() + r.ffn_counts[:, -1].sum()) for r in out.routing.blocks)
     return out.logits.detach(), float(out.loss.detach()), grads, float(norm), skips
 
 
@@ -170,7 +170,7 @@ def lopsided_rank_step(rank, world):
     ids, labels = batch()
     out = model(ids[rank * 4:(rank + 1) * 4], labels=labels[rank * 4:(rank + 1) * 4])
     out.loss.backward()
-    counts = [r.ffn_counts.sum(0).tolist() for r in out.routing]
+    counts = [r.ffn_counts.sum(0).tolist() for r in out.routing.blocks]
     return counts, all(p.grad is not None for p in model.parameters())
 
 

@@ -47,7 +47,7 @@ def test_fullgraph_compile_follows_eager(name):
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-5)
         for (n, a), b in zip(eager.named_parameters(), twin.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-5, msg=n)
-        for a, b in zip(want.routing, got.routing):
+        for a, b in zip(want.routing.blocks, got.routing.blocks):
             assert all(torch.equal(x, y.to(x.dtype)) for x, y in zip(a.tensors()[:3], b.tensors()[:3]))
         for optimizer in optimizers:
             optimizer.step()

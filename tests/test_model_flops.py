@@ -40,7 +40,7 @@ def test_mom_flops_count_the_modules_actually_run():
     assert flops_per_token(cfg, T) == planned
     model = MoMForCausalLM(cfg)
     out = model(torch.randint(0, 100, (2, T)))
-    r = out.routing[0]
+    r = out.routing.blocks[0]
     run_attn = float(r.attn_counts[:, :4].sum()) / (2 * T)
     run_ffn = float(r.ffn_counts[:, :4].sum()) / (2 * T)
     taken = base + 6 * (run_attn * attention_module_params(d) + run_ffn * ffn_module_params(d))

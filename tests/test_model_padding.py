@@ -48,7 +48,7 @@ def _left_padded(prompts, width):
 def _routing_totals(out):
     """Every routing count of a forward, flat: (attn, ffn, depth) of every block, and the
     number of tokens each MoD block selected."""
-    parts = [t.reshape(-1) for r in out.routing for t in (r.attn_counts, r.ffn_counts,
+    parts = [t.reshape(-1) for r in out.routing.blocks for t in (r.attn_counts, r.ffn_counts,
                                                          r.depth_hist)]
     parts += [m.selected.sum().reshape(1) for m in out.mod_routing]
     return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
@@ -108,8 +108,8 @@ def test_padding_changes_no_loss_and_no_routing_statistic(name):
     torch.testing.assert_close(padded.aux_loss, plain.aux_loss, atol=1e-6, rtol=1e-5)
     assert torch.equal(_routing_totals(padded), _routing_totals(plain))
     if name == "capacity":  # the limit was reached, with the same drops
-        assert int(plain.routing[0].dropped) > 0
-        assert torch.equal(padded.routing[0].dropped, plain.routing[0].dropped)
+        assert int(plain.routing.blocks[0].dropped) > 0
+        assert torch.equal(padded.routing.blocks[0].dropped, plain.routing.blocks[0].dropped)
 
 
 @pytest.mark.parametrize("name", list(STATISTICS_CASES))

@@ -17,7 +17,7 @@ def _router_grad(weighting):
                 p.normal_(0, 0.5)
     ids = torch.randint(0, 40, (2, 8))
     out = model(ids, labels=ids)
-    assert int(out.routing[0].ffn_counts[:, :4].sum()) > 0  # some tokens ran modules
+    assert int(out.routing.blocks[0].ffn_counts[:, :4].sum()) > 0  # some tokens ran modules
     out.loss.backward()
     block = model.chunks[0]
     return sum(float(p.grad.abs().sum()) for r in (block.attn_router, block.ffn_router)
@@ -82,7 +82,7 @@ def test_early_exit_skip_is_final():
             if "router" in name:
                 p.normal_(0, 0.5)
     out = model(torch.randint(0, 40, (4, 16)))
-    r = out.routing[0]
+    r = out.routing.blocks[0]
     skips = [int(r.attn_counts[h, -1]) for h in range(4)]
     assert skips == sorted(skips) and skips[-1] > 0  # exited tokens never come back
     for h in range(4):  # step h only ever uses module h
@@ -120,7 +120,7 @@ def test_moe_preset_routes_only_the_ffn():
     torch.manual_seed(0)
     model = MoMForCausalLM(presets.moe(2, n_experts=4, top_k=2, **SHAPE))
     out = model(torch.randint(0, 40, (2, 8)), labels=torch.randint(0, 40, (2, 8)))
-    for r in out.routing:
+    for r in out.routing.blocks:
         assert r.attn_counts[0].tolist() == [16, 0]  # one fixed module, no SKIP
         assert int(r.ffn_counts[0, :4].sum()) == 32 and int(r.ffn_counts[0, 4]) == 0
     assert float(out.aux_loss.detach()) > 0

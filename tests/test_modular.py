@@ -228,7 +228,7 @@ def test_depth_and_top_k_as_trained_give_the_same_logits_and_fewer_steps_fewer_f
         model = MoMForCausalLM(with_compute(config, depth=depth))
         model.load_state_dict(trained.state_dict())
         out = model.eval()(ids)
-        assert len(out.routing[0].attn_counts) == depth
+        assert len(out.routing.blocks[0].attn_counts) == depth
         flops.append(flops_per_token(model.config, 16, out.routing))
     assert flops == sorted(flops, reverse=True) and len(set(flops)) == 4
     one = MoMForCausalLM(with_compute(config, top_k=1))

@@ -7,7 +7,8 @@ import torch
 
 from mom_ds.cli import report
 from mom_ds.model import MoMConfig, MoMForCausalLM
-from mom_ds.train.monitor import Monitor, RoutingStats
+from mom_ds.model.routing import RoutingRecord
+from mom_ds.train.monitor import Monitor
 
 pytest.importorskip("matplotlib", reason="mom-report needs matplotlib (launch/ci_setup.sh)")
 Image = pytest.importorskip("PIL.Image")
@@ -24,11 +25,12 @@ def run_dir(tmp_path):
     model = MoMForCausalLM(MoMConfig(**TINY))
     monitor = Monitor(tmp_path, enabled=True)
     for step in range(1, 6):
-        stats = RoutingStats()
-        stats.add(model(torch.randint(0, 257, (2, 16))).routing)
+        stats = RoutingRecord()
+        for _ in range(2):  # micro-batches
+            stats = stats + model(torch.randint(0, 257, (2, 16))).routing
         monitor.scalars(step, {"train/loss": 5.0 - 0.2 * step, "train/lr": 1e-3 * step,
                                "perf/tokens_per_s": 1000.0 + step, "perf/mfu": 0.01})
-        monitor.routing(step, stats.blocks)
+        monitor.routing(step, stats)
     monitor.scalars(5, {"eval/loss": 4.5})
     monitor.close()
     return tmp_path
@@ -61,3 +63,47 @@ def test_report_png_and_html(run_dir, tmp_path):
 def test_report_without_events_says_what_to_pass(tmp_path):
     with pytest.raises(SystemExit, match="no TensorBoard events"):
         report.main([str(tmp_path)])
+
+
+def test_report_reads_the_values_the_run_logged(run_dir):
+    """mom-report's routing (routing.jsonl) against what TensorBoard holds for the same
+    steps, read independently with EventAccumulator: skip rates, mean depth, and the heat
+    map's counts (the usage histograms' buckets)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"),
+                              size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    run = report.load_events(run_dir)
+    assert [step for step, _ in run.routing] == [1, 2, 3, 4, 5]
+    for block in (0, 1):
+        series = run.block_series(block)
+        for name in ("attn_skip_rate", "ffn_skip_rate", "mean_depth"):
+            logged = events.Scalars(f"routing/block{block}/{name}")
+            assert series[name][0].tolist() == [e.step for e in logged]
+            assert series[name][1] == pytest.approx([e.value for e in logged], rel=1e-6)
+        for half in ("attn", "ffn"):
+            usage = run.usage[block][half]
+            for h, row in enumerate(usage):
+                last = events.Histograms(f"routing/block{block}/{half}_usage_step{h}")[-1]
+                assert last.step == 5
+                assert row.tolist() == list(last.histogram_value.bucket)
+            # each router step: 2 micro-batches of 2 x 16 tokens, one choice each (top-1)
+            assert usage.sum(axis=1).tolist() == [2 * 2 * 16] * 3
+
+
+def test_routing_rows_after_a_resumed_step_are_dropped(tmp_path):
+    """A resume (or a spike rewind) to step 2 drops the rows after it, as metrics.jsonl's;
+    the replayed steps then appear once."""
+    torch.manual_seed(0)
+    model = MoMForCausalLM(MoMConfig(**TINY))
+    record = model(torch.randint(0, 257, (2, 16))).routing
+    monitor = Monitor(tmp_path, enabled=True)
+    for step in (1, 2, 3, 4):
+        monitor.routing(step, record)
+    monitor.rewind(2)
+    monitor.routing(3, record)
+    monitor.close()
+    monitor = Monitor(tmp_path, enabled=True, resumed_step=3)
+    monitor.routing(4, record)
+    monitor.close()
+    assert [step for step, _ in report.load_routing(tmp_path)] == [1, 2, 3, 4]

@@ -32,19 +32,19 @@ def test_dashboard_read_back(tmp_path):
     config = MoMConfig(**TINY)
     model = MoMForCausalLM(config)
     routing = model(torch.randint(0, 257, (2, 16))).routing
-    assert len(routing) == 2
+    assert len(routing.blocks) == 2
     writer = SummaryWriter(str(tmp_path))
     for step in (1, 2):
-        log_routing(writer, step, routing, capacity=[40, 40],
-                    all_to_all_bytes=1024 * step, all_to_all_seconds=0.002)
+        routing.comm = torch.tensor([1024.0 * step, 0.002], dtype=torch.float64)
+        log_routing(writer, step, routing)
     writer.close()
 
     events = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
     tags = events.Tags()
-    for c, block in enumerate(routing):
+    for c, block in enumerate(routing.blocks):
         tag = f"routing/block{c}"
         for name in ("attn_skip_rate", "ffn_skip_rate", "attn_load_max_over_mean",
-                     "ffn_load_cv", "mean_depth", "balance_loss", "dropped_tokens", "capacity"):
+                     "ffn_load_cv", "mean_depth", "balance_loss", "dropped_tokens"):
             assert [e.step for e in events.Scalars(f"{tag}/{name}")] == [1, 2], name
         # tokens per module, summed over the steps by hand, and the modules none chose
         for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):

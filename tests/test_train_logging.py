@@ -24,12 +24,12 @@ def _read_step_on(rank: int, world: int, ckpt_dir: str) -> tuple[float, dict, fl
     from mom_ds.config import TrainConfig
     from mom_ds.train import step_log
     from mom_ds.train.health import Health
-    from mom_ds.train.monitor import RoutingStats
+    from mom_ds.model.routing import RoutingRecord
 
     step_log.memory_gb = lambda: float(rank + 1)
     health = Health(torch.device("cpu"), Path(ckpt_dir), TrainConfig())
     sums = {"loss": torch.tensor(2.0 * (rank + 1))}  # two micro-batches
-    reading = step_log.read_step(sums, 2, RoutingStats(), [], health, None, torch.nn.Linear(1, 1))
+    reading = step_log.read_step(sums, 2, RoutingRecord(), health, None, torch.nn.Linear(1, 1))
     return reading.memory_gb, reading.losses, reading.health[0]
 
 

@@ -2,18 +2,20 @@
 
   mom-report RUN_DIR [--out REPORT.png]
 
-Reads the TensorBoard events under RUN_DIR/tb (what mom-train writes) and renders
-REPORT.png (default RUN_DIR/report.png) plus REPORT.html beside it: loss (train and val),
-learning rate, gradient norm, throughput and MFU, and per routed block the SKIP rates and mean depth over
-training and a heat map of module usage at the last logged step; a dotted line on every
-panel over steps marks each step the run resumed at (run/resumed). Needs matplotlib.
+Reads the scalars of the TensorBoard events under RUN_DIR/tb and the routing records of
+RUN_DIR/routing.jsonl (what mom-train writes: one RoutingRecord per logged step, summed
+over micro-batches and ranks) and renders REPORT.png (default RUN_DIR/report.png) plus
+REPORT.html beside it: loss (train and val), learning rate, gradient norm, throughput and
+MFU, and per routed block the SKIP rates and mean depth over training and a heat map of
+module usage at the last logged step; a dotted line on every panel over steps marks each
+step the run resumed at (run/resumed). Needs matplotlib.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import html
-import re
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +24,38 @@ from typing import Optional
 import numpy as np
 
 from ..errors import run_command
-
-USAGE_TAG = re.compile(r"routing/block(\d+)/(attn|ffn)_usage_step(\d+)")
+from ..model.routing import RoutingRecord
+from ..train.monitor import ROUTING_FILE
 
 
 @dataclass
 class RunEvents:
-    """Scalars as tag -> (steps, values); module usage of the last logged step as
-    block -> half -> (router steps, modules + SKIP) counts."""
+    """Scalars as tag -> (steps, values); the routing records of the logged steps, in step
+    order (routing.jsonl)."""
 
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    usage: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
-    usage_step: Optional[int] = None
+    routing: list[tuple[int, RoutingRecord]] = field(default_factory=list)
+
+    @property
+    def usage(self) -> dict[int, dict[str, np.ndarray]]:
+        """Module usage of the last logged step: block -> half -> (router steps,
+        modules + SKIP) counts."""
+        if not self.routing:
+            return {}
+        return {c: {"attn": b.attn_counts.numpy(), "ffn": b.ffn_counts.numpy()}
+                for c, b in enumerate(self.routing[-1][1].blocks)}
+
+    @property
+    def usage_step(self) -> Optional[int]:
+        return self.routing[-1][0] if self.routing else None
+
+    def block_series(self, block: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """attn_skip_rate, ffn_skip_rate and mean_depth of one block over the steps."""
+        steps = np.array([step for step, _ in self.routing])
+        blocks = [record.blocks[block] for _, record in self.routing]
+        return {"attn_skip_rate": (steps, np.array([b.skip_rate("attn") for b in blocks])),
+                "ffn_skip_rate": (steps, np.array([b.skip_rate("ffn") for b in blocks])),
+                "mean_depth": (steps, np.array([b.mean_depth for b in blocks]))}
 
 
 def events_dir(run_dir: Path) -> Path:
@@ -50,25 +72,32 @@ def load_events(run_dir: Path) -> RunEvents:
     # size_guidance 0 keeps every point (the default samples 10,000 scalars, 500 histograms)
     acc = EventAccumulator(str(events_dir(run_dir)),
                            size_guidance={"scalars": 0, "histograms": 0}).Reload()
-    tags = acc.Tags()
-    run = RunEvents()
-    for tag in tags["scalars"]:
+    run = RunEvents(routing=load_routing(run_dir))
+    for tag in acc.Tags()["scalars"]:
         points = acc.Scalars(tag)
         run.scalars[tag] = (np.array([p.step for p in points]),
                             np.array([p.value for p in points]))
-    rows: dict[tuple[int, str], dict[int, np.ndarray]] = {}
-    for tag in tags["histograms"]:
-        match = USAGE_TAG.fullmatch(tag)
-        if match is None:
-            continue
-        last = acc.Histograms(tag)[-1]
-        run.usage_step = max(run.usage_step or 0, last.step)
-        block, half, router_step = int(match[1]), match[2], int(match[3])
-        rows.setdefault((block, half), {})[router_step] = np.array(
-            last.histogram_value.bucket)
-    for (block, half), by_step in sorted(rows.items()):
-        run.usage.setdefault(block, {})[half] = np.stack([by_step[h] for h in sorted(by_step)])
     return run
+
+
+def load_routing(run_dir: Path) -> list[tuple[int, RoutingRecord]]:
+    """RUN_DIR/routing.jsonl's records by step (none without the file). A line cut short
+    (a full disk) is skipped with a warning."""
+    path = run_dir / ROUTING_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"mom-report: warning: {path} line {number} is not a complete JSON row: "
+                  f"skipped", file=sys.stderr)
+            continue
+        records.append((row["step"], RoutingRecord.from_row(row)))
+    return sorted(records, key=lambda item: item[0])
 
 
 def panel_titles(run: RunEvents) -> list[str]:
@@ -93,8 +122,9 @@ def render(run: RunEvents, title: str):
     s = run.scalars
     resumes = s["run/resumed"][0].tolist() if "run/resumed" in s else []
 
-    def lines(title: str, names: list[str], ylabel: str):
-        """Next panel: the named scalars over steps."""
+    def lines(title: str, names: list[str], ylabel: str, series=s):
+        """Next panel: the named series (default: scalars) over steps."""
+        s = series
         ax = next(panels)
         ax.set_title(title)
         for name in names:
@@ -110,8 +140,9 @@ def render(run: RunEvents, title: str):
             ax.text(0.5, 0.5, "not logged", ha="center", transform=ax.transAxes)
         return ax
 
-    def twin(ax, name: str, ylabel: str, scale: float = 1.0) -> None:
-        """A second scalar on the panel's right axis, dashed."""
+    def twin(ax, name: str, ylabel: str, scale: float = 1.0, series=s) -> None:
+        """A second series (default: a scalar) on the panel's right axis, dashed."""
+        s = series
         if name in s:
             right = ax.twinx()
             right.plot(s[name][0], scale * s[name][1], color="tab:red", linestyle="--")
@@ -123,10 +154,10 @@ def render(run: RunEvents, title: str):
     twin(lines("throughput", ["perf/tokens_per_s"], "tokens/s"), "perf/mfu", "MFU % (dashed)",
          100.0)
     for block in sorted(run.usage):
-        tag = f"routing/block{block}"
+        series = run.block_series(block)
         twin(lines(f"block {block}: skip rate and depth",
-                   [f"{tag}/attn_skip_rate", f"{tag}/ffn_skip_rate"], "SKIP rate"),
-             f"{tag}/mean_depth", "mean depth (dashed)")
+                   ["attn_skip_rate", "ffn_skip_rate"], "SKIP rate", series),
+             "mean_depth", "mean depth (dashed)", series=series)
         ax = next(panels)
         usage_heatmap(ax, run.usage[block])
         ax.set_title(f"block {block}: module usage")

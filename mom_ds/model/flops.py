@@ -7,11 +7,10 @@ table left out and the tied head counted once. For the vanilla preset this is ex
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 from .config import MoMConfig
-from .mod_block import MoDRouting
-from .routed_block import BlockRouting
+from .routing import RoutingRecord
 
 
 def attention_module_params(d: int) -> int:
@@ -38,14 +37,17 @@ def mod_router_params(config: MoMConfig) -> int:
 
 
 def flops_per_token(config: MoMConfig, seq_len: int,
-                    routing: Optional[Sequence[BlockRouting]] = None,
-                    mod_routing: Optional[Sequence[MoDRouting]] = None) -> float:
+                    routing: Optional[RoutingRecord] = None) -> float:
     """FLOPs to train on one token of a seq_len-token window.
 
-    routing / mod_routing: what a forward pass chose (MoMOutput.routing / .mod_routing).
-    Without them, every routed step runs K modules per learned half and one per fixed half
-    (no SKIP), and every MoD block processes its capacity share: the planned cost.
+    routing: what forward passes chose (MoMOutput.routing, or a sum of them over
+    micro-batches and ranks: the shares are of all the tokens it counts). Without it (or
+    with the empty record), every routed step runs K modules per learned half and one per
+    fixed half (no SKIP), and every MoD block processes its capacity share: the planned
+    cost.
     """
+    if routing is not None and not routing.calls:
+        routing = None
     d, T = config.d_model, seq_len
     layer = attention_module_params(d) + ffn_module_params(d)
     params = config.vocab_size * d + 2 * d  # tied embedding/head + ln_f
@@ -54,8 +56,9 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     plain = config.n_vanilla_layers - len(mod_layers)
     params += plain * layer
     attentions += plain
+    taken = routing.mod_shares() if routing is not None else None
     for i in range(len(mod_layers)):
-        share = float(mod_routing[i].selected.float().mean()) if mod_routing \
+        share = taken[i] if taken is not None \
             else min(1.0, max(1, round(config.mod_capacity * T)) / T)
         params += share * layer + mod_router_params(config)
         attentions += share * share  # the selected share of tokens attends over that share
@@ -63,9 +66,10 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     k_ffn = choices_per_step(config, config.ffn_router_kind)
     per_block = []
     for c in range(config.n_chunks):
-        if routing:
-            attn = _modules_per_token(routing[c].attn_counts, config.n_attn_modules, k_attn)
-            ffn = _modules_per_token(routing[c].ffn_counts, config.n_ffn_modules, k_ffn)
+        if routing is not None:
+            block = routing.blocks[c]
+            attn = _modules_per_token(block.attn_counts, config.n_attn_modules, k_attn)
+            ffn = _modules_per_token(block.ffn_counts, config.n_ffn_modules, k_ffn)
         else:
             attn, ffn = [float(k_attn)] * config.depth, [float(k_ffn)] * config.depth
         per_block.append(sum(attn) * attention_module_params(d)

@@ -16,7 +16,8 @@ from .flops import flops_per_token
 from .lm_loss import chunked_lm_loss
 from .mod_block import MoDBlock, MoDRouting
 from .modules import VanillaLayer, init_gpt2_
-from .routed_block import BlockRouting, RoutedBlock
+from .routed_block import RoutedBlock
+from .routing import RoutingRecord
 
 
 @dataclass
@@ -25,7 +26,10 @@ class MoMOutput:
     loss: Optional[torch.Tensor] = None     # what to train on: lm_loss + coefs * aux losses
     lm_loss: Optional[torch.Tensor] = None  # cross-entropy only
     aux_loss: Optional[torch.Tensor] = None  # balancing loss (MoM) + BCE (MoD), unscaled sum
-    routing: list[BlockRouting] = field(default_factory=list)
+    # what the routing chose, summable (routing.py): FLOPs, monitor and report read this
+    routing: Optional[RoutingRecord] = None  # always set by forward (fullgraph-compilable)
+    # per-token detail of this forward: each MoD block's selection mask and BCE (the loss
+    # takes the BCE; its counts are in `routing`)
     mod_routing: list[MoDRouting] = field(default_factory=list)
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # logged as train/<name>
 
@@ -55,7 +59,8 @@ class MoMForCausalLM(nn.Module):
         return VanillaLayer(c.d_model, c.n_heads, c.layer_norm_eps, c.dropout)
 
     def num_params(self, exclude_positions: bool = True) -> int:
-        """Parameter count; nanoGPT leaves out the position table (the head is tied)."""
+        """Parameter count; nanoGPT leaves out the position table (the head is tied).
+        (contract.py: TrainableLM.num_params)"""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions else n
 
@@ -83,9 +88,11 @@ class MoMForCausalLM(nn.Module):
         schedule (the modular student draws its assembly here)."""
 
     def train_flops_per_token(self, seq_len: int, out: MoMOutput,
-                              routing: Optional[list[BlockRouting]] = None) -> float:
-        """Training FLOPs per token of the routing taken (flops.py)."""
-        return flops_per_token(self.config, seq_len, routing or None, out.mod_routing or None)
+                              routing: Optional[RoutingRecord] = None) -> float:
+        """Training FLOPs per token of the routing taken (flops.py): `routing` (a sum over
+        micro-batches and ranks), else the forward's own out.routing."""
+        return flops_per_token(self.config, seq_len, routing if routing is not None
+                               else out.routing)
 
     # ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
@@ -120,6 +127,7 @@ class MoMForCausalLM(nn.Module):
         pos = self._positions(real, past, T, cache, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         out = MoMOutput(logits=x)
+        blocks = []
         # activations are recomputed in training only (generation's cache is filled once)
         checkpointing = self.activation_checkpointing != "none" and cache is None \
             and self.training and torch.is_grad_enabled()
@@ -139,11 +147,12 @@ class MoMForCausalLM(nn.Module):
         for c, block in enumerate(self.chunks):
             # under `layer` the block checkpoints each routing step itself
             x, routing = run(block, x, ("chunk", c), real=real)
-            out.routing.append(routing)
+            blocks.append(routing)
             if self.config.anchor_layers:
                 x = run(self.anchors[c], x, ("anchor", c), keep=real)
         for i, layer in enumerate(self.top):
             x = run(layer, x, ("top", i), keep=real)
+        out.routing = self._record(blocks, out.mod_routing, real, x)
         if cache is not None:
             cache["length"] = past + T
         hidden = self.ln_f(x)
@@ -158,6 +167,19 @@ class MoMForCausalLM(nn.Module):
         if labels is not None:
             self._add_aux_losses(out)
         return out
+
+    @staticmethod
+    def _record(blocks: list, mod: list[MoDRouting], real: Optional[torch.Tensor],
+                x: torch.Tensor) -> RoutingRecord:
+        """This forward's routing record: the blocks' records and the MoD blocks' counts."""
+        if not mod:
+            return RoutingRecord(blocks, x.new_zeros(0, dtype=torch.float64),
+                                 x.new_zeros(0, dtype=torch.float64), calls=1)
+        selected = torch.stack([m.selected.sum() for m in mod]).double()
+        tokens = real.sum() if real is not None else \
+            torch.tensor(mod[0].selected.numel(), device=x.device)
+        return RoutingRecord(blocks, selected, tokens.double().expand(len(mod)).clone(),
+                             calls=1)
 
     @staticmethod
     def _positions(real: Optional[torch.Tensor], past: int, T: int, cache: Optional[dict],
@@ -180,7 +202,7 @@ class MoMForCausalLM(nn.Module):
     def _add_aux_losses(self, out: MoMOutput) -> None:
         cfg = self.config
         zero = out.lm_loss.new_zeros(())
-        learned = [r.aux_loss for r in out.routing]
+        learned = [r.aux_loss for r in out.routing.blocks]
         balance = torch.cat(learned).mean() if learned else zero
         mod_bce = torch.stack([m.aux_loss for m in out.mod_routing]).mean() \
             if out.mod_routing else zero

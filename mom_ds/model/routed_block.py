@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.profiler import record_function
@@ -21,7 +22,7 @@ from .routers import Router
 @dataclass
 class BlockRouting:
     """What a routed block chose, in one forward or summed over many (micro-batches, ranks):
-    the one record that goes from the block to FLOPs, the monitor and the dashboard.
+    one block's part of the routing record (routing.py: RoutingRecord, which sums it).
 
     attn_counts / ffn_counts: (H, pool + 1) choices per module at each step, last = SKIP.
     depth_hist: (2H + 1,) tokens per assembled depth 0, 0.5, ... H (the modules-executing
@@ -40,22 +41,22 @@ class BlockRouting:
     dropped: torch.Tensor
     calls: int = 1
 
-    def __add__(self, other: "BlockRouting") -> "BlockRouting":
-        fields = [a + b for a, b in zip(self.detached().tensors(), other.detached().tensors())]
-        return BlockRouting(*fields, calls=self.calls + other.calls)
-
-    def detached(self) -> "BlockRouting":
-        """A copy to sum into: float64, no graph."""
-        return BlockRouting(*(t.detach().double() for t in self.tensors()), calls=self.calls)
-
     def tensors(self) -> list[torch.Tensor]:
         return [self.attn_counts, self.ffn_counts, self.depth_hist, self.aux_loss, self.dropped]
 
+    # the readers below take a host record (the logging step's copy, routing.jsonl's)
+    def skip_rate(self, half: str) -> float:
+        """Share of the choices of the `attn` or `ffn` half that were SKIP."""
+        counts = self.attn_counts if half == "attn" else self.ffn_counts
+        counts = counts.detach().double().cpu().numpy()
+        return float(counts[:, -1].sum() / max(counts.sum(), 1.0))
+
     @property
     def mean_depth(self) -> float:
-        levels = torch.arange(len(self.depth_hist), dtype=torch.float64,
-                              device=self.depth_hist.device) / 2
-        return float((levels * self.depth_hist).sum() / self.depth_hist.sum().clamp_min(1))
+        """Mean assembled depth per token (0, 0.5, ... H)."""
+        depth = self.depth_hist.detach().double().cpu().numpy()
+        levels = np.arange(len(depth), dtype=np.float64) / 2
+        return float((levels * depth).sum() / max(depth.sum(), 1.0))
 
 
 class RoutedBlock(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 from ..model import MoMForCausalLM, MoMOutput
 from ..model.checkpointing import MODES, checkpointed
 from ..model.flops import attention_module_params, ffn_module_params
+from ..model.routing import RoutingRecord
 from .assembly import Assembly, check, sample, uniform
 from ..config import ModularConfig
 from .losses import hidden_distillation, logit_distillation
@@ -70,8 +71,9 @@ class ModularStudent(nn.Module):
             raise ValueError(f"activation checkpointing {mode!r} is not one of {MODES}")
         self.checkpointing = mode != "none"
 
-    def num_params(self) -> int:
-        """Trained parameters: the modules (the teacher is frozen)."""
+    def num_params(self, exclude_positions: bool = True) -> int:
+        """Trained parameters: the modules (the teacher, with the position table, is
+        frozen, so exclude_positions changes nothing). (contract.py: TrainableLM)"""
         return sum(p.numel() for p in self.modular.parameters())
 
     # --- the schedule ----------------------------------------------------------------------
@@ -129,7 +131,8 @@ class ModularStudent(nn.Module):
             if tile.is_module and distil:
                 pairs.append((x, states[tile.end]))
         logits = F.linear(teacher.ln_f(x), teacher.wte.weight)
-        out = ModularOutput(logits=logits, assembly=assembly)
+        out = ModularOutput(logits=logits, assembly=assembly,
+                            routing=RoutingRecord())  # it routes nothing: the empty record
         if labels is None:
             return out
         lm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
@@ -161,11 +164,13 @@ class ModularStudent(nn.Module):
         return zero
 
     # --- what the loop reports -------------------------------------------------------------
-    def train_flops_per_token(self, seq_len: int, out: ModularOutput, routing=None) -> float:
+    def train_flops_per_token(self, seq_len: int, out: ModularOutput,
+                              routing: Optional[RoutingRecord] = None) -> float:
         """The teacher's forward (2 FLOPs per parameter, 4 d T per attention) plus the
         student's forward and backward over its assembly (6 per parameter, 12 d T per
         attention; nanoGPT's convention, an upper bound: frozen layers compute no weight
-        gradient), with the tied head counted in both."""
+        gradient), with the tied head counted in both. `routing` is ignored: the student
+        routes nothing (its record is the empty one)."""
         d, V = self.config.d_model, self.config.vocab_size
         layer = attention_module_params(d) + ffn_module_params(d)
         head = V * d + 2 * d

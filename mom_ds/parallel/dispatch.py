@@ -99,7 +99,8 @@ class AllToAllDispatcher(LocalDispatcher):
     def take_comm_stats(self) -> tuple[int, float]:
         """(row bytes sent to other ranks, seconds exchanging) since the last call; the
         counters restart. Measurements of this process's communication, kept here on the
-        host; what the routing chose is in the block's BlockRouting."""
+        host; the logging step puts them in the routing record (RoutingRecord.comm,
+        train/step_log.py), beside what the routing chose."""
         sent, self.bytes_sent = self.bytes_sent, 0
         seconds = self.timings.pop("exchange", 0.0) if self.timings is not None else 0.0
         return sent, seconds

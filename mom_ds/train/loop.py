@@ -4,7 +4,6 @@ reduction (expert parameters over their expert-data-parallel group), the clippin
 optimizer step of every parameter."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,9 @@ from .health import Health, SpikeError
 from .profiling import StepProfiler
 from .stopping import StopAgreement
 from ..parallel.parallelize import ParallelLayout
-from .monitor import Monitor, RoutingStats, device_peak_tflops
+from .monitor import Monitor, device_peak_tflops
+from ..model.contract import TrainableLM
+from ..model.routing import RoutingRecord
 from .step_log import read_step
 from ..evaluation import Windows, score
 
@@ -53,7 +54,7 @@ class Progress:
     health: dict[str, Any] = field(default_factory=dict)  # Health.state_dict() at the step
 
 
-def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batches,
+def train(run: RunConfig, engine, model: TrainableLM, layout: ParallelLayout, batches: Batches,
           val: Windows, progress: Progress, monitor: Monitor,
           stop_after: Optional[int] = None) -> dict[str, float]:
     """Train from progress.step to train.max_steps (or to stop_after, checkpointing there).
@@ -80,7 +81,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
         lr = engine.get_lr()[0]  # the rate this step uses (the engine steps it afterwards)
         model.begin_step(step)
         profiler.before_step(step)
-        stats = RoutingStats() if logging else None
+        stats = RoutingRecord() if logging else None  # summed over micro-batches
         sums: dict[str, torch.Tensor] = {}  # loss and its terms: no host sync per step
         for _ in range(t.grad_accum_steps):
             fetch_start = time.perf_counter()
@@ -93,7 +94,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             for name, value in {"loss": out.loss, **out.terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
             if stats is not None:
-                stats.add(out.routing)
+                stats = stats + out.routing
         health.step_loss(step + 1, sums["loss"] / t.grad_accum_steps)
         health.stepped(engine.was_step_applied())
         progress.step += 1
@@ -112,8 +113,8 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             grad_norm = engine.get_global_grad_norm()
             try:
                 if logging:  # the health flags come in the logging step's one transfer
-                    reading = read_step(sums, t.grad_accum_steps, stats, out.mod_routing,
-                                        health, grad_norm, engine.module)
+                    reading = read_step(sums, t.grad_accum_steps, stats, health, grad_norm,
+                                        engine.module)
                     health.judge(progress.step, reading.health, reading.grad_norm)
                 else:  # a host float or a device tensor: float() reads either
                     health.check(progress.step, None if grad_norm is None else float(grad_norm))
@@ -130,9 +131,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
             elapsed = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / elapsed
             # the FLOPs of the routing taken, from the host copies of what it chose
-            fpt = model.train_flops_per_token(
-                run.data.seq_len, dataclasses.replace(out, mod_routing=reading.mod_routing),
-                reading.routing)
+            fpt = model.train_flops_per_token(run.data.seq_len, out, reading.routing)
             losses = {f"train/{name}": v for name, v in reading.losses.items()}
             values = {**losses, "train/lr": lr, "perf/tokens_per_s": tok_s,
                       "perf/flops_per_s": tok_s * fpt, "perf/flops_per_token": fpt,
@@ -152,7 +151,7 @@ def train(run: RunConfig, engine, model, layout: ParallelLayout, batches: Batche
                 f"step {progress.step}/{t.max_steps} loss {losses['train/loss']:.4f} "
                 f"lr {lr:.2e} {tok_s:,.0f} tok/s mfu {100 * values['perf/mfu']:.2f}% "
                 f"eta {format_eta(eta)}{skipped}"))
-            monitor.routing(progress.step, reading.routing, reading.comm)
+            monitor.routing(progress.step, reading.routing)
             window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
 
         if evaluating:

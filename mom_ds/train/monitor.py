@@ -1,8 +1,11 @@
-"""What a run reports: console lines, `metrics.jsonl` and TensorBoard, all on rank 0.
+"""What a run reports: console lines, `metrics.jsonl`, `routing.jsonl` and TensorBoard, all
+on rank 0.
 
 DeepSpeed's own TensorBoard monitor writes only the learning rate, so the scalars and the
-routing histograms are ours (one SummaryWriter under `<out_dir>/tb`). Routing statistics
-are summed over all ranks before they are written, so they describe the global batch.
+routing histograms are ours (one SummaryWriter under `<out_dir>/tb`). The routing record
+(model/routing.py) is summed over micro-batches and ranks before it is written, so it
+describes the global batch; its values go to TensorBoard (the dashboard) and, as one JSON
+row per logged step, to `routing.jsonl`, which mom-report reads.
 """
 from __future__ import annotations
 
@@ -15,11 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from ..files import write_text
-from ..model.routed_block import BlockRouting
+from ..model.routing import RoutingRecord
 from . import wandb_sink
 from .routing_dashboard import log_routing
 
@@ -83,47 +85,7 @@ def memory_gb() -> float:
     return peak_rss_bytes() / 2 ** 30
 
 
-class RoutingStats:
-    """The routing of one optimizer step: each routed block's BlockRouting summed over
-    micro-batches, then over ranks (the global batch)."""
-
-    def __init__(self) -> None:
-        self.blocks: list[BlockRouting] = []
-
-    def add(self, routing: list[BlockRouting]) -> None:
-        self.blocks = [b + r for b, r in zip(self.blocks, routing)] if self.blocks else \
-            [r.detached() for r in routing]
-
-    def all_reduce(self) -> None:
-        """Sum over ranks (every rank must call this at the same step): one collective."""
-        if not self.blocks:
-            return
-        tensors = [t for b in self.blocks for t in b.tensors()]
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view_as(t))
-        for b in self.blocks:
-            b.calls *= dist.get_world_size()
-
-
-def comm_totals(model) -> Optional[torch.Tensor]:
-    """(2,) float64 on the device: the all-to-all bytes of the expert-parallel exchanges
-    since the last call, summed over ranks, and their seconds, averaged over ranks; None
-    without expert parallelism. Collective: every rank calls it at the same step."""
-    dispatchers = [d for block in getattr(model, "chunks", [])
-                   for d in (block.attn_dispatcher, block.ffn_dispatcher)
-                   if hasattr(d, "take_comm_stats")]
-    if not dispatchers:
-        return None
-    taken = [d.take_comm_stats() for d in dispatchers]
-    device = next(model.parameters()).device
-    values = torch.tensor([float(sum(t[0] for t in taken)), sum(t[1] for t in taken)],
-                          dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-        values[1] /= dist.get_world_size()
-    return values
+ROUTING_FILE = "routing.jsonl"  # one RoutingRecord.as_row() per logged step; mom-report
 
 
 class Monitor:
@@ -140,6 +102,8 @@ class Monitor:
         self.writer = None
         self.metrics = None
         self.metrics_path = Path(out_dir) / "metrics.jsonl"
+        self.routing_path = Path(out_dir) / ROUTING_FILE
+        self.routing_rows = None
         self.tb_dir = Path(out_dir) / "tb"
         self._open(resumed_step)
 
@@ -153,15 +117,18 @@ class Monitor:
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            if resumed_step and self.metrics_path.is_file():
-                with self._writing(self.metrics_path):
-                    _keep_rows_up_to(self.metrics_path, resumed_step)
+            for path in (self.metrics_path, self.routing_path):
+                if resumed_step and path.is_file():
+                    with self._writing(path):
+                        _keep_rows_up_to(path, resumed_step)
             _silence_event_writer_threads()
             with self._writing(self.tb_dir):
                 self.writer = SummaryWriter(str(self.tb_dir),
                                             purge_step=resumed_step + 1 if resumed_step else None)
             with self._writing(self.metrics_path):
                 self.metrics = open(self.metrics_path, "a")
+            with self._writing(self.routing_path):
+                self.routing_rows = open(self.routing_path, "a")
 
     @staticmethod
     @contextlib.contextmanager
@@ -205,14 +172,19 @@ class Monitor:
         if echo:
             print(echo, flush=True)
 
-    def routing(self, step: int, blocks: list[BlockRouting],
-                comm: Optional[dict] = None) -> None:
-        """The routing dashboard (routing_dashboard.py) of the global batch."""
-        if not self.enabled or not blocks:
+    def routing(self, step: int, record: RoutingRecord) -> None:
+        """The routing record of the global batch: the dashboard (routing_dashboard.py) and
+        one row of routing.jsonl (RoutingRecord.as_row). A record that routed nothing (the
+        modular student's) writes nothing."""
+        if not self.enabled or not (record.blocks or record.mod_selected.numel()
+                                    or record.comm is not None):
             return
         writer = wandb_sink.TeeWriter(self.writer)
         with self._writing(self.tb_dir):
-            log_routing(writer, step, blocks, **(comm or {}))
+            log_routing(writer, step, record)
+        with self._writing(self.routing_path):
+            self.routing_rows.write(json.dumps(record.as_row(step)) + "\n")
+            self.routing_rows.flush()
         if self.wandb is not None:
             self.wandb.log(writer.scalars, step=step)
 
@@ -225,11 +197,14 @@ class Monitor:
                 self.writer.close()
             with self._writing(self.metrics_path):
                 self.metrics.close()
+            with self._writing(self.routing_path):
+                self.routing_rows.close()
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:
-    """metrics.jsonl without the rows after `step`, rewritten atomically. A line that is not
-    JSON (cut short when the disk filled) is dropped with a warning naming it."""
+    """metrics.jsonl (or routing.jsonl) without the rows after `step`, rewritten atomically.
+    A line that is not JSON (cut short when the disk filled) is dropped with a warning
+    naming it."""
     keep = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

@@ -15,21 +15,22 @@ For every routed block, at one step:
   routing/block{c}/{attn,ffn}_usage_step{h}     histogram: choices per module (last = SKIP)
   routing/block{c}/depth          histogram of assembled depth per token
   routing/block{c}/mean_depth, routing/block{c}/balance_loss
-Optional, when the caller has them (expert parallelism):
-  routing/block{c}/dropped_tokens, routing/block{c}/capacity (tokens a module accepts)
+  routing/block{c}/dropped_tokens  assignments a capacity limit removed
+  routing/mod{i}/selected_share    share of its tokens MoD block i processed
+With expert parallelism (the record's comm):
   comm/all_to_all_bytes, comm/all_to_all_ms
 
-`log_routing` takes BlockRouting records (one forward's `MoMOutput.routing`, or sums of
-them) and a SummaryWriter; numpy renders the images, so matplotlib is not needed here.
+`log_routing` takes a RoutingRecord (model/routing.py: one forward's `MoMOutput.routing`,
+or a sum of them) and a SummaryWriter; numpy renders the images, so matplotlib is not
+needed here. The same record's values go to routing.jsonl (train/monitor.py), which is
+what mom-report reads: nothing reads these tags back but TensorBoard.
 """
 from __future__ import annotations
-
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..model.routed_block import BlockRouting
+from ..model.routing import RoutingRecord
 
 CELL_PX = 12   # heat-map cell size in pixels
 GAP_PX = 4     # blank columns between the attention and the FFN half
@@ -86,19 +87,14 @@ def write_count_histogram(writer, name: str, values: np.ndarray, counts: np.ndar
         bucket_limits=edges.tolist(), bucket_counts=counts.tolist(), global_step=step)
 
 
-def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
-                capacity: Optional[Sequence[float]] = None,
-                all_to_all_bytes: Optional[float] = None,
-                all_to_all_seconds: Optional[float] = None) -> None:
-    """Write the dashboard of one step. capacity: per block, the token capacity of one
-    module."""
-    for c, block in enumerate(routing):
+def log_routing(writer, step: int, routing: RoutingRecord) -> None:
+    """Write the dashboard of one step."""
+    for c, block in enumerate(routing.blocks):
         tag = f"routing/block{c}"
         writer.add_image(f"{tag}/usage", usage_image(block.attn_counts, block.ffn_counts), step)
         for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):
             counts = counts.detach().double().cpu().numpy()
-            writer.add_scalar(f"{tag}/{half}_skip_rate",
-                              counts[:, -1].sum() / max(counts.sum(), 1.0), step)
+            writer.add_scalar(f"{tag}/{half}_skip_rate", block.skip_rate(half), step)
             max_over_mean, cv = load_balance(counts)
             writer.add_scalar(f"{tag}/{half}_load_max_over_mean", max_over_mean, step)
             writer.add_scalar(f"{tag}/{half}_load_cv", cv, step)
@@ -113,13 +109,12 @@ def log_routing(writer, step: int, routing: Sequence[BlockRouting], *,
         if depth.sum() > 0:
             levels = np.arange(len(depth), dtype=np.float64) / 2
             write_count_histogram(writer, f"{tag}/depth", levels, depth, step)
-            writer.add_scalar(f"{tag}/mean_depth", (levels * depth).sum() / depth.sum(), step)
+            writer.add_scalar(f"{tag}/mean_depth", block.mean_depth, step)
         writer.add_scalar(f"{tag}/balance_loss",
                           float(block.aux_loss.detach().mean()) / block.calls, step)
         writer.add_scalar(f"{tag}/dropped_tokens", float(block.dropped), step)
-        if capacity is not None:
-            writer.add_scalar(f"{tag}/capacity", float(capacity[c]), step)
-    if all_to_all_bytes is not None:
-        writer.add_scalar("comm/all_to_all_bytes", float(all_to_all_bytes), step)
-    if all_to_all_seconds is not None:
-        writer.add_scalar("comm/all_to_all_ms", 1e3 * float(all_to_all_seconds), step)
+    for i, share in enumerate(routing.mod_shares()):
+        writer.add_scalar(f"routing/mod{i}/selected_share", share, step)
+    if routing.comm is not None:
+        writer.add_scalar("comm/all_to_all_bytes", routing.all_to_all_bytes, step)
+        writer.add_scalar("comm/all_to_all_ms", 1e3 * routing.all_to_all_seconds, step)

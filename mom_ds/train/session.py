@@ -15,6 +15,7 @@ from ..config import RunConfig
 from ..checkpoints.format import choose_tag, read_client
 from ..errors import BAD_INPUT, exit_code
 from ..model import MoMForCausalLM
+from ..model.contract import TrainableLM
 from ..model.compiling import compile_parts
 from ..parallel.parallelize import parallelize
 from ..parallel.placement import describe_placement
@@ -45,7 +46,7 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                   stop_after: Optional[int] = None, overwrite: bool = False,
                   resume_from: Optional[str] = None, verbose: bool = False,
                   allow_data_change: bool = False,
-                  build: Optional[Callable[[RunConfig, bool], torch.nn.Module]] = None
+                  build: Optional[Callable[[RunConfig, bool], TrainableLM]] = None
                   ) -> dict[str, float]:
     """build(run, resume): the model to train, build_model's by default (mom-train passes
     the modular student's builder for a modular run)."""
@@ -150,7 +151,7 @@ def remove_run(out_dir: Path) -> None:
             path.unlink()
 
 
-def build_model(run: RunConfig, resume: bool) -> torch.nn.Module:
+def build_model(run: RunConfig, resume: bool) -> TrainableLM:
     """The model to train when the caller names no other: a MoMForCausalLM, from
     train.init_from's weights on a fresh start."""
     model = MoMForCausalLM(run.model)

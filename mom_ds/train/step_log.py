@@ -11,10 +11,9 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..model.mod_block import MoDRouting
-from ..model.routed_block import BlockRouting
+from ..model.routing import RoutingRecord
 from .health import Health
-from .monitor import RoutingStats, comm_totals, memory_gb
+from .monitor import memory_gb
 
 
 def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -32,9 +31,7 @@ class StepReading:
     losses: dict[str, float]        # mean over micro-batches and ranks, by term
     memory_gb: float                # the largest peak memory of any rank
     grad_norm: Optional[float]
-    routing: list[BlockRouting]     # summed over micro-batches and ranks
-    mod_routing: list[MoDRouting]   # the last micro-batch's, this rank
-    comm: dict[str, float]          # expert-parallel all-to-all totals ({} without)
+    routing: RoutingRecord          # summed over micro-batches and ranks, with comm
 
 
 def _grad_norm_tensor(grad_norm: Any) -> Optional[torch.Tensor]:
@@ -43,31 +40,40 @@ def _grad_norm_tensor(grad_norm: Any) -> Optional[torch.Tensor]:
     return grad_norm if isinstance(grad_norm, torch.Tensor) else None
 
 
-def read_step(sums: dict[str, torch.Tensor], micro_batches: int, stats: RoutingStats,
-              mod_routing: list[MoDRouting], health: Health, grad_norm: Any,
-              model) -> StepReading:
-    """Collective (every rank at the same step): the reductions, then the one transfer."""
+def comm_since_last(model) -> Optional[torch.Tensor]:
+    """(2,) float64 on the device: this rank's expert-parallel all-to-all bytes sent and
+    seconds exchanging since the last call (the dispatchers' host counters restart); None
+    without expert parallelism."""
+    dispatchers = [d for block in getattr(model, "chunks", [])
+                   for d in (block.attn_dispatcher, block.ffn_dispatcher)
+                   if hasattr(d, "take_comm_stats")]
+    if not dispatchers:
+        return None
+    taken = [d.take_comm_stats() for d in dispatchers]
+    return torch.tensor([float(sum(t[0] for t in taken)), sum(t[1] for t in taken)],
+                        dtype=torch.float64, device=next(model.parameters()).device)
+
+
+def read_step(sums: dict[str, torch.Tensor], micro_batches: int, routing: RoutingRecord,
+              health: Health, grad_norm: Any, model) -> StepReading:
+    """Collective (every rank at the same step): the reductions, then the one transfer.
+    routing: the step's micro-batches summed (RoutingRecord +); it gets the all-to-all
+    totals and is summed over ranks in its one collective."""
     losses = torch.stack(list(sums.values())).to(torch.float64) / micro_batches
     dist.all_reduce(losses)
-    stats.all_reduce()
+    if routing.calls:
+        routing.comm = comm_since_last(model)
+        routing = routing.all_reduced()
     seen = health.reduced(torch.tensor(memory_gb(), dtype=torch.float64))
-    comm = comm_totals(model)
     norm = _grad_norm_tensor(grad_norm)
-    routing = [t for block in stats.blocks for t in block.tensors()]
-    selected = [m.selected for m in mod_routing]
-    parts = [seen, losses, *routing, *selected,
-             *([comm] if comm is not None else []), *([norm] if norm is not None else [])]
+    recorded = routing.tensors() if routing.calls else []
+    parts = [seen, losses, *recorded, *([norm] if norm is not None else [])]
     host = iter(to_host(parts))
     seen, losses = next(host).tolist(), next(host) / dist.get_world_size()
-    blocks = [BlockRouting(*(next(host) for _ in block.tensors()), calls=block.calls)
-              for block in stats.blocks]
-    mods = [MoDRouting(next(host), None) for _ in selected]
-    comm_host = {}
-    if comm is not None:
-        sent, seconds = next(host).tolist()
-        comm_host = {"all_to_all_bytes": sent, "all_to_all_seconds": seconds}
+    if recorded:
+        routing = routing.replaced(host)  # takes exactly the record's tensors
     if norm is not None:
         grad_norm = float(next(host))
     return StepReading(health=seen, losses=dict(zip(sums, losses.tolist())),
                        memory_gb=seen[5], grad_norm=None if grad_norm is None else float(grad_norm),
-                       routing=blocks, mod_routing=mods, comm=comm_host)
+                       routing=routing)
