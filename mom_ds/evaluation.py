@@ -119,13 +119,7 @@ def routing_parts(total: RoutingRecord) -> list[torch.Tensor]:
 def routing_summed(total: RoutingRecord, parts: list[torch.Tensor], world: int
                    ) -> Optional[RoutingRecord]:
     """The record rebuilt from its parts summed over `world` ranks."""
-    if not total.calls:
-        return None
-    record = total.replaced(parts)
-    record.calls, record.ranks = total.calls * world, total.ranks * world
-    for block in record.blocks:
-        block.calls *= world
-    return record
+    return total.rank_sum(parts, world) if total.calls else None
 # ----------------------------------------------------------------------------------------
 
 
