@@ -32,8 +32,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mom_ds import MoMForCausalLM
+from mom_ds.config import RunConfig
 from mom_ds.model import pools, presets
 from mom_ds.model.flops import flops_per_token, router_params
+from mom_ds.parallel.parallelize import parallelize
 from mom_ds.train.monitor import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 
@@ -182,9 +184,13 @@ def main() -> None:
                                               n_embd=args.width, n_layer=4, n_head=args.heads,
                                               resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
         if name.startswith("vanilla"):
-            return MoMForCausalLM(presets.vanilla(4, **shape))
-        return MoMForCausalLM(presets.mom(n_attn_modules=4, n_ffn_modules=4, depth=4,
-                                          top_k=int(name[-1]), **shape))
+            model = MoMForCausalLM(presets.vanilla(4, **shape))
+        else:
+            model = MoMForCausalLM(presets.mom(n_attn_modules=4, n_ffn_modules=4, depth=4,
+                                               top_k=int(name[-1]), **shape))
+        # the model as evaluation runs it (no optimizer here; one process: nothing sharded)
+        parallelize(model, RunConfig.of_model(model.config), training=False)
+        return model
 
     def make_step(name: str, model, rows=ids, targets=labels):
         chunk = 0 if name == "vanilla_whole" else args.loss_chunk

@@ -52,10 +52,10 @@ from mom_ds.model.presets import mom, vanilla  # noqa: E402
 from mom_ds.modular.assemble import assembled_model, choose, load_student, search_windows  # noqa: E402
 from mom_ds.modular.assembly import describe, offered_depths  # noqa: E402
 from mom_ds.modular.losses import logit_distillation  # noqa: E402
-from mom_ds.parallel.parallelize import engine_param_groups  # noqa: E402
+from mom_ds.parallel.parallelize import parallelize  # noqa: E402
 from mom_ds.train.batches import Batches  # noqa: E402
 from mom_ds.checkpoints.loading import load_model  # noqa: E402
-from mom_ds.train.loop import lr_factor  # noqa: E402
+from mom_ds.train.optimizer import scheduler  # noqa: E402
 
 SHAPE = dict(vocab_size=257, n_positions=128, d_model=128, n_heads=4)
 LAYERS, GRAINS, SEQ, MICRO = 6, [2, 3], 128, 16
@@ -134,14 +134,14 @@ def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Pat
     t = TrainConfig(max_steps=steps, micro_batch_size=MICRO, lr=2e-3, min_lr=2e-4,
                     warmup_steps=min(50, steps // 4))
     torch.manual_seed(t.seed)
-    optimizer = torch.optim.AdamW(engine_param_groups(model, t.weight_decay), lr=t.lr,
+    run = RunConfig(model=model.config, data=DataConfig(seq_len=SEQ), train=t)
+    optimizer = torch.optim.AdamW(parallelize(model, run).param_groups, lr=t.lr,
                                   betas=(t.beta1, t.beta2), eps=t.eps)
+    schedule = scheduler(optimizer, t)
     data = TokenizedDataset(data_dir, split="train", seq_len=SEQ)
     batches = Batches(data, WindowSampler(len(data), seed=1337), MICRO, torch.device("cpu"))
     model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * lr_factor(step, t)
+    for _ in range(steps):
         x, y = batches.next()
         out = model(x, labels=y)
         loss = out.lm_loss
@@ -154,6 +154,7 @@ def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
+        schedule.step()
     return model.eval()
 
 

@@ -19,7 +19,8 @@ from mom_ds_testing.multirank import run_ranks  # noqa: E402
 from mom_ds import MoMForCausalLM  # noqa: E402
 from mom_ds import engine_adapter as adapter  # noqa: E402
 from mom_ds.model import presets  # noqa: E402
-from mom_ds.parallel.parallelize import engine_param_groups, parallelize  # noqa: E402
+from mom_ds.config import RunConfig  # noqa: E402
+from mom_ds.parallel.parallelize import parallelize  # noqa: E402
 
 
 def build(width: int) -> MoMForCausalLM:
@@ -34,12 +35,12 @@ def rank_bytes(rank, world, ep_size, stage, width):
 
     torch.set_num_threads(1)
     model = build(width)
-    parallelize(model, ep_size)
+    layout = parallelize(model, RunConfig.of_model(model.config, ep_size))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, config=config,
-                                      model_parameters=engine_param_groups(model, 0.1))
+                                      model_parameters=layout.param_groups)
     ids = torch.randint(0, 64, (2, 16))
     engine.backward(engine(ids, labels=ids).loss)
     engine.step()

@@ -68,8 +68,8 @@ def hf_loop_speed(args, data: Path) -> dict[str, float]:
     from mom_ds.data import TokenizedDataset, WindowSampler
     from mom_ds.model.flops import flops_per_token
     from mom_ds.model.presets import vanilla
-    from mom_ds.parallel.parallelize import engine_param_groups
-    from mom_ds.train.loop import lr_factor
+    from mom_ds.parallel.parallelize import optimizer_groups
+    from mom_ds.train.optimizer import scheduler
 
     torch.manual_seed(1337)
     cfg = GPT2Config(vocab_size=257, n_positions=args.seq_len, n_embd=args.d_model,
@@ -77,9 +77,9 @@ def hf_loop_speed(args, data: Path) -> dict[str, float]:
                      attn_pdrop=0.0, bos_token_id=256, eos_token_id=256)
     model = GPT2LMHeadModel(cfg).train()
     t = TrainConfig(max_steps=args.steps, warmup_steps=2, lr=3e-3, min_lr=3e-4)
-    opt = torch.optim.AdamW(engine_param_groups(model, t.weight_decay), lr=t.lr,
+    opt = torch.optim.AdamW(optimizer_groups(model, t.weight_decay), lr=t.lr,
                             betas=(t.beta1, t.beta2), eps=t.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t))
+    sched = scheduler(opt, t)
     ds = TokenizedDataset(data, split="train", seq_len=args.seq_len)
     order = WindowSampler(len(ds), seed=1337)
     times = []

@@ -305,8 +305,12 @@ class AuthorsSide:
 class MomdsSide:
     def build(self, layout: Layout, state: dict) -> None:
         from mom_ds import MoMForCausalLM
+        from mom_ds.config import RunConfig
+        from mom_ds.parallel.parallelize import parallelize
 
         self.model = MoMForCausalLM(momds_config(layout)).train()
+        # as training runs it, but for the optimizer: the authors' recipe on both sides
+        parallelize(self.model, RunConfig.of_model(self.model.config), training=False)
         targets = self.model.per_module_tensors()
         with torch.no_grad():
             for name, tensor in map_state(state, layout, targets).items():

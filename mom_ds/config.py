@@ -334,6 +334,13 @@ class RunConfig:
             fail("train.init_from", t.init_from, "a modular run starts from modular.teacher",
                  "drop train.init_from (the modules are initialised from the teacher)")
 
+    @classmethod
+    def of_model(cls, model: ModelConfig, expert_parallel_size: int = 1) -> "RunConfig":
+        """The defaults around a model built without a recipe (benchmarks, tests): windows
+        of the model's full context, expert_parallel_size E."""
+        return cls(model=model, data=DataConfig(seq_len=model.n_positions),
+                   parallel=ParallelConfig(expert_parallel_size=expert_parallel_size))
+
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -53,13 +53,18 @@ def last_line(capsys) -> str:
 def test_eval_overrides_act_as_its_flags(run_dir, data, capsys):
     assert evaluate.main([str(run_dir), "--max-windows", "4"]) == 0
     trained = last_line(capsys)
-    assert evaluate.main([str(run_dir), "--max-windows", "4", "--top-k", "2"]) == 0
+    assert evaluate.main([str(run_dir), "--max-windows", "4", "--top-k-modules", "2"]) == 0
     flag = last_line(capsys)
     # an override may stand before the positional argument too
     assert evaluate.main(["--model.top_k", "2", str(run_dir), "--max-windows", "4",
                           f"--data.data_dir={data}"]) == 0
     assert last_line(capsys) == flag != trained
-    assert "top-k 2" in flag
+    assert "2 module(s) per step" in flag
+    # mom-eval's old name for K' still works, with a deprecation message
+    assert evaluate.main([str(run_dir), "--max-windows", "4", "--top-k", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().splitlines()[-1] == flag
+    assert "--top-k is deprecated here; it is --top-k-modules" in out.err
 
 
 def test_generate_override_acts_as_its_flag(run_dir, capsys):

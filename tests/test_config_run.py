@@ -10,9 +10,9 @@ import yaml
 
 from mom_ds.config import (ConfigError, field_docs, load_run_config,
                            parse_overrides, reference_markdown, TrainConfig)
-from mom_ds.parallel.parallelize import engine_param_groups
+from mom_ds.parallel.parallelize import parallelize
 from mom_ds.train.engine import build_ds_config
-from mom_ds.train.loop import lr_factor
+from mom_ds.train.optimizer import lr_factor
 from mom_ds_testing.runs import REPO, TINY
 
 
@@ -94,8 +94,10 @@ def test_every_shipped_ds_config_is_accepted():
 def test_weight_decay_groups():
     from mom_ds import MoMForCausalLM
 
-    model = MoMForCausalLM(load_run_config(TINY).model)
-    decay, no_decay = engine_param_groups(model, 0.1)
+    run = load_run_config(TINY)
+    run.train.weight_decay = 0.1
+    model = MoMForCausalLM(run.model)
+    decay, no_decay = parallelize(model, run).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert "wte.weight" not in decayed and "wpe.weight" not in decayed

@@ -11,7 +11,8 @@ from mom_ds_testing.multirank import run_ranks
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.parallel.dispatch import ExpertParallelMismatch
-from mom_ds.parallel.parallelize import engine_param_groups, is_expert_parameter, parallelize
+from mom_ds.config import RunConfig
+from mom_ds.parallel.parallelize import is_expert_parameter, parallelize
 from mom_ds.parallel.placement import ModulePlacement
 
 SHAPE = dict(vocab_size=48, n_positions=16, d_model=16, n_heads=2)
@@ -64,7 +65,7 @@ def ep_rank_step(rank, world, top_k):
     its micro-batch mean; the all-to-all backward already brought every source rank's
     contribution to the owner) and divided by the data-parallel size."""
     model = build(top_k)
-    layout = parallelize(model, world)
+    layout = parallelize(model, RunConfig.of_model(model.config, world))
     ids, labels = batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     out = model(ids[rows], labels=labels[rows])
@@ -110,7 +111,7 @@ def engine_rank_step(rank, world, stage):
     import deepspeed
 
     model = build(2)
-    parallelize(model, world)
+    layout = parallelize(model, RunConfig.of_model(model.config, world))
     config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
               "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
@@ -118,7 +119,7 @@ def engine_rank_step(rank, world, stage):
                                                         "eps": 1e-8, "weight_decay": 0.1,
                                                         "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, config=config,
-                                      model_parameters=engine_param_groups(model, 0.1))
+                                      model_parameters=layout.param_groups)
     ids, labels = batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     engine.backward(engine(ids[rows], labels=labels[rows]).loss)
@@ -136,7 +137,8 @@ def engine_rank_step(rank, world, stage):
 def engine_reference():
     model = build(2)
     ids, labels = batch()
-    opt = torch.optim.AdamW(engine_param_groups(model, 0.1), lr=0.01, betas=(0.9, 0.95),
+    opt = torch.optim.AdamW(parallelize(model, RunConfig.of_model(model.config)).param_groups,
+                            lr=0.01, betas=(0.9, 0.95),
                             eps=1e-8)
     model(ids, labels=labels).loss.backward()
     norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP))
@@ -166,7 +168,7 @@ def lopsided_rank_step(rank, world):
                 router.head.weight.zero_()
                 router.head.bias.copy_(torch.tensor([5.0, 0.0, 0.0, -50.0] if rank == 0
                                                     else [0.0, 0.0, 5.0, -50.0]))
-    parallelize(model, world)
+    parallelize(model, RunConfig.of_model(model.config, world))
     ids, labels = batch()
     out = model(ids[rank * 4:(rank + 1) * 4], labels=labels[rank * 4:(rank + 1) * 4])
     out.loss.backward()
@@ -194,7 +196,7 @@ def test_idle_rank_and_idle_module_complete_the_step(edge_results):
 
 def out_of_step_rank(rank, world):
     model = build(1)
-    parallelize(model, world)
+    parallelize(model, RunConfig.of_model(model.config, world))
     if rank == 1:  # rank 1 believes it is one exchange ahead (a skipped forward call)
         model.chunks[0].attn_dispatcher.calls += 1
     ids, labels = batch()
@@ -219,7 +221,7 @@ def host_reads_rank(rank, world):
     """Host reads (device-to-host syncs) in one forward + backward with E = world: each
     exchange needs its split sizes on the host, once; nothing else reads."""
     model = build(1)
-    parallelize(model, world)
+    parallelize(model, RunConfig.of_model(model.config, world))
     ids, labels = batch()
     saved = {name: getattr(torch.Tensor, name) for name in READS}
     reads = []

@@ -16,6 +16,7 @@ def count_on_rank(rank: int, world: int, top_k: int) -> dict:
     from mom_ds_testing.sync_guard import count_syncs
     from mom_ds import MoMForCausalLM
     from mom_ds.model import pools, presets
+    from mom_ds.config import RunConfig
     from mom_ds.parallel.parallelize import parallelize
 
     pools.grouped_mm_available = lambda x, w: True  # CUDA's path: offsets stay on the device
@@ -23,7 +24,7 @@ def count_on_rank(rank: int, world: int, top_k: int) -> dict:
     model = MoMForCausalLM(presets.mom(n_chunks=CHUNKS, n_attn_modules=4, n_ffn_modules=4,
                                        depth=DEPTH, top_k=top_k, vocab_size=48, n_positions=16,
                                        d_model=16, n_heads=2))
-    parallelize(model, world)
+    parallelize(model, RunConfig.of_model(model.config, world), training=False)
     ids = torch.randint(0, 48, (2, 12), generator=torch.Generator().manual_seed(rank))
     model(ids, labels=ids).loss.backward()  # warm: lazy initialisation out of the count
     model.zero_grad(set_to_none=True)

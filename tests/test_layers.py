@@ -19,8 +19,8 @@ LAYERS = [
     {"data_prep"},                                # mom-prep: corpora -> token files
     {"mom_ds.model", "mom_ds.data"},              # the model, reading token files
     {"mom_ds.evaluation"},                        # the one evaluator: val windows, scoring
-    {"mom_ds.parallel"},                          # expert parallelism, parameter groups
     {"mom_ds.config", "mom_ds.strict_yaml"},      # the run config: every section, read
+    {"mom_ds.parallel"},                          # process group, parallelize(model, run)
     {"mom_ds.checkpoints"},                       # checkpoints on disk, one process
     {"mom_ds.train", "mom_ds.recipes", "mom_ds.config_reference"},  # the trainer
     {"mom_ds.modular", "mom_ds.harness"},         # built on the trainer and on checkpoints

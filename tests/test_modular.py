@@ -212,7 +212,7 @@ def test_hidden_distillation_compares_the_ends_of_the_module_groups():
 
 
 # --- compute chosen at inference ------------------------------------------------------------
-def test_depth_and_top_k_as_trained_give_the_same_logits_and_fewer_steps_fewer_flops():
+def test_depth_and_top_k_modules_as_trained_give_the_same_logits_and_fewer_steps_fewer_flops():
     from mom_ds.model.flops import flops_per_token
     from mom_ds.checkpoints.loading import with_compute
 
@@ -234,7 +234,7 @@ def test_depth_and_top_k_as_trained_give_the_same_logits_and_fewer_steps_fewer_f
     one = MoMForCausalLM(with_compute(config, top_k=1))
     one.load_state_dict(trained.state_dict())
     assert flops_per_token(one.config, 16, one.eval()(ids).routing) < flops[0]
-    with pytest.raises(ConfigError, match="--depth 3 / --top-k 9"):
+    with pytest.raises(ConfigError, match="--depth 3 / --top-k-modules 9"):
         with_compute(config, depth=3, top_k=9)
     with pytest.raises(ConfigError, match="has none"):
         with_compute(vanilla(2, **SHAPE), depth=2)

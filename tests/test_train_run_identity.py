@@ -242,7 +242,7 @@ def test_each_changed_field_on_resume_follows_its_rule(stopped, tmp_path, capsys
     assert "resuming with a changed config, applied from step 5: train.lr 0.003 -> 0.0005, " \
            "train.min_lr 0.0003 -> 5e-05" in proc.stdout
     from mom_ds.config import load_run_config
-    from mom_ds.train.loop import lr_factor
+    from mom_ds.train.optimizer import lr_factor
 
     new = load_run_config(None, ["--train.lr", "5e-4", "--train.min_lr", "5e-5",
                                  "--train.max_steps", "8", "--train.warmup_steps", "2"]).train

@@ -131,7 +131,7 @@ def test_a_resume_logs_each_step_once_and_uses_the_new_recipe(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mom_ds.config import load_run_config
-    from mom_ds.train.loop import lr_factor
+    from mom_ds.train.optimizer import lr_factor
 
     out = tmp_path / "run"
     mom_train(*tiny_args(data, out), "--stop-after", "6")

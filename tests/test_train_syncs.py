@@ -6,7 +6,6 @@ numbers and its health check, copied to the host together)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,6 @@ pytestmark = pytest.mark.slow
 
 RUNNER = """
 import json, sys
-sys.path.insert(0, {tests!r})
 from mom_ds_testing.sync_guard import count_syncs
 from mom_ds.model import pools
 from mom_ds.model.model import MoMForCausalLM
@@ -55,7 +53,7 @@ LOGGING_READ = "Tensor.cpu @ mom_ds/train/step_log.py"
 
 def test_a_training_step_reads_only_where_deepspeed_does(tmp_path):
     data = write_byte_data(tmp_path / "data")
-    proc = run_python(["-c", RUNNER.format(tests=str(REPO / "tests")),
+    proc = run_python(["-c", RUNNER.format(),
                        *tiny_args(data, tmp_path / "run", "--train.max_steps", "9",
                                   "--train.log_interval", str(LOG_INTERVAL),
                                   "--train.eval_interval", "0", "--train.ckpt_interval", "0")])

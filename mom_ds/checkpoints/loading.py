@@ -63,13 +63,13 @@ def with_compute(config: MoMConfig, depth: Optional[int] = None,
     if depth is None and top_k is None:
         return config
     if not config.n_chunks:
-        raise ConfigError("--depth / --top-k change the routed blocks, but this model has none "
+        raise ConfigError("--depth / --top-k-modules change the routed blocks, but this model has none "
                           "(model.n_chunks = 0). Fix: drop them, or evaluate a MoM checkpoint.")
     changed = {"depth": depth, "top_k": top_k}
     try:
         return dataclasses.replace(config, **{k: v for k, v in changed.items() if v is not None})
     except ConfigError as err:
-        raise ConfigError(f"--depth {depth} / --top-k {top_k}: {err}") from None
+        raise ConfigError(f"--depth {depth} / --top-k-modules {top_k}: {err}") from None
 
 
 def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None,

@@ -1,8 +1,9 @@
 """mom-eval: validation loss, perplexity and FLOPs per token of a mom-train checkpoint
-(one process), or lm-evaluation-harness tasks on it.
+(one process, or the ranks a launcher starts), or lm-evaluation-harness tasks on it.
 
   mom-eval runs/tiny [--split val] [--max-windows N | --all] [--batch-size B] [--json]
-           [--depth H'] [--top-k K']
+           [--depth H'] [--top-k-modules K']
+  torchrun --nproc-per-node 4 -m mom_ds.cli.evaluate runs/tiny [--expert-parallel-size E]
   mom-eval runs/tiny --tasks lambada_openai,hellaswag,arc_easy [--limit N] [--num-fewshot K]
            [--include-path DIR] [--output FILE.json]
 By default it scores the run's validation windows (mom_ds/evaluation.py: train.eval_batches
@@ -10,8 +11,12 @@ x micro_batch_size x ranks windows of the seed-0 window order, in the micro-batc
 rank read them) with the same scoring function, so its loss is the run's last eval/loss
 exactly (--json prints it at full precision); --max-windows N takes the first N windows of
 that order, --all the whole split, in batches of --batch-size.
---depth / --top-k run a trained MoM with H' routing steps or K' modules per step (compute
-chosen at inference); the FLOPs reported are those of the routing executed (forward only).
+--depth / --top-k-modules run a trained MoM with H' routing steps or K' modules per step
+(compute chosen at inference); the FLOPs reported are those of the routing executed (forward
+only). Under a launcher (torchrun, deepspeed, srun: WORLD_SIZE > 1) the module pools are
+sharded over E ranks (default: all) and each rank scores its share, as W training ranks do:
+the windows of a W-rank run's validation; --max-windows / --all are rounded down to whole
+rounds of batch-size x W windows.
 --tasks runs the harness (pip install 'mom-ds[eval]'; hub tasks download their data) and
 writes its results JSON to RUN/lm_eval/step_<N>_<tasks>.json. mom_cloze, built from the run's
 own val split, needs no network; --include-path adds a directory of task YAMLs, whose
@@ -24,9 +29,12 @@ import json
 import sys
 from typing import Optional
 
+from ..errors import run_command
+from ..model import ConfigError
+from ..parallel.process_group import world_size_from_env
 from .args import (add_config_arguments, add_device_argument, check_overrides, device,
                    parse_command_line, positive_int, print_config)
-from ..errors import run_command
+from .ranks import place, stop
 
 # the checkpoint's config is what mom-eval scores with: its model (any field that leaves
 # the weights as trained) and where its windows come from
@@ -52,8 +60,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="print the result as one JSON object (full precision)")
     parser.add_argument("--depth", type=positive_int, metavar="H'",
                         help="routing steps per routed block (default: as trained)")
-    parser.add_argument("--top-k", type=positive_int, metavar="K'",
+    parser.add_argument("--top-k-modules", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained)")
+    parser.add_argument("--top-k", type=positive_int, dest="old_top_k", help=argparse.SUPPRESS)
+    parser.add_argument("--expert-parallel-size", type=positive_int, metavar="E",
+                        help="under a launcher: ranks that share each module pool (default: "
+                             "all of them)")
     harness = parser.add_argument_group("lm-evaluation-harness")
     harness.add_argument("--tasks", type=task_list, help="comma-separated harness task names")
     harness.add_argument("--limit", type=positive_number,
@@ -69,10 +81,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                          help="results JSON (default: RUN/lm_eval/step_<N>_<tasks>.json)")
     add_config_arguments(parser, EVAL_READS)
     args, overrides = parse_command_line(parser, argv)
+    if args.old_top_k is not None:  # the name until session 11; mom-generate's --top-k samples
+        print("mom-eval: warning: --top-k is deprecated here; it is --top-k-modules (as in "
+              "mom-generate, whose --top-k is the sampler's).", file=sys.stderr)
+        args.top_k_modules = args.top_k_modules or args.old_top_k
     if not args.tasks and (args.limit or args.num_fewshot is not None or args.include_path
                            or args.output):
         parser.error("--limit, --num-fewshot, --include-path and --output go with --tasks")
     if args.tasks and not args.print_config:
+        if world_size_from_env() > 1:
+            parser.error("--tasks runs on one process (lm-evaluation-harness batches requests "
+                         "itself); launch mom-eval without torchrun / deepspeed / srun")
         return run_command("mom-eval", lambda: run_tasks(args, overrides))
     return run_command("mom-eval", lambda: evaluate(args, overrides))
 
@@ -96,7 +115,7 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
 
     request = HarnessRequest(args.checkpoint, args.tasks, args.limit, args.num_fewshot,
                              args.batch_size or 8, args.include_path, args.output,
-                             str(device(args.device)), args.depth, args.top_k,
+                             str(device(args.device)), args.depth, args.top_k_modules,
                              args.allow_data_change,
                              check_overrides("mom-eval", overrides, EVAL_READS),
                              args.bootstrap_iters)
@@ -108,39 +127,64 @@ def run_tasks(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def chosen_windows(args: argparse.Namespace, data, run, run_world: int, world: int):
+    """What mom-eval scores on `world` ranks (module doc)."""
+    from ..evaluation import Windows, first_windows, validation_windows
+
+    t = run.train
+    batch_size = args.batch_size or t.micro_batch_size
+    if args.all or args.max_windows:
+        count = len(data) if args.all else min(len(data), args.max_windows)
+        if world > 1:
+            whole = count // (batch_size * world) * batch_size * world
+            if whole == 0:
+                raise ConfigError(f"{count} windows do not fill one round of --batch-size "
+                                  f"{batch_size} x {world} ranks. Fix: a smaller --batch-size "
+                                  f"or --max-windows of at least {batch_size * world}.")
+            count = whole
+        return Windows(data, first_windows(data, count, batch_size).batches, world)
+    if world > 1:  # the validation of a run on these ranks
+        return validation_windows(data, t.eval_batches, batch_size, world)
+    # the run's own validation: its windows in the micro-batches its ranks read
+    windows = validation_windows(data, t.eval_batches, t.micro_batch_size, run_world)
+    return windows if batch_size == t.micro_batch_size else windows.regrouped(batch_size)
+
+
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..data import TokenizedDataset
-    from ..evaluation import first_windows, score, validation_windows
+    from ..evaluation import score
     from ..checkpoints.loading import load_model
     from ..train.run_data import check_data
 
-    run, model, client = load_model(args.checkpoint, args.depth, args.top_k,
+    run, model, client = load_model(args.checkpoint, args.depth, args.top_k_modules,
                                     check_overrides("mom-eval", overrides, EVAL_READS))
     if args.print_config:
         return print_config(run.to_dict())
     data_dir = args.data_dir or run.data.data_dir
     check_data("mom-eval", args.checkpoint, run.data.fingerprint, data_dir,
                args.allow_data_change)
-    model.to(device(args.device))
     data = TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len)
-    t = run.train
-    batch_size = args.batch_size or t.micro_batch_size
-    if args.all or args.max_windows:
-        windows = first_windows(data, len(data) if args.all else min(len(data), args.max_windows),
-                                batch_size)
-    else:  # the run's own validation: its windows in the micro-batches its ranks read
-        windows = validation_windows(data, t.eval_batches, t.micro_batch_size,
-                                     int(client.get("world_size", 1)))
-        if batch_size != t.micro_batch_size:
-            windows = windows.regrouped(batch_size)
-    result = score(model, windows, config=model.config, loss_chunk_tokens=t.loss_chunk_tokens,
-                   progress=True)
+    ranks = place("mom-eval", run, model, args.device, args.expert_parallel_size)
+    try:
+        windows = chosen_windows(args, data, run, int(client.get("world_size", 1)),
+                                 ranks.world_size)
+        result = score(model, windows, config=model.config,
+                       loss_chunk_tokens=run.train.loss_chunk_tokens,
+                       progress=ranks.printing)
+    finally:
+        stop(ranks)
+    if not ranks.printing:
+        return 0
     if args.json:
         print(json.dumps({"step": client["step"], "split": args.split, "loss": result.loss,
                           "ppl": result.ppl, "windows": result.windows,
-                          "tokens": result.tokens, "flops_per_token": result.flops_per_token}))
+                          "tokens": result.tokens, "flops_per_token": result.flops_per_token,
+                          "ranks": ranks.world_size,
+                          "expert_parallel_size": run.parallel.expert_parallel_size,
+                          "parameters_on_rank0": sum(p.numel() for p in model.parameters())}))
         return 0
-    compute = f" at depth {run.model.depth}, top-k {run.model.top_k}" if run.model.n_chunks else ""
+    compute = (f" at depth {run.model.depth}, {run.model.top_k} module(s) per step"
+               if run.model.n_chunks else "")
     print(f"step {client['step']}: {args.split} loss {result.loss:.4f} ppl {result.ppl:.2f} "
           f"({result.windows} windows, {result.tokens:,} tokens); "
           f"{result.flops_per_token / 1e6:.3f} MFLOPs/token forward{compute}")

@@ -1,7 +1,13 @@
-"""mom-generate: sample text from a mom-train checkpoint (one process, KV-cached).
+"""mom-generate: sample text from a mom-train checkpoint (KV-cached; one process, or the
+ranks a launcher starts).
 
   mom-generate runs/tiny --prompt "def main(" [--max-new-tokens 200] [--temperature 0.8]
                [--top-k 50] [--top-p 0.95] [--seed 0] [--depth H'] [--top-k-modules K']
+  torchrun --nproc-per-node 4 -m mom_ds.cli.generate runs/tiny --prompt "..."
+               [--expert-parallel-size E]
+Under a launcher (WORLD_SIZE > 1) the module pools are sharded over E ranks (default: all);
+every rank runs the same prompt with the same seed, so they sample the same tokens, and
+rank 0 prints them.
 The tokenizer is the one the run was trained with (mom-train copies it into RUN/tokenizer/);
 for a run from before that copy, the data's (meta.json in data.data_dir), which must be the
 tokenizer the run recorded (data.fingerprint) unless --allow-data-change.
@@ -15,9 +21,10 @@ from typing import Optional
 import torch
 
 from ..model import ConfigError
-from .args import (add_config_arguments, add_device_argument, check_overrides, device,
+from .args import (add_config_arguments, add_device_argument, check_overrides,
                    non_negative_float, parse_command_line, positive_int, print_config,
                    probability)
+from .ranks import place, stop
 from ..errors import run_command
 
 # the checkpoint's model is what samples (any field that leaves the weights as trained);
@@ -48,6 +55,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-k-modules", type=positive_int, metavar="K'",
                         help="modules per token per step (default: as trained; --top-k is "
                              "the sampler's)")
+    parser.add_argument("--expert-parallel-size", type=positive_int, metavar="E",
+                        help="under a launcher: ranks that share each module pool (default: "
+                             "all of them)")
     add_config_arguments(parser, GENERATE_READS)
     args, overrides = parse_command_line(parser, argv)
     if args.prompt is None and not args.print_config:  # --print-config alone needs none
@@ -71,9 +81,7 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
         raise ConfigError("--prompt is not valid UTF-8 text. Fix: pass the prompt as UTF-8.") \
             from None
-    where = device(args.device)
-    model.to(where)
-    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=where)[None]
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
     if ids.numel() == 0:
         parser.error("the prompt encodes to no tokens")
     room = run.model.n_positions - ids.shape[1]
@@ -84,12 +92,18 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
         print(f"mom-generate: note: --max-new-tokens {args.max_new_tokens} capped to {room}: "
               f"the model holds {run.model.n_positions} positions and the prompt takes "
               f"{ids.shape[1]}", file=sys.stderr)
-    out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p,
-                         eos_token_id=tokenizer.info.eot_id,
-                         generator=torch.Generator(device=where).manual_seed(args.seed))
-    new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
-    print(args.prompt + tokenizer.decode(new))
+    ranks = place("mom-generate", run, model, args.device, args.expert_parallel_size)
+    where = ranks.device
+    try:  # every rank the same calls, the same draws
+        out = model.generate(ids.to(where), min(args.max_new_tokens, room),
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_token_id=tokenizer.info.eot_id,
+                             generator=torch.Generator(device=where).manual_seed(args.seed))
+    finally:
+        stop(ranks)
+    if ranks.printing:
+        new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
+        print(args.prompt + tokenizer.decode(new))
     return 0
 
 

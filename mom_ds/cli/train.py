@@ -129,11 +129,11 @@ def train(args: argparse.Namespace, overrides: list[str]) -> int:
         args.resume = True
     single_process_env()
     if not args.verbose:
-        from ..train.engine import choose_accelerator_quietly
+        from ..parallel.process_group import choose_accelerator_quietly
 
         choose_accelerator_quietly()
     run = load_config(args, overrides)
-    from ..train.engine import world_size_from_env
+    from ..parallel.process_group import world_size_from_env
     from ..train.preflight import StartCheck, check_run_dir, preflight
 
     def checks() -> dict:  # every rank, before any process group

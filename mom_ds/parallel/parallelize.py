@@ -1,6 +1,17 @@
 """The one place parallelism enters a built model (torchtitan's `parallelize.py`): training,
-evaluation and benchmarks all call `parallelize`; the model package imports nothing
-distributed.
+evaluation, generation and benchmarks all call `parallelize(model, run)`; the model package
+imports nothing distributed.
+
+It applies, in this order (each step needs the one before):
+1. data parallelism: with several ranks, the routers' balancing statistics become means over
+   the ranks;
+2. expert parallelism (parallel.expert_parallel_size): the sharded pools keep this rank's
+   modules and exchange rows by all-to-all;
+3. activation checkpointing (train.activation_checkpointing; training only);
+4. compile (train.compile; training only): after 2, because a routed block whose pools are
+   sharded stays eager (model/compiling.py);
+5. the optimizer's parameter groups (training only): after 2, because sharding replaces the
+   pools' parameters with this rank's slices, which must be the ones the optimizer steps.
 
 With several ranks the routers' balancing loss uses the global batch's statistics (any world
 size trains the model one process would). With expert parallelism of size E, every pool
@@ -13,16 +24,18 @@ dense: data-parallel over all ranks, partitioned by ZeRO like any parameter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import engine_adapter as adapter
+from ..config import RunConfig
+from ..model.compiling import compile_parts
 from ..model.routers import Router
 from .dispatch import AllToAllDispatcher
-from .. import engine_adapter as adapter
 from .placement import POOLS, ModulePlacement, sharded_pools
 
 
@@ -36,20 +49,32 @@ class ParallelLayout:
     sharded: tuple[str, ...]  # the pools (attn_pool / ffn_pool) sharded over the EP group
     ep_group: Any = None
     expert_dp_group: Any = None
+    compiled: int = 0  # parts torch.compile took (4)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)  # the optimizer's (5)
 
     @property
     def group_name(self) -> str:
         return f"ep_size_{self.ep_size}"
 
 
-def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
-    """Apply data and expert parallelism to a model built with the same seed on every rank
-    (every module then starts from the weights a one-rank run would have). Call after
-    torch.distributed is initialised when there are several ranks; a single process without
-    a process group is left as it is."""
+def parallelize(model: nn.Module, run: RunConfig, training: bool = True) -> ParallelLayout:
+    """Apply the steps above to a model built with the same seed on every rank (every module
+    then starts from the weights a one-rank run would have), in place. Call after the
+    process group has started (process_group.start) when there are several ranks; a single
+    process without one is left unsharded. training=False (evaluation, generation) stops
+    after expert parallelism."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    config = model.config
-    sharded = sharded_pools(config, ep_size)
+    layout = _shard_experts(model, run.parallel.expert_parallel_size, world)
+    if training:
+        model.set_activation_checkpointing(run.train.activation_checkpointing)
+        layout.compiled = compile_parts(model) if run.train.compile else 0
+        layout.param_groups = optimizer_groups(model, run.train.weight_decay)
+    return layout
+
+
+def _shard_experts(model: nn.Module, ep_size: int, world: int) -> ParallelLayout:
+    """Steps 1 and 2."""
+    sharded = sharded_pools(model.config, ep_size)
     layout = ParallelLayout(world, ep_size, 0, sharded)
     if world > 1:
         use_global_balance_stats(model)
@@ -67,6 +92,7 @@ def parallelize(model: nn.Module, ep_size: int = 1) -> ParallelLayout:
             dispatcher.timings = {}  # the monitor logs all-to-all time per step
             setattr(block, "attn_dispatcher" if name == "attn_pool" else "ffn_dispatcher",
                     dispatcher)
+    config = model.config
     n_modules = config.n_ffn_modules if "ffn_pool" in sharded else config.n_attn_modules
     model.expert_parallel_marker = adapter.expert_marker_class()(ep_size, n_modules)
     return layout
@@ -124,7 +150,7 @@ def use_global_balance_stats(model: nn.Module, group=None) -> None:
             module.stat_mean = mean
 
 
-def engine_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """GPT-2-style AdamW groups, each split by DeepSpeed into its dense and expert parts
     (split_params_into_different_moe_groups_for_optimizer): the groups ZeRO reduces and
     partitions over the right process groups. Weight matrices decay; biases, LayerNorms

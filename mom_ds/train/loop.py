@@ -1,10 +1,9 @@
-"""The training loop: warmup + cosine schedule, gradient accumulation, evaluation,
-logging and checkpoints. One visible loop; DeepSpeed does the backward, the gradient
-reduction (expert parameters over their expert-data-parallel group), the clipping and the
-optimizer step of every parameter."""
+"""The training loop: gradient accumulation, evaluation, logging and checkpoints. One
+visible loop; DeepSpeed does the backward, the gradient reduction (expert parameters over
+their expert-data-parallel group), the clipping, the optimizer step of every parameter and
+the learning-rate schedule's (both configured in optimizer.py)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -12,9 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from ..checkpoints.format import newest_before
 import torch.distributed as dist
 
+from ..checkpoints.format import newest_before
 from ..config import RunConfig, TrainConfig
 from ..files import replaced
 from . import checkpoint, stopping
@@ -28,17 +27,6 @@ from ..model.contract import TrainableLM
 from ..model.routing import RoutingRecord
 from .step_log import read_step
 from ..evaluation import Windows, score
-
-
-def lr_factor(step: int, t: TrainConfig) -> float:
-    """Multiplier of train.lr for optimizer step `step` (0-based): linear warmup, then
-    cosine down to min_lr at max_steps (nanoGPT's get_lr). A pure function of the step,
-    so a resumed run follows the same schedule."""
-    if step < t.warmup_steps:
-        return (step + 1) / (t.warmup_steps + 1)
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return (t.min_lr + cosine * (t.lr - t.min_lr)) / t.lr
 
 
 def format_eta(seconds: float) -> str:

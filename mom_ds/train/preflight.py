@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 
 from ..config import ConfigError, RunConfig, load_deepspeed_json
 from ..parallel.placement import sharded_pools, validate_expert_parallel
-from .engine import build_ds_config, device_type, world_size_from_env
+from ..parallel.process_group import device_type, world_size_from_env
+from .engine import build_ds_config
 from .profiling import PROFILE_DIR
 from . import wandb_sink
 from .run_lock import RunLock

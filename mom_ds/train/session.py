@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -11,19 +12,19 @@ import torch
 import torch.distributed as dist
 
 from .. import engine_adapter as adapter
-from ..config import RunConfig
 from ..checkpoints.format import choose_tag, read_client
+from ..config import RunConfig
 from ..errors import BAD_INPUT, exit_code
 from ..model import MoMForCausalLM
 from ..model.contract import TrainableLM
-from ..model.compiling import compile_parts
+from ..parallel import process_group
 from ..parallel.parallelize import parallelize
 from ..parallel.placement import describe_placement
 from . import checkpoint, run_lock
 from .agreement import agree, check_shared_storage
 from .batches import Batches
-from .engine import apply_timeout_to_every_group, build_engine, init_distributed
-from .loop import Progress, lr_factor, train, write_config
+from .engine import build_engine
+from .loop import Progress, train, write_config
 from .monitor import Monitor
 from .peers import describe, gather_peers, is_peer_failure, lost_rank_error
 from .preflight import StartCheck
@@ -52,7 +53,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     the modular student's builder for a modular run)."""
     from ..data import TokenizedDataset, WindowSampler
 
-    init_distributed(run, verbose)
+    timeout = timedelta(minutes=run.parallel.timeout_minutes)
+    process_group.start(run.parallel.backend, timeout, verbose)
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0 and (warning := adapter.version_warning()):
         print(f"mom-train: {warning}", file=sys.stderr, flush=True)
@@ -70,7 +72,6 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
     run.data.data_dir = str(Path(run.data.data_dir).resolve())
     torch.manual_seed(run.train.seed)  # same initial weights on every rank
     model = (build or build_model)(run, resume)
-    model.set_activation_checkpointing(run.train.activation_checkpointing)
     n_params = model.num_params()  # before sharding and ZeRO-3 partitioning
     if resume:
         tag, warning = choose_tag(out_dir / "ckpt", resume_from)
@@ -82,10 +83,9 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
                                                  allow_data_change, rank == 0),
                             is_bad_input, world), peers)
     ep_size = run.parallel.expert_parallel_size
-    layout = parallelize(model, ep_size)
-    compiled = compile_parts(model) if run.train.compile else 0
-    engine = build_engine(run, model, ds_config, lambda s: lr_factor(s, run.train))
-    apply_timeout_to_every_group(run)
+    layout = parallelize(model, run)
+    engine = build_engine(run, model, layout, ds_config)
+    process_group.apply_timeout_to_every_group(timeout)
     device = engine.device
     torch.manual_seed(run.train.seed + rank)  # from here on (dropout) ranks draw differently
 
@@ -120,8 +120,8 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
         if run.model.n_chunks:
             print(describe_placement(run.model, ep_size), flush=True)
-        if compiled:
-            print(f"torch.compile: {compiled} parts (vanilla and MoD layers, routed blocks "
+        if layout.compiled:
+            print(f"torch.compile: {layout.compiled} parts (vanilla and MoD layers, routed blocks "
                   f"with local pools, routers); the first steps include their compilation",
                   flush=True)
     try:

@@ -1,6 +1,7 @@
 """Run a function on N local ranks (torch.multiprocessing + gloo), with a hard timeout.
 
-Every rank calls fn(rank, world_size, *args) after deepspeed.init_distributed; what rank r
+Every rank calls fn(rank, world_size, *args) once the process group has started (the one
+way mom-ds starts it: mom_ds.parallel.process_group.start); what rank r
 returns comes back in the r-th slot. A rank that raises makes the whole call raise with
 that rank's traceback; a rank that hangs is killed after `timeout` seconds.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from mom_ds.train.engine import release_shm_buffer_names
+from mom_ds.parallel import process_group
 
 
 def free_port() -> int:
@@ -32,10 +33,7 @@ def _entry(rank, world_size, port, out_dir, fn, args, collective_timeout):
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.pt"
     try:
-        import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False,
-                                   timeout=timedelta(seconds=collective_timeout))
-        release_shm_buffer_names()
+        process_group.start("gloo", timedelta(seconds=collective_timeout))
         torch.save({"ok": fn(rank, world_size, *args)}, result_path)
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank named
         torch.save({"error": traceback.format_exc()}, result_path)
