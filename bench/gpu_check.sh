@@ -36,7 +36,7 @@ import torch
 from mom_ds import MoMForCausalLM
 from mom_ds.model import pools, presets
 torch.manual_seed(0)
-cfg = presets.mom(n_chunks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
+cfg = presets.mom(n_routed_blocks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
                   vocab_size=8192, n_positions=256, d_model=512, n_heads=8)
 model = MoMForCausalLM(cfg).cuda().bfloat16()
 ids = torch.randint(0, 8192, (4, 256), device="cuda")
@@ -106,7 +106,7 @@ import torch
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 torch.manual_seed(0)
-cfg = presets.mom(n_chunks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
+cfg = presets.mom(n_routed_blocks=1, n_attn_modules=4, n_ffn_modules=4, depth=4, top_k=2,
                   capacity_factor=1.25, vocab_size=8192, n_positions=256, d_model=512, n_heads=8)
 eager = MoMForCausalLM(cfg).cuda().bfloat16()
 compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)

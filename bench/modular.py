@@ -49,8 +49,8 @@ from mom_ds.data import TokenizedDataset, WindowSampler  # noqa: E402
 from mom_ds.model import MoMForCausalLM  # noqa: E402
 from mom_ds.model.flops import flops_per_token  # noqa: E402
 from mom_ds.model.presets import mom, vanilla  # noqa: E402
-from mom_ds.modular.assemble import assembled_model, choose, load_student, search_windows  # noqa: E402
-from mom_ds.modular.assembly import describe, offered_depths  # noqa: E402
+from mom_ds.modular.compress import assembled_model, choose, load_student, search_windows  # noqa: E402
+from mom_ds.modular.assembly import describe, offered_layer_counts  # noqa: E402
 from mom_ds.modular.losses import logit_distillation  # noqa: E402
 from mom_ds.parallel.parallelize import parallelize  # noqa: E402
 from mom_ds.train.batches import Batches  # noqa: E402
@@ -117,9 +117,9 @@ def dropped(teacher: MoMForCausalLM, keep: list[int]) -> MoMForCausalLM:
     return model
 
 
-def drop_patterns(n_layers: int, depth: int) -> dict[str, list[int]]:
-    spaced = [round(i * (n_layers - 1) / (depth - 1)) for i in range(depth)] if depth > 1 else [0]
-    return {"first": list(range(depth)), "last": list(range(n_layers - depth, n_layers)),
+def drop_patterns(n_layers: int, layers: int) -> dict[str, list[int]]:
+    spaced = [round(i * (n_layers - 1) / (layers - 1)) for i in range(layers)] if layers > 1 else [0]
+    return {"first": list(range(layers)), "last": list(range(n_layers - layers, n_layers)),
             "spaced": spaced}
 
 
@@ -158,7 +158,7 @@ def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Pat
     return model.eval()
 
 
-# --- one compressed depth ----------------------------------------------------------------------
+# --- one layer count ----------------------------------------------------------------------------
 def modular_settings(teacher: Path, steps: int) -> dict:
     """The modular run's section: granularities 2 and 3, replacing probability 0.3 rising
     linearly to 1 at the last step, LM + logit + hidden-state distillation."""
@@ -167,21 +167,21 @@ def modular_settings(teacher: Path, steps: int) -> dict:
                 kd_temperature=2.0, hidden_weight=1.0)
 
 
-def compression_row(student, teacher: MoMForCausalLM, depth: int, held_out: torch.Tensor,
+def compression_row(student, teacher: MoMForCausalLM, layers: int, held_out: torch.Tensor,
                     data: Path, steps: int, modular_cfg: dict, loss_of,
                     strategies: tuple[str, ...] = ("coarsest", "finest", "search")
                     ) -> tuple[dict, dict[str, MoMForCausalLM]]:
-    """The teacher compressed to `depth` layers: the student assembled by each strategy,
+    """The teacher compressed to `layers` layers: the student assembled by each strategy,
     and the teacher with its best drop pattern (on the held-out rows) fine-tuned alone
     ("drop") and with distillation ("kd") for `steps`. `loss_of(model)` is the loss
     reported. Returns the row and the models (the drop model untrained, for timing)."""
-    row: dict = {"ratio": LAYERS / depth, "layers": depth}
+    row: dict = {"ratio": LAYERS / layers, "layers": layers}
     models = {}
     for strategy in strategies:
-        assembly, _ = choose(student, depth, strategy, held_out)
+        assembly, _ = choose(student, layers, strategy, held_out)
         models[strategy] = assembled_model(student, assembly)
         row[strategy] = {"loss": loss_of(models[strategy]), "assembly": describe(assembly)}
-    patterns = drop_patterns(LAYERS, depth)
+    patterns = drop_patterns(LAYERS, layers)
     best = min(patterns, key=lambda name: rows_loss(dropped(teacher, patterns[name]), held_out))
     models["drop"] = dropped(teacher, patterns[best])
     for name, kd in (("drop", False), ("kd", True)):
@@ -309,8 +309,8 @@ def main() -> int:
     held_out = search_windows(run_cfg, args.search_windows)
     teacher_loss = loss(teacher)
     rows, models = [], {"teacher": teacher}
-    for depth in offered_depths(LAYERS, tuple(GRAINS))[1:]:
-        row, compressed = compression_row(student, teacher, depth, held_out, data,
+    for layers in offered_layer_counts(LAYERS, tuple(GRAINS))[1:]:
+        row, compressed = compression_row(student, teacher, layers, held_out, data,
                                           args.student_steps, modular_cfg, loss)
         rows.append(row)
         models.update({f"{row['ratio']:.2g}x {name}": m for name, m in compressed.items()})

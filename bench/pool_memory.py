@@ -25,7 +25,7 @@ from mom_ds.parallel.parallelize import parallelize  # noqa: E402
 
 def build(width: int) -> MoMForCausalLM:
     torch.manual_seed(0)
-    return MoMForCausalLM(presets.mom(n_chunks=2, n_attn_modules=4, n_ffn_modules=4, depth=2,
+    return MoMForCausalLM(presets.mom(n_routed_blocks=2, n_attn_modules=4, n_ffn_modules=4, depth=2,
                                       vocab_size=64, n_positions=32, d_model=width, n_heads=4,
                                       router_width=16))
 

@@ -72,7 +72,7 @@ from mom_ds.model import MoMConfig  # noqa: E402
 from mom_ds.model.flops import flops_per_token  # noqa: E402
 from mom_ds.model.presets import mixture_of_depths, mom, moe, vanilla  # noqa: E402
 from mom_ds.model.weights_file import SUFFIX as WEIGHTS_SUFFIX  # noqa: E402
-from mom_ds.modular.assemble import load_student, search_windows  # noqa: E402
+from mom_ds.modular.compress import load_student, search_windows  # noqa: E402
 from mom_ds.checkpoints.loading import load_model  # noqa: E402
 
 DOCS_DIR = Path("/usr/share/doc/python3.11/html")  # Debian's python3.11-doc
@@ -117,7 +117,7 @@ class Settings:
     search_windows: int  # held-out windows the modular assembly search scores on
     harness_limit: int  # mom_cloze documents
     compression_steps: int
-    compressed_depths: tuple[int, ...]
+    compressed_layers: tuple[int, ...]
 
     @property
     def step_tokens(self) -> int:
@@ -129,14 +129,14 @@ def settings_for(args: argparse.Namespace) -> Settings:
     if args.quick:  # a narrow model too: the GPT-2 head's arithmetic grows with d_model
         return Settings(True, args.seed, QUICK_STEPS, d_model=32, n_heads=2, micro=2,
                         eval_points=1, eval_batches=1, eval_windows=4, search_windows=4,
-                        harness_limit=4, compression_steps=1, compressed_depths=(2,))
+                        harness_limit=4, compression_steps=1, compressed_layers=(2,))
     stage = max(4, round(STAGE_STEPS * args.budget))
     return Settings(False, args.seed, stage, d_model=128, n_heads=4, micro=MICRO,
                     eval_points=8, eval_batches=2, eval_windows=args.eval_windows,
                     search_windows=64, harness_limit=HARNESS_DOCS,
                     # a quarter of N2's tokens in bench/modular's batches of 16 windows
                     compression_steps=max(2, stage * MICRO // (4 * MODULAR_MICRO)),
-                    compressed_depths=(3, 2))  # 2x and 3x of the 6-layer donor
+                    compressed_layers=(3, 2))  # 2x and 3x of the 6-layer donor
 
 
 def plan(s: Settings, vocab: int) -> tuple[Arm, list[Arm], list[Arm]]:
@@ -350,7 +350,7 @@ def train_modular(runs: Path, data: Path, s: Settings) -> float:
 
 
 def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
-    """The teacher and, per compressed depth, bench/modular.py's row: the searched modular
+    """The teacher and, per compressed layer count, bench/modular.py's row: the searched modular
     assembly against the teacher with layers dropped (the best pattern on the held-out
     windows) fine-tuned alone and with distillation, for the modular run's tokens."""
     _, teacher, _ = load_model(runs / "donor")
@@ -365,8 +365,8 @@ def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
 
     rows = [{"layers": LAYERS, "ratio": 1.0, "flops_per_token": forward_flops(teacher),
              "teacher": loss(teacher)}]
-    for depth in s.compressed_depths:
-        row, _ = compression_row(student, teacher, depth, held_out, data,
+    for layers in s.compressed_layers:
+        row, _ = compression_row(student, teacher, layers, held_out, data,
                                  s.compression_steps, config, loss, strategies=("search",))
         rows.append(row)
     return rows

@@ -124,8 +124,8 @@ def main() -> None:
             data = tmp / "data"
             mom_prep(["--source", "builtin", "--tokenizer", "bytes", "--out", str(data)])
         L = str(args.layers)
-        vanilla = ["--model.n_bottom", L, "--model.n_chunks", "0", "--model.n_top", "0"]
-        mom = ["--model.n_bottom", "0", "--model.n_chunks", "1", "--model.n_top", "0",
+        vanilla = ["--model.n_bottom", L, "--model.n_routed_blocks", "0", "--model.n_top", "0"]
+        mom = ["--model.n_bottom", "0", "--model.n_routed_blocks", "1", "--model.n_top", "0",
                "--model.n_attn_modules", L, "--model.n_ffn_modules", L, "--model.depth", L,
                "--model.top_k", "1", "--model.router_width", "64"]
         features = {"whole logits (loss_chunk_tokens 0)": ["--train.loss_chunk_tokens", "0"],

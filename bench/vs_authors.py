@@ -67,7 +67,7 @@ class Layout:
     d_model: int = 256
     n_heads: int = 4
     n_bottom: int = 1
-    n_chunks: int = 2
+    n_routed_blocks: int = 2
     n_top: int = 1
     anchors: bool = True
     n_attn: int = 4
@@ -83,7 +83,7 @@ class Layout:
         pools = f"A {self.n_attn}, F {self.n_ffn}, H {self.depth}, K {self.top_k}, SKIP"
         anchor = " + anchor" if self.anchors else ""
         return (f"d {self.d_model}, heads {self.n_heads}, vocab {self.vocab}, seq {self.seq}, "
-                f"batch {self.batch}; {self.n_bottom} bottom + {self.n_chunks} x (routed block: "
+                f"batch {self.batch}; {self.n_bottom} bottom + {self.n_routed_blocks} x (routed block: "
                 f"{pools}; {self.router} router {self.router_width}, {self.weighting}, "
                 f"T {self.temperature}){anchor} + {self.n_top} top; fp32, no dropout")
 
@@ -107,7 +107,7 @@ def authors_config(layout: Layout) -> dict:
         vocab_size=layout.vocab, n_positions=layout.seq, n_embd=layout.d_model,
         n_layer=len(authors_layers(layout)), n_head=layout.n_heads, n_inner=None,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        chunks=layout.n_chunks, num_bottom_layers=layout.n_bottom, num_top_layers=layout.n_top,
+        chunks=layout.n_routed_blocks, num_bottom_layers=layout.n_bottom, num_top_layers=layout.n_top,
         require_anchor_layer=layout.anchors, num_attn=layout.n_attn, num_ffn=layout.n_ffn,
         depth_per_chunk=layout.depth, routing_top_k=layout.top_k, enable_pause=True,
         router_type=("gru" if layout.router == "gru" else "naive") + suffix,
@@ -121,20 +121,20 @@ def momds_config(layout: Layout):
 
     return MoMConfig(
         vocab_size=layout.vocab, n_positions=layout.seq, d_model=layout.d_model,
-        n_heads=layout.n_heads, n_bottom=layout.n_bottom, n_chunks=layout.n_chunks,
+        n_heads=layout.n_heads, n_bottom=layout.n_bottom, n_routed_blocks=layout.n_routed_blocks,
         anchor_layers=layout.anchors, n_top=layout.n_top, n_attn_modules=layout.n_attn,
         n_ffn_modules=layout.n_ffn, depth=layout.depth, top_k=layout.top_k,
         router=layout.router, router_width=layout.router_width, temperature=layout.temperature,
         use_skip=True, skip_in_attention="zero", weighting=layout.weighting,
-        weighted_qkv=False, aux_loss_coef=0.01, dropout=0.0)
+        weighted_qkv=False, balance_loss_coef=0.01, dropout=0.0)
 
 
 # ---- their parameter names -> ours ---------------------------------------------------------
 def authors_layers(layout: Layout) -> list[str]:
-    """Our path for each of their transformer.h.<i>: bottom, then per chunk the routed block
-    and its anchor, then top (GPT2MoTModel.__init__)."""
+    """Our path for each of their transformer.h.<i>: bottom, then per routed block (their
+    chunk) the block and its anchor, then top (GPT2MoTModel.__init__)."""
     paths = [f"bottom.{i}" for i in range(layout.n_bottom)]
-    for c in range(layout.n_chunks):
+    for c in range(layout.n_routed_blocks):
         paths.append(f"chunks.{c}")
         if layout.anchors:
             paths.append(f"anchors.{c}")
@@ -224,7 +224,7 @@ def map_state(state: dict[str, torch.Tensor], layout: Layout,
 # ---- the comparison ------------------------------------------------------------------------
 def decision_labels(layout: Layout) -> list[str]:
     """One label per router call, in the order both models make them."""
-    return [f"chunk {c}, step {h}, {half} router" for c in range(layout.n_chunks)
+    return [f"routed block {c}, step {h}, {half} router" for c in range(layout.n_routed_blocks)
             for h in range(layout.depth) for half in ("attention", "FFN")]
 
 

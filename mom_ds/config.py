@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import sys
 import inspect
 import json
 import math
@@ -32,6 +33,18 @@ PRECISIONS = ("auto", "bf16", "fp32")
 BACKENDS = ("auto", "nccl", "gloo")
 NAN_POLICIES = ("stop", "skip")
 SPIKE_POLICIES = ("stop", "skip", "off")
+
+# Renamed config keys, old -> new (one name per concept: docs/glossary.md). rename_keys applies
+# this table wherever a config is read: a recipe (its sections and preset_args) or a
+# --section.key override that uses an old key works, with one line on stderr; a stored
+# config (a run directory's config.yaml, a checkpoint's, an exported model's) is read
+# silently, since its owner cannot change it. Old and new key together are refused.
+RENAMED_KEYS = {
+    "model.n_chunks": "model.n_routed_blocks",
+    "model.aux_loss_coef": "model.balance_loss_coef",
+    "model.aux_loss_count_skip": "model.balance_loss_count_skip",
+    "model.mod_aux_loss_coef": "model.mod_router_loss_coef",
+}
 
 
 @dataclass
@@ -357,6 +370,7 @@ class RunConfig:
             raw = values.get(name) or {}
             if not isinstance(raw, dict):
                 raise ConfigError(f"config section {name!r} must be a mapping, got {raw!r}.")
+            raw = rename_keys(name, raw)  # a stored config of an earlier version: silently
             known = {f.name for f in dataclasses.fields(klass)}
             bad = sorted(set(raw) - known)
             if bad:
@@ -368,6 +382,33 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def rename_keys(section: str, values: dict[str, Any], where: Optional[str] = None
+                ) -> dict[str, Any]:
+    """`values` (one section's keys) with every old key of RENAMED_KEYS under its new name.
+    `where` names what a person wrote (a recipe, the command line): each old key found there
+    prints one deprecation line to stderr; None reads a stored config silently. A key given
+    under both names is a ConfigError."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        old_section, _, old_key = old.partition(".")
+        if old_section != section or old_key not in out:
+            continue
+        new_key = new.partition(".")[2]
+        if new_key in out:
+            raise ConfigError(f"{where or 'the stored config'} sets both {old} (deprecated) "
+                              f"and {new}. Fix: keep only {new}.")
+        out[new_key] = out.pop(old_key)
+        if where is not None and os.environ.get("RANK", "0") == "0":
+            print(f"{old} is deprecated: it is {new} ({where})", file=sys.stderr, flush=True)
+    return out
+
+
+def stored_model_config(values: dict[str, Any]) -> MoMConfig:
+    """The MoMConfig a model section stored by an earlier version describes (a weights
+    file's, an exported model's config.json), old key names read silently."""
+    return MoMConfig.from_dict(rename_keys("model", values))
 
 
 def _section_classes() -> dict[str, type]:
@@ -432,11 +473,13 @@ def _coerce_value(where: str, kind: Any, value: Any) -> Any:
                       f"{kind.__name__} value.")
 
 
-def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+def parse_overrides(args: list[str], warn: bool = True) -> dict[str, dict[str, Any]]:
     """`--section.key value` pairs (or `--section.key=value`) -> {section: {key: value}},
-    with each value converted to the field's type."""
+    with each value converted to the field's type and each old key renamed (RENAMED_KEYS;
+    warn=False leaves the deprecation line to the parse that uses the values)."""
     classes = _section_classes()
     out: dict[str, dict[str, Any]] = {}
+    spelled: dict[tuple[str, str], str] = {}  # (section, key) -> the name it was given as
     i = 0
     while i < len(args):
         arg = args[i]
@@ -454,6 +497,14 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         if section not in classes:
             raise ConfigError(f"override --{name}: unknown section {section!r}. Fix: use "
                               f"one of {sorted(classes)}.")
+        renamed = next(iter(rename_keys(section, {key: None},
+                                            "the command line" if warn else None)))
+        before = spelled.setdefault((section, renamed), key)
+        if before != key:  # a renamed key given under its old and its new name
+            old = before if before != renamed else key
+            raise ConfigError(f"the command line sets both --{section}.{old} (deprecated) "
+                              f"and --{section}.{renamed}. Fix: keep only --{section}.{renamed}.")
+        key = renamed
         fields = {f.name for f in dataclasses.fields(classes[section])}
         if key not in fields:
             raise ConfigError(f"override --{name}: {section} has no field {key!r}. Fix: use "
@@ -473,12 +524,25 @@ def load_run_config(path: Optional[str | Path], overrides: list[str] = ()) -> Ru
         values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections.")
+        values = _renamed_recipe(values, str(path))
     given = any("vocab_size" in (values.get(key) or {}) for key in ("model", "preset_args"))
     parsed = parse_overrides(list(overrides))
     values = _merge(_expand_preset(values), parsed)
     if not (given or "vocab_size" in parsed.get("model", {})):
         _vocab_from_data(values)
     return RunConfig.from_dict(values)
+
+
+def _renamed_recipe(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A recipe's sections (and its preset_args, a preset's model arguments) with old keys
+    renamed, each named in one deprecation line."""
+    out = dict(values)
+    for section in (*_section_classes(), "preset_args"):
+        if isinstance(out.get(section), dict):
+            preset = section == "preset_args"
+            out[section] = rename_keys("model" if preset else section, out[section],
+                                       f"{where}, preset_args" if preset else where)
+    return out
 
 
 def with_overrides(run: RunConfig, overrides: list[str]) -> RunConfig:

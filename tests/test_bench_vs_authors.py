@@ -16,7 +16,7 @@ import vs_authors as va
 # The state dict of their GPT2MoTLMHeadModel (mom/model.py, transformers 4.40.2) for LAYOUT,
 # names and shapes as their code produced them: 1 bottom layer, one routed block (A = 2,
 # F = 3: their routers then have max(A, F) + 1 classes) + anchor, 1 top layer.
-LAYOUT = va.Layout(vocab=16, seq=8, batch=1, d_model=8, n_heads=2, n_bottom=1, n_chunks=1,
+LAYOUT = va.Layout(vocab=16, seq=8, batch=1, d_model=8, n_heads=2, n_bottom=1, n_routed_blocks=1,
                    n_top=1, n_attn=2, n_ffn=3, depth=2, router_width=4)
 THEIR_STATE = """
 transformer.wte.weight 16 8
@@ -154,9 +154,9 @@ def test_first_mismatch_names_the_call_and_token():
     ours = [torch.zeros(8, 2, dtype=torch.long) for _ in range(4)]
     theirs = [t.clone() for t in ours]
     theirs[3][5] = torch.tensor([1, 0])  # ours chose module 0 twice there: a different set
-    layout = va.Layout(seq=4, n_chunks=1, depth=2, top_k=2)
+    layout = va.Layout(seq=4, n_routed_blocks=1, depth=2, top_k=2)
     msg = va.first_mismatch(theirs, ours, layout)
-    assert msg.startswith("chunk 0, step 1, FFN router, token (batch 1, position 1)")
+    assert msg.startswith("routed block 0, step 1, FFN router, token (batch 1, position 1)")
     ours[3][5] = torch.tensor([0, 1])  # the order within the K chosen does not matter
     assert va.first_mismatch(theirs, ours, layout) is None
 

@@ -105,11 +105,11 @@ def test_from_hf_takes_model_overrides(donor, tmp_path, capsys):
         assert torch.equal(saved.state_dict[name], tensor), name
 
     assert convert.main(["from-hf", str(donor), str(out), "--model.n_bottom", "1",
-                         "--model.n_chunks", "1", "--model.n_attn_modules", "1",
+                         "--model.n_routed_blocks", "1", "--model.n_attn_modules", "1",
                          "--model.n_ffn_modules", "1", "--model.depth", "1",
                          "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert (printed["n_bottom"], printed["n_chunks"], printed["d_model"]) == (1, 1, 32)
+    assert (printed["n_bottom"], printed["n_routed_blocks"], printed["d_model"]) == (1, 1, 32)
 
     # the example: the donor fixes the shape, so a different vocab_size is refused
     assert convert.main(["from-hf", str(donor), str(out), "--model.vocab_size", "128"]) == 2

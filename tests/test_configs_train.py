@@ -32,9 +32,9 @@ def test_a_recipe_may_name_its_model_by_preset(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("preset: moe\npreset_args: " + json.dumps({"n_layer": 2, "n_experts": 4,
                                                                "top_k": 2, **shape})
-                    + "\nmodel: {aux_loss_coef: 0.05}\n")
+                    + "\nmodel: {balance_loss_coef: 0.05}\n")
     want = presets.moe(n_layer=2, n_experts=4, top_k=2, **shape)
-    want.aux_loss_coef = 0.05
+    want.balance_loss_coef = 0.05
     assert load_run_config(path, ["--model.dropout", "0.1", "--data.seq_len", "32"]).model == \
         type(want)(**{**want.to_dict(), "dropout": 0.1})
     path.write_text("preset_args: {n_layer: 2}\n")

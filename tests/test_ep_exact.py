@@ -21,7 +21,7 @@ GLOBAL_BATCH = 8
 
 def build(top_k, seed=0, **extra):
     torch.manual_seed(seed)
-    cfg = presets.mom(n_bottom=1, n_chunks=2, n_attn_modules=4, n_ffn_modules=4, depth=2,
+    cfg = presets.mom(n_bottom=1, n_routed_blocks=2, n_attn_modules=4, n_ffn_modules=4, depth=2,
                       top_k=top_k, temperature=1.0, **SHAPE, **extra)
     model = MoMForCausalLM(cfg)
     with torch.no_grad():  # routers that spread tokens over modules and SKIP
@@ -247,5 +247,5 @@ def host_reads_rank(rank, world):
 def test_one_host_sync_per_exchange():
     cfg = build(1).config  # 2 blocks x 2 steps x (QKV, output projection, FFN)
     for reads, exchanges in run_ranks(host_reads_rank, 2):
-        assert exchanges == cfg.n_chunks * cfg.depth * 3 == 12
+        assert exchanges == cfg.n_routed_blocks * cfg.depth * 3 == 12
         assert reads == ["tolist"] * exchanges

@@ -9,7 +9,7 @@ import torch
 
 from mom_ds_testing.multirank import run_ranks
 
-DEPTH, CHUNKS = 2, 2
+DEPTH, BLOCKS = 2, 2
 
 
 def count_on_rank(rank: int, world: int, top_k: int) -> dict:
@@ -21,7 +21,7 @@ def count_on_rank(rank: int, world: int, top_k: int) -> dict:
 
     pools.grouped_mm_available = lambda x, w: True  # CUDA's path: offsets stay on the device
     torch.manual_seed(0)
-    model = MoMForCausalLM(presets.mom(n_chunks=CHUNKS, n_attn_modules=4, n_ffn_modules=4,
+    model = MoMForCausalLM(presets.mom(n_routed_blocks=BLOCKS, n_attn_modules=4, n_ffn_modules=4,
                                        depth=DEPTH, top_k=top_k, vocab_size=48, n_positions=16,
                                        d_model=16, n_heads=2))
     parallelize(model, RunConfig.of_model(model.config, world), training=False)
@@ -39,7 +39,7 @@ def count_on_rank(rank: int, world: int, top_k: int) -> dict:
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_one_read_per_exchange_and_none_in_the_backward(top_k):
     # per routing step: two attention exchanges (QKV, output projection) and one FFN
-    exchanges = CHUNKS * DEPTH * 3
+    exchanges = BLOCKS * DEPTH * 3
     for reads in run_ranks(count_on_rank, 2, top_k):
         assert reads["all"] == reads["forward"], "the backward read the host"
         sites = {f"{name} @ {site}": n for (name, site), n in reads["all"].items()}

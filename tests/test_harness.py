@@ -23,7 +23,7 @@ from mom_ds_testing.runs import mom_train, run_python, tiny_args, write_byte_dat
 TOKENIZER = load_tokenizer("bytes")
 # MoM with a MoD layer: batches are padded, so the padding must change nothing
 CONFIG = MoMConfig(vocab_size=257, n_positions=96, d_model=32, n_heads=2, n_bottom=2,
-                   mod_capacity=0.5, mod_every=2, n_chunks=1, n_attn_modules=3,
+                   mod_capacity=0.5, mod_every=2, n_routed_blocks=1, n_attn_modules=3,
                    n_ffn_modules=3, depth=2, top_k=2, router_width=16)
 DOCS = [
     {"question": "The cat sat on the", "choices": ["mat", "quantum", "of"], "answer": 0},

@@ -67,7 +67,7 @@ def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
 def test_vanilla_preset_matches_hf_logits_loss_and_gradients():
     hf = tiny_gpt2(n_layer=3)
     ours = from_hf_gpt2(hf).eval()
-    assert (ours.config.n_bottom, ours.config.n_chunks) == (3, 0)
+    assert (ours.config.n_bottom, ours.config.n_routed_blocks) == (3, 0)
     ids = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(1))
 
     hf_out = hf(ids, labels=ids)
@@ -104,9 +104,9 @@ def test_round_trip_through_directories_is_exact(tmp_path):
 
 
 # --- two-stage map ---------------------------------------------------------------------
-MOM_LAYOUT = dict(n_bottom=1, n_chunks=2, n_attn_modules=3, n_ffn_modules=4, depth=3,
+MOM_LAYOUT = dict(n_bottom=1, n_routed_blocks=2, n_attn_modules=3, n_ffn_modules=4, depth=3,
                   anchor_layers=True, n_top=1, router_width=16, **SHAPE)
-# mom-spec: 1 bottom layer; each chunk takes max(A, F) = 4 layers (attention parts to
+# mom-spec: 1 bottom layer; each routed block takes max(A, F) = 4 layers (attention parts to
 # modules 0..2, the 4th layer's attention is dropped; MLP parts to modules 0..3) then one
 # anchor; the last layer is the top layer. 1 + 2 * (4 + 1) + 1 = 12.
 EXPECTED_12 = {
@@ -157,7 +157,7 @@ def test_two_stage_import_places_every_donor_tensor_and_keeps_routers_fresh():
 
 def test_two_stage_import_into_mod_bottom_layers():
     donor = tiny_gpt2(n_layer=2)
-    layout = MoMConfig(n_bottom=2, n_chunks=0, mod_capacity=0.5, mod_every=2, **SHAPE)
+    layout = MoMConfig(n_bottom=2, n_routed_blocks=0, mod_capacity=0.5, mod_every=2, **SHAPE)
     ours = from_hf_gpt2(donor, layout=layout)
     qkv = donor.state_dict()["transformer.h.1.attn.c_attn.weight"].t()
     assert torch.equal(ours.bottom[1].layer.attn.qkv.weight, qkv)
@@ -202,15 +202,15 @@ def test_refuses_a_layout_of_another_shape():
 def test_refuses_a_layout_with_the_wrong_layer_count():
     layout = MoMConfig(**{**MOM_LAYOUT, "n_top": 2})
     with pytest.raises(ConfigError, match=r"donor has 12 layers but the layout consumes "
-                                          r"n_bottom \(1\) \+ n_chunks \(2\) \* \(max\(A, F\) "
+                                          r"n_bottom \(1\) \+ n_routed_blocks \(2\) \* \(max\(A, F\) "
                                           r"\(4\) \+ anchor \(1\)\) \+ n_top \(2\) = 13\. "
                                           r"Fix: .* \(e\.g\. n_top = 1\)"):
         from_hf_gpt2(tiny_gpt2(n_layer=12), layout=layout)
 
 
 @pytest.mark.parametrize("layout", [
-    dict(n_chunks=1, n_attn_modules=2, n_ffn_modules=2, depth=2, router_width=16),
-    dict(n_bottom=2, n_chunks=0, mod_capacity=0.5),
+    dict(n_routed_blocks=1, n_attn_modules=2, n_ffn_modules=2, depth=2, router_width=16),
+    dict(n_bottom=2, n_routed_blocks=0, mod_capacity=0.5),
 ], ids=["routed", "mod"])
 def test_gpt2_refuses_a_mom_model(layout):
     model = MoMForCausalLM(MoMConfig(**layout, **SHAPE))

@@ -32,9 +32,9 @@ MODELS = {
     "mom_gru": preset("mom", n_attn_modules=3, n_ffn_modules=4, depth=3, top_k=2, **SHAPE),
     "mom_mlp_mask": preset("mom", router="mlp", skip_in_attention="mask", weighted_qkv=True,
                            depth=2, **SHAPE),
-    "mom_layout": preset("mom", n_bottom=1, n_chunks=2, anchor_layers=True, n_top=1, depth=2,
+    "mom_layout": preset("mom", n_bottom=1, n_routed_blocks=2, anchor_layers=True, n_top=1, depth=2,
                          top_k=2, weighting="renorm", **SHAPE),
-    "mom_mod": MoMConfig(n_bottom=2, mod_capacity=0.5, mod_every=2, n_chunks=1, depth=2,
+    "mom_mod": MoMConfig(n_bottom=2, mod_capacity=0.5, mod_every=2, n_routed_blocks=1, depth=2,
                          **SHAPE),
 }
 PROMPT_TOKENS, NEW_TOKENS, PAD = 10, 12, 4

@@ -17,7 +17,7 @@ SHAPE = dict(vocab_size=61, n_positions=16, d_model=16, n_heads=2, dropout=0.1)
 MODELS = {
     "vanilla": lambda: presets.vanilla(3, **SHAPE),
     # SKIP, K = 2, a capacity limit that drops rows, anchors and top layers around the block
-    "mom": lambda: presets.mom(n_chunks=2, n_attn_modules=3, n_ffn_modules=3, depth=3,
+    "mom": lambda: presets.mom(n_routed_blocks=2, n_attn_modules=3, n_ffn_modules=3, depth=3,
                                top_k=2, capacity_factor=0.6, n_bottom=1, n_top=1, **SHAPE),
     "mod": lambda: presets.mixture_of_depths(4, capacity=0.5, every=2, **SHAPE),
 }
@@ -72,7 +72,7 @@ from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
 from mom_ds.train.monitor import peak_rss_bytes, reset_peak_rss, rss_bytes
 torch.manual_seed(0)
-model = MoMForCausalLM(presets.mom(n_chunks=2, n_attn_modules=4, n_ffn_modules=4, depth=4,
+model = MoMForCausalLM(presets.mom(n_routed_blocks=2, n_attn_modules=4, n_ffn_modules=4, depth=4,
                                    n_bottom=2, n_top=2, vocab_size=256, n_positions=512,
                                    d_model=128, n_heads=4))
 model.set_activation_checkpointing(sys.argv[1])

@@ -14,14 +14,14 @@ from mom_ds.model import presets
 SHAPE = dict(vocab_size=64, n_positions=32, d_model=32, n_heads=4, router_width=16)
 
 CASES = {
-    "K1": (presets.mom(n_chunks=1, n_attn_modules=4, n_ffn_modules=4, depth=2, top_k=1,
+    "K1": (presets.mom(n_routed_blocks=1, n_attn_modules=4, n_ffn_modules=4, depth=2, top_k=1,
                        n_bottom=1, **SHAPE), "none"),
-    "K2_capacity_mask": (presets.mom(n_chunks=2, depth=2, top_k=2, capacity_factor=1.0,
+    "K2_capacity_mask": (presets.mom(n_routed_blocks=2, depth=2, top_k=2, capacity_factor=1.0,
                                      skip_in_attention="mask", **SHAPE), "none"),
     "early_exit": (presets.early_exit(3, **SHAPE), "none"),
     "mod": (presets.mixture_of_depths(4, **SHAPE), "none"),
     "moe": (presets.moe(2, n_experts=4, top_k=2, **SHAPE), "none"),
-    "K2_checkpointed": (presets.mom(n_chunks=1, depth=2, top_k=2, **SHAPE), "layer"),
+    "K2_checkpointed": (presets.mom(n_routed_blocks=1, depth=2, top_k=2, **SHAPE), "layer"),
 }
 
 

@@ -21,9 +21,9 @@ BAD = [
     (dict(temperature=0.0), "model.temperature", "0.2"),
     (dict(dropout=1.0), "model.dropout", "[0, 1)"),
     (dict(early_exit=True, use_skip=False), "model.early_exit", "use_skip"),
-    (dict(n_chunks=0, n_bottom=0), "model.n_chunks", "n_chunks >= 1"),
-    (dict(n_chunks=0, n_bottom=1, mod_capacity=0.5), "model.mod_capacity", "n_bottom"),
-    (dict(n_chunks=0, n_bottom=2, mod_capacity=1.5), "model.mod_capacity", "0.125"),
+    (dict(n_routed_blocks=0, n_bottom=0), "model.n_routed_blocks", "n_routed_blocks >= 1"),
+    (dict(n_routed_blocks=0, n_bottom=1, mod_capacity=0.5), "model.mod_capacity", "n_bottom"),
+    (dict(n_routed_blocks=0, n_bottom=2, mod_capacity=1.5), "model.mod_capacity", "0.125"),
     (dict(vocab_size=0), "model.vocab_size", ">= 1"),
 ]
 

@@ -33,7 +33,7 @@ def test_parameter_counts_match_the_modules():
 
 
 def test_mom_flops_count_the_modules_actually_run():
-    cfg = presets.mom(n_chunks=1, depth=2, top_k=1, **SHAPE)
+    cfg = presets.mom(n_routed_blocks=1, depth=2, top_k=1, **SHAPE)
     d, T = 32, 64
     base = 6 * (100 * d + 2 * d) + 6 * 2 * 2 * router_params(cfg, "gru") + 12 * 2 * d * T
     planned = base + 6 * 2 * (attention_module_params(d) + ffn_module_params(d))

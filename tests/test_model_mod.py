@@ -66,4 +66,4 @@ def test_mod_router_is_on_the_lm_gradient_path_and_bce_targets_membership():
     assert block.router.weight.grad.abs().sum() > 0
     r = (x @ block.router.weight[0]).detach()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(r, routing.selected.float())
-    torch.testing.assert_close(routing.aux_loss.detach(), expected)
+    torch.testing.assert_close(routing.mod_router_loss.detach(), expected)

@@ -15,7 +15,7 @@ from test_model_no_sync import CASES as TRAINING_CASES
 LENGTHS = [7, 3, 5]  # prompts of different lengths, the longest unpadded
 # A capacity limit applies to a whole batch, so a prompt alone is not comparable; a batch
 # and the same batch padded are.
-STATISTICS_CASES = {**CASES, "capacity": presets.mom(n_chunks=1, depth=2, top_k=2,
+STATISTICS_CASES = {**CASES, "capacity": presets.mom(n_routed_blocks=1, depth=2, top_k=2,
                                                      capacity_factor=1.0, temperature=1.0,
                                                      **SHAPE)}
 
@@ -49,7 +49,7 @@ def _routing_totals(out):
     """Every routing count of a forward, flat: (attn, ffn, depth) of every block, and the
     number of tokens each MoD block selected."""
     parts = [t.reshape(-1) for r in out.routing.blocks for t in (r.attn_counts, r.ffn_counts,
-                                                         r.depth_hist)]
+                                                         r.path_length_hist)]
     parts += [m.selected.sum().reshape(1) for m in out.mod_routing]
     return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
 
@@ -105,7 +105,9 @@ def test_padding_changes_no_loss_and_no_routing_statistic(name):
     logits = padded.logits.gather(1, at[..., None].expand(2, 5, padded.logits.shape[-1]))
     torch.testing.assert_close(logits, plain.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(padded.lm_loss, plain.lm_loss, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(padded.aux_loss, plain.aux_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded.balance_loss, plain.balance_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded.mod_router_loss, plain.mod_router_loss, atol=1e-6,
+                               rtol=1e-5)
     assert torch.equal(_routing_totals(padded), _routing_totals(plain))
     if name == "capacity":  # the limit was reached, with the same drops
         assert int(plain.routing.blocks[0].dropped) > 0

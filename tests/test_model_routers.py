@@ -9,7 +9,7 @@ SHAPE = dict(vocab_size=40, n_positions=16, d_model=16, n_heads=2)
 
 def _router_grad(weighting):
     torch.manual_seed(0)
-    cfg = presets.mom(top_k=1, weighting=weighting, aux_loss_coef=0.0, **SHAPE)
+    cfg = presets.mom(top_k=1, weighting=weighting, balance_loss_coef=0.0, **SHAPE)
     model = MoMForCausalLM(cfg)
     with torch.no_grad():  # routers that tell tokens apart (at init most pick one class)
         for name, p in model.named_parameters():
@@ -123,4 +123,4 @@ def test_moe_preset_routes_only_the_ffn():
     for r in out.routing.blocks:
         assert r.attn_counts[0].tolist() == [16, 0]  # one fixed module, no SKIP
         assert int(r.ffn_counts[0, :4].sum()) == 32 and int(r.ffn_counts[0, 4]) == 0
-    assert float(out.aux_loss.detach()) > 0
+    assert float(out.balance_loss.detach()) > 0

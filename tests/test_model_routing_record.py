@@ -17,7 +17,7 @@ from mom_ds.model.routing import RoutingRecord
 
 # one MoD layer (bottom 1 of 2), one routed block of H = 2 steps, A = 3, F = 4
 SHAPE = dict(vocab_size=64, n_positions=16, d_model=16, n_heads=2, n_bottom=2, n_top=1,
-             mod_capacity=0.25, mod_every=2, n_chunks=1, anchor_layers=False, depth=2,
+             mod_capacity=0.25, mod_every=2, n_routed_blocks=1, anchor_layers=False, depth=2,
              n_attn_modules=3, n_ffn_modules=4, top_k=1, router="mlp", router_width=8)
 B, T = 2, 8
 
@@ -48,7 +48,7 @@ def test_a_fixed_routing_counted_by_hand():
     assert int(block.dropped) == H * (N - math.ceil(N / A)) == 20
     # a dropped token still chose a module (its half counts): every token has H attention
     # halves and no FFN half, assembled depth H / 2 -> bucket H of (0, 0.5, ... H)
-    assert block.depth_hist.tolist() == [0, 0, N, 0, 0]
+    assert block.path_length_hist.tolist() == [0, 0, N, 0, 0]
     # MoD: each row keeps ceil(0.25 * T) = 2 of its T tokens
     assert record.mod_selected.tolist() == [B * 2] and record.mod_tokens.tolist() == [N]
     assert record.mod_shares() == [0.25]
@@ -70,7 +70,7 @@ def test_two_micro_batches_sum_to_one_batch_of_both():
         whole = model(ids).routing
         parts = RoutingRecord() + model(ids[:2]).routing + model(ids[2:]).routing
     assert parts.calls == 2 and whole.calls == 1
-    for name in ("attn_counts", "ffn_counts", "depth_hist", "dropped"):  # not aux_loss: a
+    for name in ("attn_counts", "ffn_counts", "path_length_hist", "dropped"):  # not balance_loss: a
         # batch statistic, not a count
         assert torch.equal(getattr(parts.blocks[0], name),
                            getattr(whole.blocks[0], name).double()), name
@@ -118,7 +118,7 @@ def test_two_ranks_sum_to_one_process_of_the_global_batch(tmp_path):
         record = RoutingRecord.from_row(row)
         assert record.calls == 4 and record.ranks == 2
         got, want = record.blocks[0], whole.blocks[0]
-        for name in ("attn_counts", "ffn_counts", "depth_hist", "dropped"):
+        for name in ("attn_counts", "ffn_counts", "path_length_hist", "dropped"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
         assert torch.equal(record.mod_selected, whole.mod_selected)
         assert torch.equal(record.mod_tokens, whole.mod_tokens)
@@ -130,7 +130,7 @@ def test_both_trainable_models_implement_the_contract():
     from mom_ds.modular.student import ModularStudent
 
     teacher = MoMForCausalLM(MoMConfig(vocab_size=64, n_positions=16, d_model=16, n_heads=2,
-                                       n_bottom=4, n_chunks=0, n_top=0))
+                                       n_bottom=4, n_routed_blocks=0, n_top=0))
     student = ModularStudent(teacher, ModularConfig(), seed=0)
     for model in (teacher, student):
         assert isinstance(model, TrainableLM)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from mom_ds.model import ConfigError, MoMConfig, MoMForCausalLM
 from mom_ds.model.presets import mom, vanilla
 from mom_ds.model.weights_file import save_weights
-from mom_ds.modular.assemble import assembled_model, choose
-from mom_ds.modular.assembly import (Tile, coarsest_first, depth_for_ratio, finest_first,
-                                     offered_depths, ratio, sample, tilings, uniform)
+from mom_ds.modular.compress import assembled_model, choose
+from mom_ds.modular.assembly import (Tile, coarsest_first, layers_for_ratio, finest_first,
+                                     offered_layer_counts, ratio, sample, tilings, uniform)
 from mom_ds.config import ModularConfig
 from mom_ds.modular.losses import hidden_distillation, logit_distillation
 from mom_ds.modular.student import ModularStudent
@@ -46,13 +46,13 @@ def test_tilings_are_every_aligned_composition(n_layers, grains):
 def test_every_offered_ratio_has_a_valid_assembly():
     n_layers, grains = 12, (2, 3, 4, 6)
     valid = brute_force_tilings(n_layers, grains)
-    assert offered_depths(n_layers, grains) == list(range(12, 1, -1))
-    for depth in offered_depths(n_layers, grains):
+    assert offered_layer_counts(n_layers, grains) == list(range(12, 1, -1))
+    for depth in offered_layer_counts(n_layers, grains):
         for rule in (coarsest_first, finest_first):
             assembly = rule(n_layers, grains, depth)
             assert assembly in valid and len(assembly) == depth
             assert ratio(assembly) == pytest.approx(12 / depth)
-        assert depth_for_ratio(12 / depth, n_layers, grains) == depth
+        assert layers_for_ratio(12 / depth, n_layers, grains) == depth
     assert finest_first(12, grains, 6) == uniform(12, 2)  # at ratio g: all g-modules
     assert coarsest_first(12, grains, 7) == (*(Tile(i, 1) for i in range(6)), Tile(6, 6))
 
@@ -74,7 +74,7 @@ def test_sampled_assemblies_are_valid_and_follow_p():
 
 def test_a_ratio_no_assembly_meets_names_the_ones_that_can():
     with pytest.raises(ConfigError, match=r"--ratio 5.*1.5x \(8 layers\)"):
-        depth_for_ratio(5, 12, (2, 3, 4, 6))
+        layers_for_ratio(5, 12, (2, 3, 4, 6))
 
 
 # --- the student --------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def test_an_assembled_model_runs_its_tiles_in_order():
     x = student.modular["g2"][1](x)
     want = F.linear(teacher.ln_f(x), teacher.wte.weight)
     model = assembled_model(student, assembly)
-    assert model.config.n_bottom == 3 and model.config.n_chunks == 0
+    assert model.config.n_bottom == 3 and model.config.n_routed_blocks == 0
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(student(ids, assembly=assembly).logits, want, rtol=0, atol=1e-6)
 
@@ -256,7 +256,7 @@ def test_a_teacher_that_is_not_vanilla_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a MoM model.*vanilla GPT-2 stack"):
         teacher_config(str(path))
     with pytest.raises(ConfigError, match="Mixture-of-Depths"):
-        check_vanilla(MoMConfig(n_bottom=4, n_chunks=0, mod_capacity=0.5, **SHAPE), "x")
+        check_vanilla(MoMConfig(n_bottom=4, n_routed_blocks=0, mod_capacity=0.5, **SHAPE), "x")
     with pytest.raises(ConfigError, match="modular.teacher = .*missing-dir-or-hub-name.*is "
                                           "neither a directory nor a Hugging Face model"):
         teacher_config(str(tmp_path / "missing-dir-or-hub-name"))

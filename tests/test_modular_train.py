@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def teacher_args(data: Path, out: Path) -> list[str]:
     """A 4-layer vanilla model of the tiny recipe's width."""
-    return tiny_args(data, out, "--model.n_chunks", "0", "--model.n_bottom", "4",
+    return tiny_args(data, out, "--model.n_routed_blocks", "0", "--model.n_bottom", "4",
                      "--model.n_top", "0", "--train.max_steps", "30", "--train.ckpt_interval",
                      "0", "--train.eval_interval", "0")
 

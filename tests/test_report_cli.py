@@ -13,7 +13,7 @@ from mom_ds.train.monitor import Monitor
 pytest.importorskip("matplotlib", reason="mom-report needs matplotlib (launch/ci_setup.sh)")
 Image = pytest.importorskip("PIL.Image")
 
-TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n_chunks=2,
+TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n_routed_blocks=2,
             anchor_layers=False, n_top=1, n_attn_modules=3, n_ffn_modules=4, depth=3, top_k=1,
             router="gru", router_width=16)
 
@@ -44,8 +44,8 @@ def test_report_png_and_html(run_dir, tmp_path):
     run = report.load_events(run_dir)
     titles = report.panel_titles(run)
     assert titles == ["loss", "learning rate", "gradient norm", "throughput",
-                      "block 0: skip rate and depth", "block 0: module usage",
-                      "block 1: skip rate and depth", "block 1: module usage"]
+                      "block 0: skip rate and path length", "block 0: module usage",
+                      "block 1: skip rate and path length", "block 1: module usage"]
     figure = report.render(run, "test")
     drawn = [ax.get_title() for ax in figure.axes if ax.get_title()]
     assert drawn == titles
@@ -67,7 +67,7 @@ def test_report_without_events_says_what_to_pass(tmp_path):
 
 def test_report_reads_the_values_the_run_logged(run_dir):
     """mom-report's routing (routing.jsonl) against what TensorBoard holds for the same
-    steps, read independently with EventAccumulator: skip rates, mean depth, and the heat
+    steps, read independently with EventAccumulator: skip rates, mean path length, and the heat
     map's counts (the usage histograms' buckets)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -77,7 +77,7 @@ def test_report_reads_the_values_the_run_logged(run_dir):
     assert [step for step, _ in run.routing] == [1, 2, 3, 4, 5]
     for block in (0, 1):
         series = run.block_series(block)
-        for name in ("attn_skip_rate", "ffn_skip_rate", "mean_depth"):
+        for name in ("attn_skip_rate", "ffn_skip_rate", "mean_path_length"):
             logged = events.Scalars(f"routing/block{block}/{name}")
             assert series[name][0].tolist() == [e.step for e in logged]
             assert series[name][1] == pytest.approx([e.value for e in logged], rel=1e-6)

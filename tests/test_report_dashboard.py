@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mom_ds.model import MoMConfig, MoMForCausalLM
 from mom_ds.train.routing_dashboard import CELL_PX, GAP_PX, load_balance, log_routing
 
-TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n_chunks=2,
+TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n_routed_blocks=2,
             anchor_layers=False, n_top=1, n_attn_modules=3, n_ffn_modules=4, depth=3, top_k=1,
             router="gru", router_width=16)
 
@@ -44,7 +44,7 @@ def test_dashboard_read_back(tmp_path):
     for c, block in enumerate(routing.blocks):
         tag = f"routing/block{c}"
         for name in ("attn_skip_rate", "ffn_skip_rate", "attn_load_max_over_mean",
-                     "ffn_load_cv", "mean_depth", "balance_loss", "dropped_tokens"):
+                     "ffn_load_cv", "mean_path_length", "balance_loss", "dropped_tokens"):
             assert [e.step for e in events.Scalars(f"{tag}/{name}")] == [1, 2], name
         # tokens per module, summed over the steps by hand, and the modules none chose
         for half, counts in (("attn", block.attn_counts), ("ffn", block.ffn_counts)):
@@ -59,12 +59,12 @@ def test_dashboard_read_back(tmp_path):
         counts = block.attn_counts.double()
         assert skip == pytest.approx(float(counts[:, -1].sum() / counts.sum()), rel=1e-6)
         levels = torch.arange(2 * config.depth + 1) / 2  # depth 0, 0.5, ... H
-        mean_depth = float((levels * block.depth_hist).sum() / block.depth_hist.sum())
-        assert events.Scalars(f"{tag}/mean_depth")[0].value == pytest.approx(mean_depth,
+        mean_path_length = float((levels * block.path_length_hist).sum() / block.path_length_hist.sum())
+        assert events.Scalars(f"{tag}/mean_path_length")[0].value == pytest.approx(mean_path_length,
                                                                             rel=1e-6)
         # one histogram entry per token, within [0, depth]
-        histogram = events.Histograms(f"{tag}/depth")[-1].histogram_value
-        assert histogram.num == int(block.depth_hist.sum()) == 2 * 16
+        histogram = events.Histograms(f"{tag}/path_length")[-1].histogram_value
+        assert histogram.num == int(block.path_length_hist.sum()) == 2 * 16
         assert 0 <= histogram.min and histogram.max <= config.depth
         # heat map: H rows; attention (A + SKIP) | gap | FFN (F + SKIP) columns
         image = events.Images(f"{tag}/usage")[-1]

@@ -64,7 +64,7 @@ def moe_args(data: Path, out: Path, micro: int) -> list[str]:
     or 4 ranks x 2 windows per step, and 2 eval batches: the same 16 val windows."""
     return ["--config", str(REPO / "configs" / "moe-small.yaml"), "--data.data_dir", str(data),
             "--train.out_dir", str(out), "--model.vocab_size", "257", "--model.n_positions", "64",
-            "--model.d_model", "32", "--model.n_heads", "2", "--model.n_chunks", "2",
+            "--model.d_model", "32", "--model.n_heads", "2", "--model.n_routed_blocks", "2",
             "--model.router_width", "16", "--data.seq_len", "64", "--train.max_steps", "4",
             "--train.warmup_steps", "2", "--train.log_interval", "1", "--train.eval_interval",
             "4", "--train.eval_batches", "2", "--train.ckpt_interval",
@@ -110,7 +110,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     mom_train(*moe_args(data, outs["moe_reference"], 8))
     # modular training: a 4-layer vanilla teacher, then its student on 1 rank
     outs["teacher"] = root / "teacher"
-    mom_train(*tiny_args(data, outs["teacher"], "--model.n_chunks", "0", "--model.n_bottom", "4",
+    mom_train(*tiny_args(data, outs["teacher"], "--model.n_routed_blocks", "0", "--model.n_bottom", "4",
                          "--model.n_top", "0", "--train.ckpt_interval", "0"))
     outs["modular_reference"] = root / "modular_reference"
     mom_train(*modular_args(data, outs["modular_reference"], outs["teacher"]))

@@ -95,11 +95,13 @@ def test_tensorboard_holds_named_scalars_and_histograms(reference):
     for name in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm",
                  "perf/tokens_per_s", "perf/flops_per_s", "perf/mfu", "perf/memory_gb",
                  "eval/loss", "eval/ppl", "routing/block0/attn_skip_rate",
-                 "routing/block0/ffn_skip_rate", "routing/block0/mean_depth",
-                 "routing/block0/balance_loss"):
+                 "routing/block0/ffn_skip_rate", "routing/block0/mean_path_length",
+                 "routing/block0/balance_loss", "train/balance_loss", "train/mod_router_loss"):
         assert name in scalars, name
+    assert not any("aux_loss" in tag or "depth" in tag for tag in scalars)
     assert len(acc.Scalars("train/loss")) == STEPS
     histograms = set(acc.Tags()["histograms"])
+    assert "routing/block0/path_length" in histograms
     depth = 4  # configs/tiny.yaml
     for half in ("attn", "ffn"):
         for h in range(depth):
@@ -136,7 +138,7 @@ def test_convert_fp32_to_hf_and_back(data, tmp_path):
     from mom_ds import MoMConfig, MoMForCausalLM
     from mom_ds.model.weights_file import load_weights
 
-    vanilla = ["--model.n_chunks", "0", "--model.n_bottom", "2", "--model.n_top", "0",
+    vanilla = ["--model.n_routed_blocks", "0", "--model.n_bottom", "2", "--model.n_top", "0",
                "--train.max_steps", "2", "--train.warmup_steps", "1"]
     run_dir = tmp_path / "vanilla"
     mom_train(*tiny_args(data, run_dir), *vanilla)

@@ -92,7 +92,7 @@ def check_overrides(prog: str, overrides: list[str], reads: tuple[str, ...]) -> 
     else ConfigError naming it (an override the command would ignore is refused)."""
     from ..config import ConfigError, parse_overrides
 
-    for section, fields in parse_overrides(overrides).items():
+    for section, fields in parse_overrides(overrides, warn=False).items():
         for key in fields:
             if section not in reads and f"{section}.{key}" not in reads:
                 raise ConfigError(f"--{section}.{key}: {prog} does not read it (the overrides "

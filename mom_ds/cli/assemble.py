@@ -4,10 +4,10 @@ without training (Modular Transformers, docs/modular.md).
   mom-assemble RUN --list                          the ratios RUN offers
   mom-assemble RUN --ratio 2 [--strategy coarsest|finest|search] [--out DIR]
                [--teacher SRC] [--search-windows 64]
-  mom-assemble RUN --layers 6 ...                  the same, by assembled depth
+  mom-assemble RUN --layers 6 ...                  the same, by assembled layers
 
 ratio = teacher layers / assembled layers. coarsest and finest are fixed rules; search
-scores every assembly of that depth on the last --search-windows windows of the val split
+scores every assembly of that many layers on the last --search-windows windows of the val split
 and keeps the best. DIR (default RUN/assembled/ratio_<R>x_<strategy>) is a run directory
 of the vanilla preset: mom-eval DIR, mom-generate DIR, mom-convert to-hf DIR OUT.
 """
@@ -33,7 +33,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("run", help="a modular run directory, its ckpt/ or a ckpt/step_* dir")
     what = parser.add_mutually_exclusive_group()  # one of them, unless --print-config
     what.add_argument("--ratio", type=float, help="compression ratio: teacher / assembled layers")
-    what.add_argument("--layers", type=positive_int, help="assembled depth")
+    what.add_argument("--layers", type=positive_int, help="assembled layers")
     what.add_argument("--list", action="store_true", help="print the offered ratios and exit")
     parser.add_argument("--strategy", default="coarsest",
                         choices=("coarsest", "finest", "search"))
@@ -55,9 +55,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def assemble(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..config import with_overrides
-    from ..modular.assemble import (assembled_model, choose, default_out, load_student,
+    from ..modular.compress import (assembled_model, choose, default_out, load_student,
                                     search_windows, write_assembled)
-    from ..modular.assembly import depth_for_ratio, describe, offered_depths, with_depth
+    from ..modular.assembly import layers_for_ratio, describe, offered_layer_counts, with_layers
 
     check_overrides("mom-assemble", overrides, ASSEMBLE_READS)
     run, student, step = load_student(args.run, args.teacher)
@@ -68,24 +68,24 @@ def assemble(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.list:
         print(f"{args.run}: {n_layers}-layer teacher, modules of granularities "
               f"{list(grains)}")
-        for depth in offered_depths(n_layers, grains):
-            print(f"  --ratio {n_layers / depth:.3g}  ({depth} layers, "
-                  f"{len(with_depth(n_layers, grains, depth))} assemblies)")
+        for layers in offered_layer_counts(n_layers, grains):
+            print(f"  --ratio {n_layers / layers:.3g}  ({layers} layers, "
+                  f"{len(with_layers(n_layers, grains, layers))} assemblies)")
         return 0
     if args.layers is not None:
-        if args.layers not in offered_depths(n_layers, grains):
-            raise ConfigError(f"--layers {args.layers}: no assembly has that depth. Fix: "
-                              f"use one of {offered_depths(n_layers, grains)}.")
-        depth = args.layers
+        if args.layers not in offered_layer_counts(n_layers, grains):
+            raise ConfigError(f"--layers {args.layers}: no assembly has that many layers. Fix: "
+                              f"use one of {offered_layer_counts(n_layers, grains)}.")
+        layers = args.layers
     else:
-        depth = depth_for_ratio(args.ratio, n_layers, grains)
+        layers = layers_for_ratio(args.ratio, n_layers, grains)
     rows = search_windows(run, args.search_windows) if args.strategy == "search" else None
-    assembly, scored = choose(student, depth, args.strategy, rows)
+    assembly, scored = choose(student, layers, args.strategy, rows)
     for loss, candidate in scored[:5]:
         print(f"  held-out loss {loss:.4f}  {describe(candidate)}")
-    out = args.out or default_out(args.run, n_layers / depth, args.strategy)
+    out = args.out or default_out(args.run, n_layers / layers, args.strategy)
     write_assembled(run, assembled_model(student, assembly), assembly, step, out, args.strategy)
-    print(f"mom-assemble: {n_layers}/{depth} = {n_layers / depth:.3g}x ({args.strategy}): "
+    print(f"mom-assemble: {n_layers}/{layers} = {n_layers / layers:.3g}x ({args.strategy}): "
           f"{describe(assembly)} -> {out}")
     return 0
 

@@ -77,6 +77,7 @@ def convert(args: argparse.Namespace, overrides: list[str]) -> int:
 def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..model import ConfigError
     from ..model.hf import from_hf_gpt2
+    from ..config import stored_model_config
     from ..model.hf_export import is_mom_export, read_exported
     from ..model.weights_file import save_weights
 
@@ -85,7 +86,7 @@ def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError(f"{args.donor} is a mom-ds export, which imports as it is. "
                               f"Fix: drop --config and the --model.* overrides (they cut a "
                               f"GPT-2 donor into a layout).")
-        config, weights = read_exported(args.donor)
+        config, weights = read_exported(args.donor, stored_model_config)
         if args.print_config:
             return print_config({"model": config.to_dict()})
         save_weights(args.out, config.to_dict(), weights, 0)

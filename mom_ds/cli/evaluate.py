@@ -184,7 +184,7 @@ def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
                           "parameters_on_rank0": sum(p.numel() for p in model.parameters())}))
         return 0
     compute = (f" at depth {run.model.depth}, {run.model.top_k} module(s) per step"
-               if run.model.n_chunks else "")
+               if run.model.n_routed_blocks else "")
     print(f"step {client['step']}: {args.split} loss {result.loss:.4f} ppl {result.ppl:.2f} "
           f"({result.windows} windows, {result.tokens:,} tokens); "
           f"{result.flops_per_token / 1e6:.3f} MFLOPs/token forward{compute}")

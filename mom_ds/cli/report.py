@@ -6,7 +6,7 @@ Reads the scalars of the TensorBoard events under RUN_DIR/tb and the routing rec
 RUN_DIR/routing.jsonl (what mom-train writes: one RoutingRecord per logged step, summed
 over micro-batches and ranks) and renders REPORT.png (default RUN_DIR/report.png) plus
 REPORT.html beside it: loss (train and val), learning rate, gradient norm, throughput and
-MFU, and per routed block the SKIP rates and mean depth over training and a heat map of
+MFU, and per routed block the SKIP rates and mean path length over training and a heat map of
 module usage at the last logged step; a dotted line on every panel over steps marks each
 step the run resumed at (run/resumed). Needs matplotlib.
 """
@@ -50,12 +50,12 @@ class RunEvents:
         return self.routing[-1][0] if self.routing else None
 
     def block_series(self, block: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """attn_skip_rate, ffn_skip_rate and mean_depth of one block over the steps."""
+        """attn_skip_rate, ffn_skip_rate and mean_path_length of one block over the steps."""
         steps = np.array([step for step, _ in self.routing])
         blocks = [record.blocks[block] for _, record in self.routing]
         return {"attn_skip_rate": (steps, np.array([b.skip_rate("attn") for b in blocks])),
                 "ffn_skip_rate": (steps, np.array([b.skip_rate("ffn") for b in blocks])),
-                "mean_depth": (steps, np.array([b.mean_depth for b in blocks]))}
+                "mean_path_length": (steps, np.array([b.mean_path_length for b in blocks]))}
 
 
 def events_dir(run_dir: Path) -> Path:
@@ -104,7 +104,7 @@ def panel_titles(run: RunEvents) -> list[str]:
     """The panels render() draws for this run, in order."""
     titles = ["loss", "learning rate", "gradient norm", "throughput"]
     for block in sorted(run.usage):
-        titles += [f"block {block}: skip rate and depth", f"block {block}: module usage"]
+        titles += [f"block {block}: skip rate and path length", f"block {block}: module usage"]
     return titles
 
 
@@ -155,9 +155,9 @@ def render(run: RunEvents, title: str):
          100.0)
     for block in sorted(run.usage):
         series = run.block_series(block)
-        twin(lines(f"block {block}: skip rate and depth",
+        twin(lines(f"block {block}: skip rate and path length",
                    ["attn_skip_rate", "ffn_skip_rate"], "SKIP rate", series),
-             "mean_depth", "mean depth (dashed)", series=series)
+             "mean_path_length", "mean path length (dashed)", series=series)
         ax = next(panels)
         usage_heatmap(ax, run.usage[block])
         ax.set_title(f"block {block}: module usage")

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 class MoMConfig:
     """A GPT-2-family Mixture-of-Modules model (see mom-spec.md section 1 and 2).
 
-    Layout: n_bottom vanilla layers, n_chunks routed blocks (each followed by an anchor
+    Layout: n_bottom vanilla layers, n_routed_blocks routed blocks (each followed by an anchor
     vanilla layer when anchor_layers), n_top vanilla layers, then ln_f and the tied head.
     """
 
@@ -50,7 +50,7 @@ class MoMConfig:
     # --- layout ------------------------------------------------------------------------
     n_bottom: int = 0
     """Vanilla GPT-2 layers before the first routed block."""
-    n_chunks: int = 1
+    n_routed_blocks: int = 1
     """Routed blocks; each owns its own module pool and two routers."""
     anchor_layers: bool = False
     """One fixed vanilla layer after each routed block (authors' default: on)."""
@@ -63,7 +63,8 @@ class MoMConfig:
     n_ffn_modules: int = 4
     """F: FFN modules in each routed block's pool."""
     depth: int = 4
-    """H: routing steps per routed block (the assembled depth)."""
+    """H: routing steps per routed block (a token's path through it runs at most H modules
+    of each kind)."""
     top_k: int = 1
     """K: modules (or SKIP) each token picks per step for attention and for FFN."""
     router: Literal[ROUTER_KINDS] = "gru"
@@ -98,9 +99,9 @@ class MoMConfig:
     """0: dropless (default). Otherwise each module takes at most
     ceil(capacity_factor * tokens * K / pool) rows per half-step; overflow is dropped
     (earliest tokens win) and counted."""
-    aux_loss_coef: float = 0.01
+    balance_loss_coef: float = 0.01
     """Coefficient of the Switch-style balancing loss added to the LM loss."""
-    aux_loss_count_skip: bool = True
+    balance_loss_count_skip: bool = True
     """Count SKIP as a class in the balancing loss."""
 
     # --- Mixture-of-Depths (applies to the bottom vanilla layers) ------------------------
@@ -111,7 +112,7 @@ class MoMConfig:
     mod_decode: Literal[MOD_DECODE] = "bce"
     """Causal routing for sampling: `bce` (router logit > 0 trained by a BCE loss) or
     `predictor` (small MLP on stop-gradient inputs)."""
-    mod_aux_loss_coef: float = 0.01
+    mod_router_loss_coef: float = 0.01
     """Coefficient of the MoD BCE loss (router or predictor)."""
 
     # --- regularisation / numerics -------------------------------------------------------
@@ -145,12 +146,12 @@ class MoMConfig:
 
     @property
     def n_vanilla_layers(self) -> int:
-        return self.n_bottom + self.n_top + (self.n_chunks if self.anchor_layers else 0)
+        return self.n_bottom + self.n_top + (self.n_routed_blocks if self.anchor_layers else 0)
 
     @property
     def n_layer_equiv(self) -> int:
-        """Depth of the assembled graph in vanilla layers (used for init scaling)."""
-        return max(1, self.n_vanilla_layers + self.n_chunks * self.depth)
+        """Layers of the unrolled graph, counted in vanilla layers (used for init scaling)."""
+        return max(1, self.n_vanilla_layers + self.n_routed_blocks * self.depth)
 
     def mod_layer_indices(self) -> list[int]:
         if self.mod_capacity <= 0:
@@ -165,14 +166,14 @@ class MoMConfig:
         for name in ("vocab_size", "n_positions", "d_model", "n_heads", "router_width"):
             if int(getattr(self, name)) < 1:
                 fail(name, "must be a positive integer", f"set model.{name} >= 1")
-        for name in ("n_bottom", "n_chunks", "n_top"):
+        for name in ("n_bottom", "n_routed_blocks", "n_top"):
             if int(getattr(self, name)) < 0:
                 fail(name, "must not be negative", f"set model.{name} >= 0")
         if self.d_model % self.n_heads:
             fail("n_heads", f"does not divide d_model = {self.d_model}",
                  "choose n_heads that divides d_model (e.g. 12 heads for 768)")
-        if self.n_vanilla_layers + self.n_chunks == 0:
-            fail("n_chunks", "the model has no layers", "set n_chunks >= 1 or n_bottom >= 1")
+        if self.n_vanilla_layers + self.n_routed_blocks == 0:
+            fail("n_routed_blocks", "the model has no layers", "set n_routed_blocks >= 1 or n_bottom >= 1")
         for name, allowed in (("router", ROUTER_KINDS), ("fixed_route", FIXED_ROUTES),
                               ("skip_in_attention", SKIP_IN_ATTENTION),
                               ("weighting", WEIGHTINGS), ("mod_decode", MOD_DECODE)):
@@ -187,9 +188,9 @@ class MoMConfig:
             fail("dropout", "must lie in [0, 1)", "use 0.0 (default) or e.g. 0.1")
         if self.capacity_factor < 0:
             fail("capacity_factor", "must not be negative", "use 0 (dropless) or e.g. 1.25")
-        if self.aux_loss_coef < 0:
-            fail("aux_loss_coef", "must not be negative", "use 0.01 (Switch) or 0 to disable")
-        if self.n_chunks > 0:
+        if self.balance_loss_coef < 0:
+            fail("balance_loss_coef", "must not be negative", "use 0.01 (Switch) or 0 to disable")
+        if self.n_routed_blocks > 0:
             self._validate_routed()
         if self.mod_capacity:
             if not 0.0 < self.mod_capacity <= 1.0:
@@ -207,7 +208,7 @@ class MoMConfig:
 
         for name in ("n_attn_modules", "n_ffn_modules", "depth", "top_k"):
             if int(getattr(self, name)) < 1:
-                fail(name, "must be >= 1 when n_chunks > 0", f"set model.{name} >= 1")
+                fail(name, "must be >= 1 when n_routed_blocks > 0", f"set model.{name} >= 1")
         smallest = min(self.n_attn_modules, self.n_ffn_modules)
         if self.top_k > self.n_router_classes:
             fail("top_k", f"is larger than the pool plus SKIP ({self.n_router_classes} choices)",

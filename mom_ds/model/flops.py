@@ -65,7 +65,7 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     k_attn = choices_per_step(config, config.attn_router_kind)
     k_ffn = choices_per_step(config, config.ffn_router_kind)
     per_block = []
-    for c in range(config.n_chunks):
+    for c in range(config.n_routed_blocks):
         if routing is not None:
             block = routing.blocks[c]
             attn = _modules_per_token(block.attn_counts, config.n_attn_modules, k_attn)
@@ -76,8 +76,8 @@ def flops_per_token(config: MoMConfig, seq_len: int,
                          + sum(ffn) * ffn_module_params(d))
     routers = config.depth * (router_params(config, config.attn_router_kind)
                               + router_params(config, config.ffn_router_kind))
-    params += sum(per_block) + config.n_chunks * routers
-    attentions += config.n_chunks * config.depth
+    params += sum(per_block) + config.n_routed_blocks * routers
+    attentions += config.n_routed_blocks * config.depth
     return 6.0 * params + 12.0 * attentions * d * T
 
 

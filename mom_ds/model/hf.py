@@ -71,10 +71,10 @@ def _vanilla_target(path: str) -> LayerTarget:
 
 
 def required_donor_layers(layout: MoMConfig) -> int:
-    """Donor layers the two-stage map consumes: n_bottom + n_chunks * (max(A, F) + anchor)
+    """Donor layers the two-stage map consumes: n_bottom + n_routed_blocks * (max(A, F) + anchor)
     + n_top."""
-    per_chunk = max(layout.n_attn_modules, layout.n_ffn_modules) + int(layout.anchor_layers)
-    return layout.n_bottom + layout.n_chunks * per_chunk + layout.n_top
+    per_block = max(layout.n_attn_modules, layout.n_ffn_modules) + int(layout.anchor_layers)
+    return layout.n_bottom + layout.n_routed_blocks * per_block + layout.n_top
 
 
 def _check_layer_count(donor_layers: int, layout: MoMConfig) -> None:
@@ -82,13 +82,13 @@ def _check_layer_count(donor_layers: int, layout: MoMConfig) -> None:
     if donor_layers == need:
         return
     terms = [f"n_bottom ({layout.n_bottom})"]
-    if layout.n_chunks:  # pool sizes and anchors only count when there are routed blocks
+    if layout.n_routed_blocks:  # pool sizes and anchors only count when there are routed blocks
         width = max(layout.n_attn_modules, layout.n_ffn_modules)
-        terms.append(f"n_chunks ({layout.n_chunks}) * (max(A, F) ({width}) + anchor "
+        terms.append(f"n_routed_blocks ({layout.n_routed_blocks}) * (max(A, F) ({width}) + anchor "
                      f"({int(layout.anchor_layers)}))")
     terms.append(f"n_top ({layout.n_top})")
     spare = donor_layers - (need - layout.n_top)
-    hint = f"e.g. n_top = {spare}" if spare >= 0 else "e.g. fewer bottom layers or chunks"
+    hint = f"e.g. n_top = {spare}" if spare >= 0 else "e.g. fewer bottom layers or routed blocks"
     raise HFInteropError(
         f"the donor has {donor_layers} layers but the layout consumes {' + '.join(terms)} = "
         f"{need}. Fix: choose the layout so that this sum is {donor_layers} ({hint}).")
@@ -97,10 +97,10 @@ def _check_layer_count(donor_layers: int, layout: MoMConfig) -> None:
 def two_stage_layer_map(donor_layers: int, layout: MoMConfig) -> list[tuple[int, LayerTarget]]:
     """The two-stage initialisation map of mom-spec section 1, as (donor layer, target).
 
-    The first n_bottom layers become the bottom layers; each chunk takes the next max(A, F)
-    layers as its modules (attention part of layer j -> attention module j if j < A, MLP
+    The first n_bottom layers become the bottom layers; each routed block takes the next
+    max(A, F) layers as its modules (attention part of layer j -> attention module j if j < A, MLP
     part -> FFN module j if j < F), then one layer as its anchor; the rest become the top
-    layers. A vanilla layout (n_chunks = 0) is the identity map onto bottom + top.
+    layers. A vanilla layout (n_routed_blocks = 0) is the identity map onto bottom + top.
     """
     _check_layer_count(donor_layers, layout)
     mod_layers = set(layout.mod_layer_indices())
@@ -108,7 +108,7 @@ def two_stage_layer_map(donor_layers: int, layout: MoMConfig) -> list[tuple[int,
     targets = [_vanilla_target(f"bottom.{i}.layer" if i in mod_layers else f"bottom.{i}")
                for i in range(layout.n_bottom)]
     A, F = layout.n_attn_modules, layout.n_ffn_modules
-    for c in range(layout.n_chunks):
+    for c in range(layout.n_routed_blocks):
         targets += [LayerTarget(f"chunks.{c}.attn_modules.{j}" if j < A else None,
                                 f"chunks.{c}.ffn_modules.{j}" if j < F else None)
                     for j in range(max(A, F))]
@@ -208,7 +208,7 @@ def _vanilla_layout(hf: GPT2Config) -> MoMConfig:
     # Dropout is a training choice, not a property of the weights: MoMConfig's default (0,
     # the authors' recipe) applies; pass a layout to choose otherwise.
     return MoMConfig(vocab_size=hf.vocab_size, n_positions=hf.n_positions, d_model=hf.n_embd,
-                     n_heads=hf.n_head, n_bottom=hf.n_layer, n_chunks=0,
+                     n_heads=hf.n_head, n_bottom=hf.n_layer, n_routed_blocks=0,
                      layer_norm_eps=hf.layer_norm_epsilon)
 
 
@@ -245,7 +245,7 @@ def from_hf_gpt2(path_or_model: Union[str, Path, PreTrainedModel],
                  layout: Optional[MoMConfig] = None) -> MoMForCausalLM:
     """A MoMForCausalLM initialised from a GPT-2 checkpoint (directory, hub name, or model).
 
-    Without layout: the vanilla preset (n_bottom = n_layer, n_chunks = 0) with the same
+    Without layout: the vanilla preset (n_bottom = n_layer, n_routed_blocks = 0) with the same
     outputs. With layout: the two-stage map (`two_stage_layer_map`); embeddings and ln_f are
     copied, routers (and MoD routers) keep the model's fresh initialisation.
     """
@@ -264,16 +264,16 @@ def from_hf_gpt2(path_or_model: Union[str, Path, PreTrainedModel],
 # --- export ------------------------------------------------------------------------------
 def is_gpt2_shaped(config: MoMConfig) -> bool:
     """A vanilla preset: no routed block, no MoD block (what GPT2LMHeadModel can hold)."""
-    return not (config.n_chunks or config.mod_layer_indices())
+    return not (config.n_routed_blocks or config.mod_layer_indices())
 
 
 def _check_exportable(config: MoMConfig) -> None:
     if not is_gpt2_shaped(config):
         raise HFInteropError(
             f"GPT2LMHeadModel holds a vanilla preset only, but this model has "
-            f"{config.n_chunks} routed block(s) and {len(config.mod_layer_indices())} MoD "
+            f"{config.n_routed_blocks} routed block(s) and {len(config.mod_layer_indices())} MoD "
             f"block(s). Fix: export it with hf_export.to_hf (remote code), or use a model "
-            f"with n_chunks = 0 and mod_capacity = 0.")
+            f"with n_routed_blocks = 0 and mod_capacity = 0.")
 
 
 def _hf_config(config: MoMConfig) -> GPT2Config:

@@ -138,13 +138,17 @@ def is_mom_export(directory: Union[str, Path]) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
 
 
-def read_exported(directory: Union[str, Path]) -> tuple[MoMConfig, dict[str, torch.Tensor]]:
+def read_exported(directory: Union[str, Path],
+                  config_of: Callable[[dict], MoMConfig] = MoMConfig.from_dict
+                  ) -> tuple[MoMConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a directory to_hf wrote as remote code, read without running
-    the code it holds: the config from config.json, the tensors from model.safetensors."""
+    the code it holds: the config from config.json (made by `config_of`: mom-convert passes
+    mom_ds.config.stored_model_config, which reads an earlier export's key names), the
+    tensors from model.safetensors."""
     from safetensors.torch import load_file
 
     check_exported(directory)
-    config = MoMConfig.from_dict(json.loads((Path(directory) / "config.json").read_text())["mom"])
+    config = config_of(json.loads((Path(directory) / "config.json").read_text())["mom"])
     prefix = MoMHFForCausalLM.base_model_prefix + "."
     tensors = load_file(str(Path(directory) / WEIGHTS))
     return config, {name.removeprefix(prefix): t for name, t in tensors.items()}

@@ -30,7 +30,7 @@ ROUTINGS = ("topk", "threshold")
 @dataclass
 class MoDRouting:
     selected: torch.Tensor  # (B, T) bool, processed tokens (detached)
-    aux_loss: torch.Tensor  # BCE of the decode-time router against top-k membership
+    mod_router_loss: torch.Tensor  # BCE of the decode-time router against top-k membership
 
 
 class MoDBlock(nn.Module):
@@ -93,11 +93,11 @@ class MoDBlock(nn.Module):
             delta = self.layer(x, keep=selected, cache=cache, cache_key=cache_key) - x
             out = x + ((selected * r).unsqueeze(-1) * delta).to(x.dtype)
         if routing != "topk":
-            aux = r.new_zeros(())
+            bce = r.new_zeros(())
         elif real is None:
-            aux = F.binary_cross_entropy_with_logits(causal_logit, selected.float())
+            bce = F.binary_cross_entropy_with_logits(causal_logit, selected.float())
         else:
-            aux = F.binary_cross_entropy_with_logits(
+            bce = F.binary_cross_entropy_with_logits(
                 causal_logit, selected.float(), weight=real.float(), reduction="sum") \
                 / real.sum().clamp_min(1)
-        return out, MoDRouting(selected.detach(), aux)
+        return out, MoDRouting(selected.detach(), bce)

@@ -23,9 +23,10 @@ from .routing import RoutingRecord
 @dataclass
 class MoMOutput:
     logits: Optional[torch.Tensor]          # None when the loss was chunked (lm_loss.py)
-    loss: Optional[torch.Tensor] = None     # what to train on: lm_loss + coefs * aux losses
+    loss: Optional[torch.Tensor] = None     # what to train on: lm_loss + coefs * routing losses
     lm_loss: Optional[torch.Tensor] = None  # cross-entropy only
-    aux_loss: Optional[torch.Tensor] = None  # balancing loss (MoM) + BCE (MoD), unscaled sum
+    balance_loss: Optional[torch.Tensor] = None     # routers' balancing loss, unscaled
+    mod_router_loss: Optional[torch.Tensor] = None  # MoD routers' BCE loss, unscaled
     # what the routing chose, summable (routing.py): FLOPs, monitor and report read this
     routing: Optional[RoutingRecord] = None  # always set by forward (fullgraph-compilable)
     # per-token detail of this forward: each MoD block's selection mask and BCE (the loss
@@ -46,8 +47,8 @@ class MoMForCausalLM(nn.Module):
         mod_layers = set(config.mod_layer_indices())
         self.bottom = nn.ModuleList(
             MoDBlock(config) if i in mod_layers else self._vanilla() for i in range(config.n_bottom))
-        self.chunks = nn.ModuleList(RoutedBlock(config) for _ in range(config.n_chunks))
-        self.anchors = nn.ModuleList(self._vanilla() for _ in range(config.n_chunks)
+        self.chunks = nn.ModuleList(RoutedBlock(config) for _ in range(config.n_routed_blocks))
+        self.anchors = nn.ModuleList(self._vanilla() for _ in range(config.n_routed_blocks)
                                      if config.anchor_layers)
         self.top = nn.ModuleList(self._vanilla() for _ in range(config.n_top))
         self.ln_f = nn.LayerNorm(d, eps=eps)
@@ -146,7 +147,7 @@ class MoMForCausalLM(nn.Module):
                 x = run(layer, x, ("bottom", i), keep=real)
         for c, block in enumerate(self.chunks):
             # under `layer` the block checkpoints each routing step itself
-            x, routing = run(block, x, ("chunk", c), real=real)
+            x, routing = run(block, x, ("routed", c), real=real)
             blocks.append(routing)
             if self.config.anchor_layers:
                 x = run(self.anchors[c], x, ("anchor", c), keep=real)
@@ -165,7 +166,7 @@ class MoMForCausalLM(nn.Module):
                 out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
                                               labels.reshape(-1), ignore_index=-100)
         if labels is not None:
-            self._add_aux_losses(out)
+            self._add_routing_losses(out)
         return out
 
     @staticmethod
@@ -199,16 +200,17 @@ class MoMForCausalLM(nn.Module):
             cache["tokens"] = counted[:, -1]
         return (counted - 1).clamp_min(0)
 
-    def _add_aux_losses(self, out: MoMOutput) -> None:
+    def _add_routing_losses(self, out: MoMOutput) -> None:
         cfg = self.config
         zero = out.lm_loss.new_zeros(())
-        learned = [r.aux_loss for r in out.routing.blocks]
-        balance = torch.cat(learned).mean() if learned else zero
-        mod_bce = torch.stack([m.aux_loss for m in out.mod_routing]).mean() \
+        learned = [r.balance_loss for r in out.routing.blocks]
+        out.balance_loss = torch.cat(learned).mean() if learned else zero
+        out.mod_router_loss = torch.stack([m.mod_router_loss for m in out.mod_routing]).mean() \
             if out.mod_routing else zero
-        out.aux_loss = balance + mod_bce
-        out.loss = out.lm_loss + cfg.aux_loss_coef * balance + cfg.mod_aux_loss_coef * mod_bce
-        out.terms = {"lm_loss": out.lm_loss, "aux_loss": out.aux_loss}
+        out.loss = (out.lm_loss + cfg.balance_loss_coef * out.balance_loss
+                    + cfg.mod_router_loss_coef * out.mod_router_loss)
+        out.terms = {"lm_loss": out.lm_loss, "balance_loss": out.balance_loss,
+                     "mod_router_loss": out.mod_router_loss}
 
     # ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,10 +25,10 @@ class BlockRouting:
     one block's part of the routing record (routing.py: RoutingRecord, which sums it).
 
     attn_counts / ffn_counts: (H, pool + 1) choices per module at each step, last = SKIP.
-    depth_hist: (2H + 1,) tokens per assembled depth 0, 0.5, ... H (the modules-executing
-    steps of a token, averaged over the two halves).
+    path_length_hist: (2H + 1,) tokens per path length 0, 0.5, ... H (the modules a token
+    ran through the block, attention and FFN halves counted 1/2 each).
     Padding (a forward's attention_mask) is in none of them.
-    aux_loss: (H,) balancing loss of attention + FFN router at each step (with grad in a
+    balance_loss: (H,) balancing loss of attention + FFN router at each step (with grad in a
     forward's record; a sum is detached).
     dropped: () assignments a capacity limit removed, both halves of every step.
     calls: how many forwards the record sums.
@@ -36,13 +36,14 @@ class BlockRouting:
 
     attn_counts: torch.Tensor
     ffn_counts: torch.Tensor
-    depth_hist: torch.Tensor
-    aux_loss: torch.Tensor
+    path_length_hist: torch.Tensor
+    balance_loss: torch.Tensor
     dropped: torch.Tensor
     calls: int = 1
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.attn_counts, self.ffn_counts, self.depth_hist, self.aux_loss, self.dropped]
+        return [self.attn_counts, self.ffn_counts, self.path_length_hist, self.balance_loss,
+                self.dropped]
 
     # the readers below take a host record (the logging step's copy, routing.jsonl's)
     def skip_rate(self, half: str) -> float:
@@ -52,11 +53,11 @@ class BlockRouting:
         return float(counts[:, -1].sum() / max(counts.sum(), 1.0))
 
     @property
-    def mean_depth(self) -> float:
-        """Mean assembled depth per token (0, 0.5, ... H)."""
-        depth = self.depth_hist.detach().double().cpu().numpy()
-        levels = np.arange(len(depth), dtype=np.float64) / 2
-        return float((levels * depth).sum() / max(depth.sum(), 1.0))
+    def mean_path_length(self) -> float:
+        """Mean path length per token (0, 0.5, ... H)."""
+        tokens = self.path_length_hist.detach().double().cpu().numpy()
+        lengths = np.arange(len(tokens), dtype=np.float64) / 2
+        return float((lengths * tokens).sum() / max(tokens.sum(), 1.0))
 
 
 class RoutedBlock(nn.Module):
@@ -89,18 +90,18 @@ class RoutedBlock(nn.Module):
         halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
         per_step = self.checkpoint_steps and cache is None and self.training \
             and torch.is_grad_enabled()
-        attn_counts, ffn_counts, aux, dropped = [], [], [], []
+        attn_counts, ffn_counts, balance, dropped = [], [], [], []
         for step in range(cfg.depth):
             args = (h, g_attn, g_ffn, exited, halves, real, step, (B, T), cache, cache_key)
-            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_aux, step_dropped = \
+            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_balance, step_dropped = \
                 checkpointed(self._step, *args) if per_step else self._step(*args)
             attn_counts.append(counts_a)
             ffn_counts.append(counts_f)
-            aux.append(step_aux)
+            balance.append(step_balance)
             dropped.append(step_dropped)
-        depth_hist = count_ids(halves, 2 * cfg.depth + 1, real)
-        routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts), depth_hist,
-                               torch.stack(aux), torch.stack(dropped).sum())
+        path_length_hist = count_ids(halves, 2 * cfg.depth + 1, real)
+        routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts),
+                               path_length_hist, torch.stack(balance), torch.stack(dropped).sum())
         return h.view(B, T, d), routing
 
     def _step(self, h: torch.Tensor, g_attn: Optional[torch.Tensor],
@@ -134,7 +135,7 @@ class RoutedBlock(nn.Module):
                                  dropout=cfg.dropout if self.training else 0.0)
         h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
         halves = halves + plan.chosen
-        attn_counts, step_aux, step_dropped = plan.counts, route.aux_loss, plan.dropped
+        attn_counts, step_balance, step_dropped = plan.counts, route.balance_loss, plan.dropped
         # --- FFN half ----------------------------------------------------------------
         with record_function("route"):
             route, g_ffn = self.ffn_router(h, g_ffn, step, exited, real)
@@ -144,4 +145,4 @@ class RoutedBlock(nn.Module):
         h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
         halves = halves + plan.chosen
         return (h, g_attn, g_ffn, exited, halves, attn_counts, plan.counts,
-                step_aux + route.aux_loss, step_dropped + plan.dropped)
+                step_balance + route.balance_loss, step_dropped + plan.dropped)

@@ -17,7 +17,7 @@ from .counting import count_ids
 class RouteDecision:
     ids: torch.Tensor      # (N, K) chosen classes; id >= pool size means SKIP
     weights: torch.Tensor  # (N, K) routing weights (fp32)
-    aux_loss: torch.Tensor  # scalar balancing loss of this step (0 for fixed routers)
+    balance_loss: torch.Tensor  # scalar balancing loss of this step (0 for fixed routers)
 
 
 def _f32(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -41,7 +41,7 @@ class Router(nn.Module):
         self.weighting = config.weighting
         self.fixed_cycle = config.fixed_route == "cycle"
         self.early_exit = config.early_exit
-        self.count_skip = config.aux_loss_count_skip
+        self.count_skip = config.balance_loss_count_skip
         # parallelize() hands in a (differentiable) mean over the data-parallel group, so the
         # balancing loss sees the global batch's statistics whatever the number of ranks.
         self.stat_mean: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -107,8 +107,8 @@ class Router(nn.Module):
                 weights = top_p
             if exited is not None:  # early exit: SKIP is final
                 ids = torch.where(exited.unsqueeze(1), torch.full_like(ids, self.n_classes - 1), ids)
-            aux = self.balancing_loss(probs, ids[:, 0], real)
-        return RouteDecision(ids, weights, aux), state
+            balance = self.balancing_loss(probs, ids[:, 0], real)
+        return RouteDecision(ids, weights, balance), state
 
     def balancing_loss(self, probs: torch.Tensor, top1: torch.Tensor,
                        real: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -123,7 +123,8 @@ class RoutingRecord:
     @classmethod
     def from_row(cls, row: dict) -> "RoutingRecord":
         f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-        blocks = [BlockRouting(*(f64(b[name]) for name in BLOCK_FIELDS), calls=b["calls"])
+        blocks = [BlockRouting(*(f64(b[name] if name in b else b[OLD_ROW_KEYS[name]])
+                                 for name in BLOCK_FIELDS), calls=b["calls"])
                   for b in row["blocks"]]
         return cls(blocks, f64(row["mod_selected"]), f64(row["mod_tokens"]),
                    None if row["comm"] is None else f64(row["comm"]), row["calls"],
@@ -132,3 +133,5 @@ class RoutingRecord:
 
 # BlockRouting's tensors by name, in tensors() order
 BLOCK_FIELDS = tuple(f.name for f in fields(BlockRouting) if f.name != "calls")
+# their names in the routing.jsonl of runs written before the rename (docs/glossary.md)
+OLD_ROW_KEYS = {"path_length_hist": "depth_hist", "balance_loss": "aux_loss"}

@@ -3,8 +3,8 @@
 A teacher has L layers. A modularized layer of granularity g replaces the g consecutive
 layers of one group [j*g, (j+1)*g); groups are aligned, so a module of granularity g can
 start only at a multiple of g. An assembly is a tiling of 0..L-1 by tiles: a teacher layer
-(size 1) or a module (size g). Its depth is the number of tiles and its compression ratio
-L / depth (docs/modular.md).
+(size 1) or a module (size g). Its assembled layers are its tiles, their number n its
+layer count, and its compression ratio L / n (docs/modular.md).
 """
 from __future__ import annotations
 
@@ -79,19 +79,19 @@ def check(assembly: Assembly, n_layers: int, granularities: tuple[int, ...]) -> 
         raise ValueError(f"{describe(assembly)} covers {position} of the {n_layers} layers")
 
 
-def offered_depths(n_layers: int, granularities: tuple[int, ...]) -> list[int]:
-    """Depths some assembly has, deepest (the teacher) first."""
+def offered_layer_counts(n_layers: int, granularities: tuple[int, ...]) -> list[int]:
+    """The layer counts some assembly has, the largest (the teacher) first."""
     return sorted({len(a) for a in tilings(n_layers, granularities)}, reverse=True)
 
 
-def depth_for_ratio(target: float, n_layers: int, granularities: tuple[int, ...]) -> int:
-    """The assembled depth whose ratio L / depth is `target` (to 1%), or a ConfigError naming
-    the ratios that can be met."""
-    for depth in offered_depths(n_layers, granularities):
-        if abs(n_layers / depth - target) <= 0.01 * target:
-            return depth
+def layers_for_ratio(target: float, n_layers: int, granularities: tuple[int, ...]) -> int:
+    """The count of assembled layers whose ratio L / layers is `target` (to 1%), or a
+    ConfigError naming the ratios that can be met."""
+    for layers in offered_layer_counts(n_layers, granularities):
+        if abs(n_layers / layers - target) <= 0.01 * target:
+            return layers
     offered = ", ".join(f"{n_layers / d:.3g}x ({d} layers)"
-                        for d in offered_depths(n_layers, granularities))
+                        for d in offered_layer_counts(n_layers, granularities))
     raise ConfigError(f"--ratio {target:g}: no assembly of the {n_layers}-layer teacher with "
                       f"modules of granularities {list(granularities)} reaches that ratio. Fix: "
                       f"use one of the ratios it offers: {offered}.")
@@ -116,12 +116,12 @@ def uniform(n_layers: int, granularity: int) -> Assembly:
     return tuple(Tile(i, granularity) for i in range(0, n_layers, granularity))
 
 
-def with_depth(n_layers: int, granularities: tuple[int, ...], depth: int) -> list[Assembly]:
-    """Every assembly of exactly `depth` layers."""
-    found = [a for a in tilings(n_layers, granularities) if len(a) == depth]
+def with_layers(n_layers: int, granularities: tuple[int, ...], layers: int) -> list[Assembly]:
+    """Every assembly of exactly `layers` assembled layers."""
+    found = [a for a in tilings(n_layers, granularities) if len(a) == layers]
     if not found:
-        raise ConfigError(f"no assembly of {depth} layers exists; offered depths: "
-                          f"{offered_depths(n_layers, granularities)}")
+        raise ConfigError(f"no assembly of {layers} layers exists; offered layer counts: "
+                          f"{offered_layer_counts(n_layers, granularities)}")
     return found
 
 
@@ -133,20 +133,20 @@ def _module_starts(assembly: Assembly) -> list[int]:
     return [t.start for t in assembly if t.is_module]
 
 
-def coarsest_first(n_layers: int, granularities: tuple[int, ...], depth: int) -> Assembly:
-    """Fixed rule 1: of the assemblies of `depth` layers, the one with the fewest, coarsest
+def coarsest_first(n_layers: int, granularities: tuple[int, ...], layers: int) -> Assembly:
+    """Fixed rule 1: of the assemblies of `layers` layers, the one with the fewest, coarsest
     modules (its tile sizes, sorted, are the largest lexicographically), which keeps the
     most teacher layers as they are. Ties go to modules nearest the top of the stack, keeping
     the bottom layers, which every later layer reads, exact."""
-    return max(with_depth(n_layers, granularities, depth),
+    return max(with_layers(n_layers, granularities, layers),
                key=lambda a: (_sizes(a), _module_starts(a)))
 
 
-def finest_first(n_layers: int, granularities: tuple[int, ...], depth: int) -> Assembly:
+def finest_first(n_layers: int, granularities: tuple[int, ...], layers: int) -> Assembly:
     """Fixed rule 2: the compression spread over the most, finest modules (sorted tile sizes
     the smallest lexicographically: at ratio g, the uniform assembly of g-modules); ties go
     to modules nearest the top."""
-    return min(with_depth(n_layers, granularities, depth),
+    return min(with_layers(n_layers, granularities, layers),
                key=lambda a: (_sizes(a), [-s for s in _module_starts(a)]))
 
 

@@ -35,7 +35,9 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
     try:
         if kind == "weights file":
             saved = load_weights(source, "modular.teacher")
-            return MoMConfig.from_dict(saved.model_config), saved.state_dict
+            from ..config import stored_model_config
+
+            return stored_model_config(saved.model_config), saved.state_dict
         if kind == "run":
             return _run_parts(source)
         from ..model.hf import from_hf_gpt2, gpt2_vanilla_config
@@ -56,11 +58,11 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
 
 
 def check_vanilla(config: MoMConfig, source: str) -> None:
-    if config.n_chunks or config.mod_layer_indices() or config.n_top or config.n_bottom < 2:
-        kind = "a MoM" if config.n_chunks else "a Mixture-of-Depths" \
+    if config.n_routed_blocks or config.mod_layer_indices() or config.n_top or config.n_bottom < 2:
+        kind = "a MoM" if config.n_routed_blocks else "a Mixture-of-Depths" \
             if config.mod_layer_indices() else "not a plain"
         raise ConfigError(f"modular.teacher = {source!r} is {kind} model (n_bottom "
-                          f"{config.n_bottom}, n_chunks {config.n_chunks}, n_top {config.n_top}, "
+                          f"{config.n_bottom}, n_routed_blocks {config.n_routed_blocks}, n_top {config.n_top}, "
                           f"mod_capacity {config.mod_capacity}): Modular Transformers compress a "
                           f"vanilla GPT-2 stack of at least 2 layers. Fix: use a run of the "
                           f"vanilla preset or a Hugging Face GPT-2.")

@@ -35,7 +35,7 @@ class ModulePlacement:
 
 def sharded_pools(config: MoMConfig, ep_size: int) -> tuple[str, ...]:
     """The pools (of POOLS) that expert parallelism of size ep_size shards."""
-    if ep_size == 1 or not config.n_chunks:
+    if ep_size == 1 or not config.n_routed_blocks:
         return ()
     pools = (("attn_pool", config.n_attn_modules, config.attn_router_kind),
              ("ffn_pool", config.n_ffn_modules, config.ffn_router_kind))
@@ -51,7 +51,7 @@ def describe_placement(config: MoMConfig, ep_size: int) -> str:
     parts = []
     for name, n, router in (("attn_pool", config.n_attn_modules, config.attn_router_kind),
                             ("ffn_pool", config.n_ffn_modules, config.ffn_router_kind)):
-        if not config.n_chunks:
+        if not config.n_routed_blocks:
             break
         kind = "attention" if name == "attn_pool" else "FFN"
         if name in sharded:

@@ -13,8 +13,8 @@ For every routed block, at one step:
   routing/block{c}/{attn,ffn}_tokens_module{j}  choices of module j, summed over the steps
   routing/block{c}/{attn,ffn}_dead_modules       modules no token chose at any step
   routing/block{c}/{attn,ffn}_usage_step{h}     histogram: choices per module (last = SKIP)
-  routing/block{c}/depth          histogram of assembled depth per token
-  routing/block{c}/mean_depth, routing/block{c}/balance_loss
+  routing/block{c}/path_length    histogram of path length per token (modules it ran)
+  routing/block{c}/mean_path_length, routing/block{c}/balance_loss
   routing/block{c}/dropped_tokens  assignments a capacity limit removed
   routing/mod{i}/selected_share    share of its tokens MoD block i processed
 With expert parallelism (the record's comm):
@@ -105,13 +105,13 @@ def log_routing(writer, step: int, routing: RoutingRecord) -> None:
             for h, row in enumerate(counts):  # bucket = module id
                 write_count_histogram(writer, f"{tag}/{half}_usage_step{h}",
                                       np.arange(len(row), dtype=np.float64), row, step)
-        depth = block.depth_hist.detach().double().cpu().numpy()
-        if depth.sum() > 0:
-            levels = np.arange(len(depth), dtype=np.float64) / 2
-            write_count_histogram(writer, f"{tag}/depth", levels, depth, step)
-            writer.add_scalar(f"{tag}/mean_depth", block.mean_depth, step)
+        tokens = block.path_length_hist.detach().double().cpu().numpy()
+        if tokens.sum() > 0:
+            lengths = np.arange(len(tokens), dtype=np.float64) / 2
+            write_count_histogram(writer, f"{tag}/path_length", lengths, tokens, step)
+            writer.add_scalar(f"{tag}/mean_path_length", block.mean_path_length, step)
         writer.add_scalar(f"{tag}/balance_loss",
-                          float(block.aux_loss.detach().mean()) / block.calls, step)
+                          float(block.balance_loss.detach().mean()) / block.calls, step)
         writer.add_scalar(f"{tag}/dropped_tokens", float(block.dropped), step)
     for i, share in enumerate(routing.mod_shares()):
         writer.add_scalar(f"routing/mod{i}/selected_share", share, step)

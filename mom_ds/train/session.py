@@ -118,7 +118,7 @@ def _run_training(run: RunConfig, start: StartCheck, resume: bool = False,
         trained = "trained (modules) " if run.modular.enabled else ""
         print(f"model: {n_params / 1e6:.2f}M {trained}parameters; run dir {out_dir}; "
               f"TensorBoard: tensorboard --logdir {out_dir / 'tb'}", flush=True)
-        if run.model.n_chunks:
+        if run.model.n_routed_blocks:
             print(describe_placement(run.model, ep_size), flush=True)
         if layout.compiled:
             print(f"torch.compile: {layout.compiled} parts (vanilla and MoD layers, routed blocks "

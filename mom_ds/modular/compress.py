@@ -12,7 +12,7 @@ import torch
 from ..config import ModularConfig, RunConfig
 from ..evaluation import row_windows, score
 from ..model import ConfigError, MoMForCausalLM
-from .assembly import FIXED_RULES, Assembly, check, describe, ratio, with_depth
+from .assembly import FIXED_RULES, Assembly, check, describe, ratio, with_layers
 from .student import ModularStudent
 from .teacher import load_teacher
 
@@ -44,7 +44,7 @@ def load_student(path: str | Path, teacher: Optional[str] = None
 
 
 def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausalLM:
-    """The vanilla model of the assembly's depth: the teacher's embeddings, final LayerNorm
+    """The vanilla model of the assembly's layers: the teacher's embeddings, final LayerNorm
     and head, and for each tile its teacher layer or module, copied."""
     check(assembly, student.n_layers, student.granularities)
     teacher = student.teacher
@@ -67,12 +67,12 @@ def search_windows(run: RunConfig, n_windows: int) -> torch.Tensor:
     return torch.from_numpy(data.windows(range(len(data) - n, len(data))).astype("int64"))
 
 
-def choose(student: ModularStudent, depth: int, strategy: str,
+def choose(student: ModularStudent, layers: int, strategy: str,
            rows: Optional[torch.Tensor] = None) -> tuple[Assembly, list[tuple[float, Assembly]]]:
     """(the assembly, and for `search` every candidate's held-out loss, best first)."""
     grains, n_layers = student.granularities, student.n_layers
     if strategy in FIXED_RULES:
-        return FIXED_RULES[strategy](n_layers, grains, depth), []
+        return FIXED_RULES[strategy](n_layers, grains, layers), []
     if strategy != "search":
         raise ConfigError(f"--strategy {strategy!r}: choose one of {STRATEGIES}")
     if rows is None:
@@ -83,7 +83,7 @@ def choose(student: ModularStudent, depth: int, strategy: str,
         return score(lambda x, labels: student(x, labels=labels, assembly=assembly),
                      windows, device=next(student.parameters()).device).loss
 
-    scored = sorted(((loss(a), a) for a in with_depth(n_layers, grains, depth)),
+    scored = sorted(((loss(a), a) for a in with_layers(n_layers, grains, layers)),
                     key=lambda s: s[0])
     return scored[0][1], scored
 
