@@ -63,8 +63,9 @@ def with_compute(config: MoMConfig, depth: Optional[int] = None,
     if depth is None and top_k is None:
         return config
     if not config.n_routed_blocks:
-        raise ConfigError("--depth / --top-k-modules change the routed blocks, but this model has none "
-                          "(model.n_routed_blocks = 0). Fix: drop them, or evaluate a MoM checkpoint.")
+        raise ConfigError("--depth / --top-k-modules change the routed blocks, but this model "
+                          "has none (model.n_routed_blocks = 0). Fix: drop them, or evaluate a "
+                          "MoM checkpoint.")
     changed = {"depth": depth, "top_k": top_k}
     try:
         return dataclasses.replace(config, **{k: v for k, v in changed.items() if v is not None})

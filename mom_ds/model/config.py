@@ -173,7 +173,8 @@ class MoMConfig:
             fail("n_heads", f"does not divide d_model = {self.d_model}",
                  "choose n_heads that divides d_model (e.g. 12 heads for 768)")
         if self.n_vanilla_layers + self.n_routed_blocks == 0:
-            fail("n_routed_blocks", "the model has no layers", "set n_routed_blocks >= 1 or n_bottom >= 1")
+            fail("n_routed_blocks", "the model has no layers",
+                 "set n_routed_blocks >= 1 or n_bottom >= 1")
         for name, allowed in (("router", ROUTER_KINDS), ("fixed_route", FIXED_ROUTES),
                               ("skip_in_attention", SKIP_IN_ATTENTION),
                               ("weighting", WEIGHTINGS), ("mod_decode", MOD_DECODE)):

@@ -21,8 +21,8 @@ def vanilla(n_layer: int = 12, **shape: Shape) -> MoMConfig:
 def vanilla_routed(n_layer: int = 12, **shape: Shape) -> MoMConfig:
     """GPT-2 written as MoM: one block, L + L modules, H = L, step h -> module h, no SKIP.
     Computes exactly what `vanilla(n_layer)` computes with the same weights."""
-    return MoMConfig(n_routed_blocks=1, n_attn_modules=n_layer, n_ffn_modules=n_layer, depth=n_layer,
-                     top_k=1, router="fixed", fixed_route="layer", use_skip=False, **shape)
+    return MoMConfig(n_routed_blocks=1, n_attn_modules=n_layer, n_ffn_modules=n_layer,
+                     depth=n_layer, top_k=1, router="fixed", fixed_route="layer", use_skip=False, **shape)
 
 
 def shared_layers(n_steps: int = 12, **shape: Shape) -> MoMConfig:
@@ -42,8 +42,8 @@ def moe(n_layer: int = 12, n_experts: int = 8, top_k: int = 2, router: str = "ml
 
 def early_exit(n_layer: int = 12, router: str = "gru", **shape: Shape) -> MoMConfig:
     """Early exit: step h runs layer h or SKIPs, and once a token skips it has exited."""
-    return MoMConfig(n_routed_blocks=1, n_attn_modules=n_layer, n_ffn_modules=n_layer, depth=n_layer,
-                     top_k=1, router=router, use_skip=True, early_exit=True, **shape)
+    return MoMConfig(n_routed_blocks=1, n_attn_modules=n_layer, n_ffn_modules=n_layer,
+                     depth=n_layer, top_k=1, router=router, use_skip=True, early_exit=True, **shape)
 
 
 def mixture_of_depths(n_layer: int = 12, capacity: float = 0.125, every: int = 2,

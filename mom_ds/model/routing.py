@@ -24,7 +24,7 @@ def _empty() -> torch.Tensor:
 
 @dataclass
 class RoutingRecord:
-    """blocks: each routed block's BlockRouting (choice counts, depth histogram, balancing
+    """blocks: each routed block's BlockRouting (choice counts, path-length histogram, balancing
     loss, dropped assignments).
     mod_selected / mod_tokens: (n_mod,) tokens each MoD block processed / saw (padding in
     neither).

@@ -62,7 +62,8 @@ def check_vanilla(config: MoMConfig, source: str) -> None:
         kind = "a MoM" if config.n_routed_blocks else "a Mixture-of-Depths" \
             if config.mod_layer_indices() else "not a plain"
         raise ConfigError(f"modular.teacher = {source!r} is {kind} model (n_bottom "
-                          f"{config.n_bottom}, n_routed_blocks {config.n_routed_blocks}, n_top {config.n_top}, "
+                          f"{config.n_bottom}, n_routed_blocks {config.n_routed_blocks}, n_top "
+                          f"{config.n_top}, "
                           f"mod_capacity {config.mod_capacity}): Modular Transformers compress a "
                           f"vanilla GPT-2 stack of at least 2 layers. Fix: use a run of the "
                           f"vanilla preset or a Hugging Face GPT-2.")
