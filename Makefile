@@ -17,7 +17,7 @@ venv: $(BIN)/activate
 	# the shared test and benchmark helpers (testing/: not part of the mom-ds wheel)
 	$(BIN)/pip install -q --no-build-isolation -e ./testing
 
-# transformers 4.x beside .venv's 5.x, for tests/test_hf_export_hf4.py (the exports load with
+# transformers 4.x beside .venv's 5.x, for tests/model/test_hf_export_hf4.py (the exports load with
 # both): its own transformers, tokenizers and huggingface_hub come first on sys.path, then
 # .venv's site-packages through a .pth line, so torch is not installed twice. pip sees .venv's
 # packages and reports their requirements that 4.x's pins break: they hold in .venv itself.

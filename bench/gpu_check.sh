@@ -24,8 +24,8 @@ if [ $? -ne 0 ]; then cat "$OUT/device.txt"; echo "gpu_check: needs a CUDA devic
 row "device" "-" "$(cat "$OUT/device.txt")"
 
 # 1. model tests on CUDA (exactness, dispatch, no-sync guard, generation), fp32
-if timeout 300 "$PY" -m pytest -q -x tests/test_model_dispatch.py tests/test_model_no_sync.py \
-     tests/test_model_routed_reference.py tests/test_model_generation.py > "$OUT/tests.txt" 2>&1
+if timeout 300 "$PY" -m pytest -q -x tests/model/test_model_dispatch.py tests/model/test_model_no_sync.py \
+     tests/model/test_model_routed_reference.py tests/model/test_model_generation.py > "$OUT/tests.txt" 2>&1
 then row "model tests (CPU reference paths)" "ok" "$(tail -1 "$OUT/tests.txt")"
 else row "model tests (CPU reference paths)" "FAIL" "$(tail -1 "$OUT/tests.txt")"; fi
 
@@ -74,8 +74,8 @@ else row "bench/model_speed.py bf16 vocab 50257" "FAIL" "$(tail -1 "$OUT/speed50
 
 # 5. every preset's forward + backward in bf16 under the aten-level guard (mom_ds_testing/sync_guard.py:
 #    the ops whose CUDA kernels read device data on the host) and sync_debug_mode("error")
-# (PYTHONPATH=tests: CASES is the test's own table; the guard is mom_ds_testing's)
-if PYTHONPATH=tests timeout 240 "$PY" - > "$OUT/guard.txt" 2>&1 <<'PY'
+# (PYTHONPATH=tests/model: CASES is the test's own table; the guard is mom_ds_testing's)
+if PYTHONPATH=tests/model timeout 240 "$PY" - > "$OUT/guard.txt" 2>&1 <<'PY'
 import sys
 import torch
 from mom_ds_testing.sync_guard import no_syncs

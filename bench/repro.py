@@ -221,7 +221,7 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_A
 
 def command(module: str, argv: list[str], log: Path, here: bool = False) -> float:
     """Run a mom-ds command (`python -m module argv`), its output into `log`: in a process
-    of its own, or with `here` in this process (its main(), as tests/test_configs_train.py
+    of its own, or with `here` in this process (its main(), as tests/train/test_configs_train.py
     runs mom-train). The wall time; RuntimeError naming the log when the command fails."""
     start = time.perf_counter()
     with open(log, "w") as out:

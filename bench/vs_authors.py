@@ -21,7 +21,7 @@ backward + AdamW) are timed in pairs, interleaved, the order alternating (A B, B
 work shares the CPU, --threads 1 is far steadier (a descheduled OpenMP thread stalls the rest).
 AdamW's lr defaults to 0: every step does the same arithmetic as at any lr, while the weights,
 hence the routing checked above, stay the same for every timed step on both sides.
-Not run by CI: it needs their code from the network. tests/test_bench_vs_authors.py covers the
+Not run by CI: it needs their code from the network. tests/project/test_bench_vs_authors.py covers the
 weight-name map and the argument errors offline.
 """
 from __future__ import annotations

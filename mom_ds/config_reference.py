@@ -1,7 +1,7 @@
 """docs/configuration.md, generated from the config dataclasses: every section of a recipe
 (the fields of RunConfig), every field with its type, default and docstring, grouped under
 the `# --- group ---` comments the class uses. The page is never edited by hand, so it
-cannot drift from the code: tests/test_docs.py compares it with `render()`.
+cannot drift from the code: tests/project/test_docs.py compares it with `render()`.
 
     python -m mom_ds.config_reference            # print the page
     python -m mom_ds.config_reference --write    # replace docs/configuration.md (atomically)
@@ -60,7 +60,7 @@ ZeRO bucket sizes come from `model.d_model` as the Trainer sizes them
 (`reduce_bucket_size` = d², `stage3_prefetch_bucket_size` = 0.9·d²,
 `stage3_param_persistence_threshold` = 10·d). A scheduler block is refused (mom-train keeps
 its own warmup + cosine schedule), and a concrete value that contradicts the recipe is one
-error, as before (`tests/test_ds_auto.py`).
+error, as before (`tests/train/test_ds_auto.py`).
 """
 
 

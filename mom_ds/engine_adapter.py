@@ -1,6 +1,6 @@
 """Every place mom-ds relies on a private name of torch, DeepSpeed or tiktoken, or on
 DeepSpeed's internal layout, one function each, with the public API whose absence makes it necessary. A torch or
-DeepSpeed upgrade breaks here or nowhere (tests/test_layers.py checks that no other module
+DeepSpeed upgrade breaks here or nowhere (tests/project/test_layers.py checks that no other module
 touches a private name of theirs). SUPPORTED names the versions this was written and tested
 against (pyproject.toml and constraints.txt say the same); `version_warning` tells a run
 outside them once, at start.

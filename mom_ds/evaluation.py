@@ -102,7 +102,10 @@ class Score:
     measured: Optional[float] = None  # the sum of `measure` over every batch and rank
 
     def scalars(self, prefix: str = "eval") -> dict[str, float]:
-        return {f"{prefix}/loss": self.loss, f"{prefix}/ppl": self.ppl}
+        values = {f"{prefix}/loss": self.loss, f"{prefix}/ppl": self.ppl}
+        if self.flops_per_token is not None:
+            values[f"{prefix}/flops_per_token"] = self.flops_per_token
+        return values
 
 
 # --- the routing record: the one place evaluation touches it ---------------------------

@@ -4,7 +4,7 @@ Compiled: every vanilla layer (attention + MLP, the whole layer), every Mixture-
 block (its top-k is over a static k), every routed block whose pools live in this process
 (E = 1, or pools expert parallelism leaves dense): routers, plans, the grouped GEMM
 (mom_ds::grouped_mm, a custom operator the compiler sees as one node) and the attention
-of all H steps in one graph with no break (tests/test_model_compile.py). A routed block
+of all H steps in one graph with no break (tests/model/test_model_compile.py). A routed block
 whose pools are sharded (E > 1) stays eager but for its learned routers: its all-to-all
 splits rows by counts read on the host, which would break the graph at every exchange.
 Each part is compiled in place (nn.Module.compile), so parameter names, checkpoints and

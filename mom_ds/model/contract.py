@@ -1,6 +1,6 @@
 """TrainableLM: what the training session, loop and evaluation call on a model. Both
 MoMForCausalLM (pre-training) and ModularStudent (modular distillation) implement it, with
-the same signatures (tests/test_model_contract.py compares them)."""
+the same signatures (tests/model/test_model_routing_record.py compares them)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable

@@ -5,7 +5,7 @@ This file is shipped: `mom-convert to-hf` copies it, as modeling_mom.py, beside 
 the model files it imports (hf_export.py), so an exported directory loads with
 `trust_remote_code=True` and transformers alone. Its imports therefore stay inside
 mom_ds/model: the same code runs in mom-ds and in the exported directory. It runs under
-transformers 4.44 to 5.x (tests/test_hf_export_hf4.py): what differs between them is named
+transformers 4.44 to 5.x (tests/model/test_hf_export_hf4.py): what differs between them is named
 where it is handled.
 """
 from __future__ import annotations

@@ -143,7 +143,10 @@ def train(run: RunConfig, engine, model: TrainableLM, layout: ParallelLayout, ba
             window_start, window_steps, data_seconds = time.perf_counter(), 0, 0.0
 
         if evaluating:
-            last_eval = score(engine, val, loss_chunk_tokens=t.loss_chunk_tokens).scalars()
+            # the forward FLOPs of the routing the val windows took (a modular student's
+            # assembly is drawn per step: no one number)
+            last_eval = score(engine, val, loss_chunk_tokens=t.loss_chunk_tokens,
+                              config=None if run.modular.enabled else run.model).scalars()
             monitor.scalars(progress.step, last_eval, echo=(
                 f"step {progress.step} val loss {last_eval['eval/loss']:.4f} "
                 f"ppl {last_eval['eval/ppl']:.2f}"))

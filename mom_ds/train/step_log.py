@@ -1,6 +1,6 @@
 """What a logging step reads: every number it prints or writes is reduced over ranks on the
 device, then copied to the host in one transfer, so a logging interval costs one
-device-to-host sync (the steps between read nothing of mom-ds's; tests/test_train_syncs.py
+device-to-host sync (the steps between read nothing of mom-ds's; tests/train/test_train_syncs.py
 counts them). The health check of that step (health.py) reads its flags in the same
 transfer."""
 from __future__ import annotations

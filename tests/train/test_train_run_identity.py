@@ -276,7 +276,7 @@ def test_a_checkpoint_from_an_older_mom_ds_resumes_with_a_warning():
 
 
 def test_every_config_field_has_a_rule():
-    """(The table docs/training.md shows is checked in tests/test_docs.py.)"""
+    """(The table docs/training.md shows is checked in tests/project/test_docs.py.)"""
     from mom_ds.train.resume_rules import RULES, fields, rule_for
 
     named = {f"{s}.{n}" for s, n in fields()}

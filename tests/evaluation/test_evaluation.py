@@ -1,7 +1,7 @@
 """The one evaluator (mom_ds/evaluation.py) against independent references: the mean
 cross-entropy computed by hand from the model's logits, the validation windows as the
 training sampler hands them to each rank, and one process against two ranks (bit for bit).
-mom-eval against the run's own last evaluation, exactly: tests/test_train_single.py."""
+mom-eval against the run's own last evaluation, exactly: tests/train/test_train_single.py."""
 from __future__ import annotations
 
 import numpy as np

@@ -8,7 +8,7 @@ import yaml
 from mom_ds import ConfigError, MoMConfig, MoMForCausalLM
 from mom_ds.model import presets
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 BAD = [
     (dict(d_model=30, n_heads=4), "model.n_heads", "divide"),

@@ -11,7 +11,7 @@ import pytest
 from mom_ds.config_reference import COMMAND, PAGE, render
 from mom_ds.train.resume_rules import rules_markdown
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target): inline links and images
 CITED = re.compile(r"\b((?:tests|mom_ds|configs|ds_configs|bench|launch|data_prep|scripts)"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("mom_ds", "data_prep", "bench")
 
 # Lowest first. A unit is a package under mom_ds, a module directly in mom_ds, or a root.

@@ -153,7 +153,7 @@ def test_shipped_code_is_mom_ds_own(exported):
     modeling_mom.py then names every other file in a `from .x import` line that never runs:
     transformers 4.x copies only the files the modeling file itself imports so."""
     root, _, _ = exported
-    package = Path(__file__).resolve().parent.parent / "mom_ds" / "model"
+    package = Path(__file__).resolve().parents[2] / "mom_ds" / "model"
     files = {path.stem for path in (root / "mom_gru").glob("*.py")}
     for path in (root / "mom_gru").glob("*.py"):
         source = (package / ("hf_modeling.py" if path.name == "modeling_mom.py" else path.name)

@@ -101,7 +101,7 @@ def test_megatron_files_that_disagree_are_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_adopted_gpt2_files_train_as_mom_preps(reference_encoding, tmp_path):  # noqa: F811
-    """nanoGPT's own writer (tests/test_prep_gpt2.py) and GPT-2 BPE: the same meta.json, and
+    """nanoGPT's own writer (tests/data_prep/test_prep_gpt2.py) and GPT-2 BPE: the same meta.json, and
     a run on each directory gives the same losses; model.vocab_size left unset becomes 50304."""
     encoding, directory = reference_encoding
     docs = stdlib_docstrings(300)

@@ -13,7 +13,7 @@ from data_prep.tokenizer import load_tokenizer
 from data_prep.tokenizer_export import save_tokenizer, transformers_tokenizer
 from test_hf_export import GPT2_TEXT, MODELS, check_same_outputs, export_and_load
 
-VENV = Path(__file__).resolve().parent.parent / ".venv-hf4"
+VENV = Path(__file__).resolve().parents[2] / ".venv-hf4"
 
 
 @pytest.fixture(scope="module")

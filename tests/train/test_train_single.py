@@ -94,7 +94,8 @@ def test_tensorboard_holds_named_scalars_and_histograms(reference):
     scalars = set(acc.Tags()["scalars"])
     for name in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm",
                  "perf/tokens_per_s", "perf/flops_per_s", "perf/mfu", "perf/memory_gb",
-                 "eval/loss", "eval/ppl", "routing/block0/attn_skip_rate",
+                 "eval/loss", "eval/ppl", "eval/flops_per_token",
+                 "routing/block0/attn_skip_rate",
                  "routing/block0/ffn_skip_rate", "routing/block0/mean_path_length",
                  "routing/block0/balance_loss", "train/balance_loss", "train/mod_router_loss"):
         assert name in scalars, name
@@ -124,6 +125,8 @@ def test_eval_and_generate_commands(reference):
     scored = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scored["step"] == STEPS and scored["windows"] == 16
     assert scored["loss"] == metrics(reference)[STEPS]["eval/loss"]  # exactly
+    # the forward FLOPs of the routing the windows took: the same evaluator's, the same count
+    assert scored["flops_per_token"] == metrics(reference)[STEPS]["eval/flops_per_token"]
     proc = run_python(["-m", "mom_ds.cli.evaluate", str(reference), "--all"])
     assert proc.returncode == 0 and "(458 windows" in proc.stdout, proc.stdout
     proc = run_python(["-m", "mom_ds.cli.generate", str(reference), "--prompt", "def ",

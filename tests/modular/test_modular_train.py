@@ -140,4 +140,4 @@ def test_modular_errors_name_the_cause(runs, tmp_path):
 def load_model_config(recipe: str):
     from mom_ds.config import load_run_config
 
-    return load_run_config(Path(__file__).resolve().parent.parent / recipe).model
+    return load_run_config(Path(__file__).resolve().parents[2] / recipe).model
