@@ -48,6 +48,7 @@ def place(command: str, run: RunConfig, model: nn.Module, device_name: str,
                               f"that many ranks, and this is one process. Fix: launch it on "
                               f"several, e.g. torchrun --nproc-per-node "
                               f"{expert_parallel_size} -m mom_ds.cli.{command[4:]} ...")
+        parallelize(model, run, training=False)  # one process: nothing to shard
         where = named_device(device_name)
         model.to(where)
         return Ranks(0, 1, where)
