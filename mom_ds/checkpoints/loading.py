@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -74,18 +74,31 @@ def with_compute(config: MoMConfig, depth: Optional[int] = None,
 
 
 def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[int] = None,
-               overrides: Sequence[str] = ()) -> tuple[RunConfig, MoMForCausalLM, dict[str, Any]]:
+               overrides: Sequence[str] = (),
+               shard: Optional[Callable[[MoMForCausalLM, RunConfig], None]] = None
+               ) -> tuple[RunConfig, MoMForCausalLM, dict[str, Any]]:
     """(config, model, client state) of a checkpoint, the model on one process in eval mode,
     optionally with H' routing steps and K' modules per step (with_compute) and the
     checkpoint's config changed by `--section.key VALUE` overrides; run then describes the
-    changed model. An override that changes a weight's shape is a ConfigError."""
+    changed model. An override that changes a weight's shape is a ConfigError.
+
+    shard(model, run): applied to the model while it is still on the meta device (no
+    memory), e.g. parallelize's expert parallelism; each parameter is then taken from the
+    memory-mapped checkpoint as the sharded model holds it (a sharded pool: this rank's
+    modules only), so a process never holds the whole model."""
     run, weights, client = consolidated_state_dict(path)
     require_whole_model(run, path)
     run = with_overrides(run, overrides)
     run.model = with_compute(run.model, depth, top_k)
-    model = MoMForCausalLM(run.model)
     try:
-        model.load_state_dict(weights)
+        if shard is None:
+            model = MoMForCausalLM(run.model)
+            model.load_state_dict(weights)
+        else:
+            with torch.device("meta"):
+                model = MoMForCausalLM(run.model)
+            shard(model, run)
+            model.load_state_dict(held_parts(model, weights), assign=True)
     except RuntimeError as err:
         if not overrides:
             raise
@@ -95,3 +108,19 @@ def load_model(path: str | Path, depth: Optional[int] = None, top_k: Optional[in
                           f"weights as trained (e.g. --model.depth, --model.top_k, "
                           f"--model.temperature).") from None
     return run, model.eval(), client
+
+
+def held_parts(model: torch.nn.Module, weights: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """Each of the (sharded) model's tensors out of the whole ones: a pool that sharding cut
+    to some of its modules (its `placement`) takes those rows, everything else is whole."""
+    held = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        whole = weights.get(name)
+        owner = model.get_submodule(name.rsplit(".", 2)[0]) if name.count(".") >= 2 else None
+        placement = getattr(owner, "placement", None)
+        if whole is not None and placement is not None and tensor.shape != whole.shape:
+            whole = whole[placement.owned()]
+        if whole is not None:  # a missing one is load_state_dict's error, named
+            held[name] = whole
+    return held

@@ -34,7 +34,7 @@ from ..model import ConfigError
 from ..parallel.process_group import world_size_from_env
 from .args import (add_config_arguments, add_device_argument, check_overrides, device,
                    parse_command_line, positive_int, print_config)
-from .ranks import place, stop
+from .ranks import Ranks, close_ranks, load_on_ranks, open_ranks
 
 # the checkpoint's config is what mom-eval scores with: its model (any field that leaves
 # the weights as trained) and where its windows come from
@@ -151,28 +151,32 @@ def chosen_windows(args: argparse.Namespace, data, run, run_world: int, world: i
 
 
 def evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    ranks = open_ranks("mom-eval", args.expert_parallel_size)
+    try:
+        return scored(args, overrides, ranks)
+    finally:
+        close_ranks(ranks)
+
+
+def scored(args: argparse.Namespace, overrides: list[str], ranks: Ranks) -> int:
     from ..data import TokenizedDataset
     from ..evaluation import score
-    from ..checkpoints.loading import load_model
     from ..train.run_data import check_data
 
-    run, model, client = load_model(args.checkpoint, args.depth, args.top_k_modules,
-                                    check_overrides("mom-eval", overrides, EVAL_READS))
+    run, model, client, _ = load_on_ranks(ranks, args.checkpoint, args.depth,
+                                          args.top_k_modules,
+                                          check_overrides("mom-eval", overrides, EVAL_READS),
+                                          args.device)
     if args.print_config:
-        return print_config(run.to_dict())
+        return print_config(run.to_dict()) if ranks.printing else 0
     data_dir = args.data_dir or run.data.data_dir
     check_data("mom-eval", args.checkpoint, run.data.fingerprint, data_dir,
                args.allow_data_change)
     data = TokenizedDataset(data_dir, split=args.split, seq_len=run.data.seq_len)
-    ranks = place("mom-eval", run, model, args.device, args.expert_parallel_size)
-    try:
-        windows = chosen_windows(args, data, run, int(client.get("world_size", 1)),
-                                 ranks.world_size)
-        result = score(model, windows, config=model.config,
-                       loss_chunk_tokens=run.train.loss_chunk_tokens,
-                       progress=ranks.printing)
-    finally:
-        stop(ranks)
+    windows = chosen_windows(args, data, run, int(client.get("world_size", 1)),
+                             ranks.world_size)
+    result = score(model, windows, config=model.config,
+                   loss_chunk_tokens=run.train.loss_chunk_tokens, progress=ranks.printing)
     if not ranks.printing:
         return 0
     if args.json:

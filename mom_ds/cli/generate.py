@@ -24,7 +24,7 @@ from ..model import ConfigError
 from .args import (add_config_arguments, add_device_argument, check_overrides,
                    non_negative_float, parse_command_line, positive_int, print_config,
                    probability)
-from .ranks import place, stop
+from .ranks import Ranks, close_ranks, load_on_ranks, open_ranks
 from ..errors import run_command
 
 # the checkpoint's model is what samples (any field that leaves the weights as trained);
@@ -67,13 +67,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
              overrides: list[str]) -> int:
-    from ..checkpoints.loading import load_model
+    ranks = open_ranks("mom-generate", args.expert_parallel_size)
+    try:
+        return sampled(parser, args, overrides, ranks)
+    finally:
+        close_ranks(ranks)
+
+
+def sampled(parser: argparse.ArgumentParser, args: argparse.Namespace, overrides: list[str],
+            ranks: Ranks) -> int:
     from ..train.run_data import run_tokenizer
 
-    run, model, _ = load_model(args.checkpoint, args.depth, args.top_k_modules,
-                               check_overrides("mom-generate", overrides, GENERATE_READS))
+    run, model, _, where = load_on_ranks(
+        ranks, args.checkpoint, args.depth, args.top_k_modules,
+        check_overrides("mom-generate", overrides, GENERATE_READS), args.device)
     if args.print_config:
-        return print_config(run.to_dict())
+        return print_config(run.to_dict()) if ranks.printing else 0
     tokenizer = run_tokenizer("mom-generate", args.checkpoint, run, args.data_dir,
                               args.allow_data_change)
     try:
@@ -81,26 +90,22 @@ def generate(parser: argparse.ArgumentParser, args: argparse.Namespace,
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
         raise ConfigError("--prompt is not valid UTF-8 text. Fix: pass the prompt as UTF-8.") \
             from None
-    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long)[None]
+    ids = torch.as_tensor(tokenizer.encode(args.prompt), dtype=torch.long, device=where)[None]
     if ids.numel() == 0:
         parser.error("the prompt encodes to no tokens")
     room = run.model.n_positions - ids.shape[1]
     if room < 1:
         parser.error(f"the prompt has {ids.shape[1]} tokens; the model holds "
                      f"{run.model.n_positions}")
-    if args.max_new_tokens > room:
+    if args.max_new_tokens > room and ranks.printing:
         print(f"mom-generate: note: --max-new-tokens {args.max_new_tokens} capped to {room}: "
               f"the model holds {run.model.n_positions} positions and the prompt takes "
               f"{ids.shape[1]}", file=sys.stderr)
-    ranks = place("mom-generate", run, model, args.device, args.expert_parallel_size)
-    where = ranks.device
-    try:  # every rank the same calls, the same draws
-        out = model.generate(ids.to(where), min(args.max_new_tokens, room),
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             eos_token_id=tokenizer.info.eot_id,
-                             generator=torch.Generator(device=where).manual_seed(args.seed))
-    finally:
-        stop(ranks)
+    # every rank makes the same calls and the same draws
+    out = model.generate(ids, min(args.max_new_tokens, room), temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p,
+                         eos_token_id=tokenizer.info.eot_id,
+                         generator=torch.Generator(device=where).manual_seed(args.seed))
     if ranks.printing:
         new = [t for t in out[0, ids.shape[1]:].tolist() if t != tokenizer.info.eot_id]
         print(args.prompt + tokenizer.decode(new))

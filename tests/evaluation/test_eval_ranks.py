@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mom_ds_testing.multirank import free_port
 from mom_ds_testing.runs import REPO, env, mom_train, tiny_args
@@ -90,3 +91,30 @@ def test_one_process_refuses_an_expert_parallel_size(trained):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "mom-eval: error: --expert-parallel-size 2 needs that many ranks" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_sharded_load_takes_only_this_ranks_modules(trained):
+    """On several ranks the model is built on the meta device and sharded before any weight
+    is read: each pool tensor then holds exactly its rank's rows of the checkpoint (compared
+    with the whole model one process loads), and no tensor is left on the meta device."""
+    from mom_ds.checkpoints.loading import load_model
+    from mom_ds.parallel.parallelize import shard_pool
+    from mom_ds.parallel.placement import ModulePlacement
+
+    _, whole, _ = load_model(trained)
+
+    def second_of_two(model, run):
+        for block in model.chunks:
+            for pool in (block.attn_pool, block.ffn_pool):
+                shard_pool(pool, ModulePlacement(pool.n_modules, 2, 1), "ep_size_2")
+
+    _, model, _ = load_model(trained, shard=second_of_two)
+    want = whole.state_dict()
+    got = model.state_dict()
+    assert not any(t.is_meta for t in got.values())
+    assert sum(t.numel() for t in got.values()) < sum(t.numel() for t in want.values())
+    for name, tensor in got.items():
+        if "_pool." in name:  # modules 2 and 3 of 4
+            assert torch.equal(tensor, want[name][2:]), name
+        else:
+            assert torch.equal(tensor, want[name]), name
