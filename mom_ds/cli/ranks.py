@@ -7,8 +7,7 @@ On several ranks the model is built on the meta device, sharded there, and only 
 its weights from the memory-mapped checkpoint (checkpoints/loading.py): a rank holds the
 dense weights and its own 1/E of each sharded pool, never the whole model (a checkpoint
 written with expert parallelism has its pool slices joined in host memory first). Every
-rank runs
-the same forward calls (the all-to-all needs all of them) and rank 0 prints.
+rank runs the same forward calls (the all-to-all needs all of them) and rank 0 prints.
 """
 from __future__ import annotations
 
