@@ -251,7 +251,7 @@ def load(engine, model, layout: ParallelLayout, ckpt_dir: str | Path, tag: str
 
 
 def _set_schedule_step(scheduler, step: int) -> None:
-    """The LambdaLR the engine steps is a pure function of the step (loop.lr_factor); its
+    """The LambdaLR the engine steps is a pure function of the step (optimizer.lr_factor); its
     state is that step, whatever parameter groups this layout has."""
     rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
     for group, lr in zip(scheduler.optimizer.param_groups, rates):
