@@ -15,7 +15,7 @@ venv: $(BIN)/activate
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]" -c constraints.txt
 	# the shared test and benchmark helpers (testing/: not part of the mom-ds wheel)
-	$(BIN)/pip install -q --no-build-isolation -e ./testing
+	$(BIN)/pip install -q -e ./testing
 
 # transformers 4.x beside .venv's 5.x, for tests/model/test_hf_export_hf4.py (the exports load with
 # both): its own transformers, tokenizers and huggingface_hub come first on sys.path, then
