@@ -17,6 +17,8 @@ from typing import Iterator
 
 import pytest
 
+from .multirank import free_port  # noqa: F401 (the launcher tests take it from here)
+
 REPO = Path(__file__).resolve().parents[2]  # installed editable: the checkout
 BIN = Path(sys.executable).parent
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -57,11 +59,6 @@ def tiny_args(data: Path, out_dir: Path, steps: int = 4, ckpt_interval: int = 2)
             "--train.log_interval", "1", "--train.eval_interval", "0",
             "--train.eval_batches", "1", "--train.ckpt_interval", str(ckpt_interval)]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- Slurm
