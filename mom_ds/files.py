@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -31,6 +33,22 @@ def replaced(path: str | Path, durable: bool = False) -> Iterator[Path]:
 def write_text(path: str | Path, text: str, durable: bool = False) -> None:
     with replaced(path, durable) as tmp:
         tmp.write_text(text)
+
+
+def json_rows(path: str | Path, who: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, row) for each JSON row of a JSON-lines file (metrics.jsonl, routing.jsonl). A
+    line that is not JSON (cut short when a full disk stopped the write) is skipped with a
+    warning naming it; `who` prefixes the warning ("mom-report: ")."""
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{who}warning: {path} line {number} is not a complete JSON row (cut short "
+                  f"when it was written?): skipped: {line[:80]!r}", file=sys.stderr)
+            continue
+        yield line, row
 
 
 def sha256_file(path: str | Path) -> str:

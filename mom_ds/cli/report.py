@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import run_command
+from ..files import json_rows
 from ..model.routing import RoutingRecord
 from ..train.monitor import ROUTING_FILE
 
@@ -86,17 +86,8 @@ def load_routing(run_dir: Path) -> list[tuple[int, RoutingRecord]]:
     path = run_dir / ROUTING_FILE
     if not path.is_file():
         return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"mom-report: warning: {path} line {number} is not a complete JSON row: "
-                  f"skipped", file=sys.stderr)
-            continue
-        records.append((row["step"], RoutingRecord.from_row(row)))
+    records = [(row["step"], RoutingRecord.from_row(row))
+               for _, row in json_rows(path, "mom-report: ")]
     return sorted(records, key=lambda item: item[0])
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 import yaml
 
-from ..files import write_text
+from ..files import json_rows, write_text
 from ..model.routing import RoutingRecord
 from . import wandb_sink
 from .routing_dashboard import log_routing
@@ -205,18 +205,7 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
     """metrics.jsonl (or routing.jsonl) without the rows after `step`, rewritten atomically.
     A line that is not JSON (cut short when the disk filled) is dropped with a warning
     naming it."""
-    keep = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            print(f"warning: {path} line {number} is not a complete JSON row (cut short when "
-                  f"it was written?): dropped: {line[:80]!r}", file=sys.stderr)
-            continue
-        if row["step"] <= step:
-            keep.append(line)
+    keep = [line for line, row in json_rows(path) if row["step"] <= step]
     write_text(path, "".join(line + "\n" for line in keep))
 
 

@@ -11,7 +11,8 @@ from mom_ds.model.routing import RoutingRecord
 from mom_ds.train.monitor import Monitor
 
 pytest.importorskip("matplotlib", reason="mom-report needs matplotlib (launch/ci_setup.sh)")
-Image = pytest.importorskip("PIL.Image")
+Image = pytest.importorskip("PIL.Image",
+                            reason="the report check reads its PNG with Pillow (matplotlib's)")
 
 TINY = dict(vocab_size=257, n_positions=32, d_model=32, n_heads=2, n_bottom=1, n_routed_blocks=2,
             anchor_layers=False, n_top=1, n_attn_modules=3, n_ffn_modules=4, depth=3, top_k=1,
