@@ -26,12 +26,18 @@ from torch import nn
 
 from mom_ds_testing.multirank import run_ranks  # noqa: E402
 
+from mom_ds.model import MoMConfig  # noqa: E402
 from mom_ds.model.dispatch import make_plan  # noqa: E402
 from mom_ds.model.modules import FFNModule, init_gpt2_  # noqa: E402
 from mom_ds.model.pools import FFNPool  # noqa: E402
 from mom_ds.parallel.dispatch import AllToAllDispatcher  # noqa: E402
 from mom_ds.engine_adapter import expert_groups  # noqa: E402
 from mom_ds.parallel.placement import ModulePlacement  # noqa: E402
+
+
+def ffn_shape(width: int) -> MoMConfig:
+    """GPT-2 FFN modules of this width (the shape both layers' experts take)."""
+    return MoMConfig(d_model=width, n_heads=1)
 
 
 class MoMFFNLayer(nn.Module):
@@ -43,7 +49,7 @@ class MoMFFNLayer(nn.Module):
         self.top_k, self.capacity_factor = top_k, capacity_factor
         self.gate = nn.Linear(width, n_experts, bias=False)
         placement = ModulePlacement(n_experts, ep_size, ep_rank)
-        self.experts = FFNPool(placement.per_rank, width)
+        self.experts = FFNPool(ffn_shape(width), placement.per_rank)
         init_gpt2_(self.experts, 0.02, 1)
         self.dispatcher = AllToAllDispatcher(group, 0, "FFN", placement)
         self.n_experts = n_experts
@@ -92,7 +98,7 @@ def rank_main(rank, world, args):
     layers = {"mom_dropless": mom, "mom_cf1": mom_cf1}
     for label, drop in (("ds_dropless", False), ("ds_cf1", True)):
         torch.manual_seed(0)
-        layers[label] = MoE(hidden_size=args.width, expert=FFNModule(args.width),
+        layers[label] = MoE(hidden_size=args.width, expert=FFNModule(ffn_shape(args.width)),
                             num_experts=args.experts, ep_size=world, k=args.top_k,
                             capacity_factor=1.0, drop_tokens=drop, use_rts=False)
         layers[label].set_deepspeed_parallelism()  # the engine does this at initialize

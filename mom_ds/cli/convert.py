@@ -1,14 +1,18 @@
-"""mom-convert: move weights between mom-train checkpoints, plain PyTorch files and HF GPT-2.
+"""mom-convert: move weights between mom-train checkpoints, plain PyTorch files and Hugging
+Face models (GPT-2; Llama, SmolLM, TinyLlama, Mistral, Qwen2).
 
   mom-convert fp32 CKPT OUT.safetensors      mom-train checkpoint -> one fp32 weights file
                                              (the model config and step in its metadata)
   mom-convert to-hf CKPT OUT_DIR [--data-dir D]
                                              any checkpoint -> Hugging Face directory: a vanilla
-                                             preset as GPT2LMHeadModel, every other model with
+                                             preset as GPT2LMHeadModel / LlamaForCausalLM /
+                                             Qwen2ForCausalLM, every other model with
                                              its modeling code (trust_remote_code=True); with
                                              the tokenizer of the run's data
   mom-convert from-hf HF_DIR OUT.safetensors [--config configs/X.yaml] [--model.key VALUE ...]
-                                             GPT-2 donor -> MoM (two-stage init: the recipe's
+                                             GPT-2 or Llama-family donor -> MoM (two-stage
+                                             init, or upcycling where the pools outnumber the
+                                             donor's layers: the recipe's
                                              model layout; no --config: the vanilla preset;
                                              --model.* overrides either), or a to-hf export of
                                              any model back as it is
@@ -43,8 +47,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       "own copy in RUN/tokenizer/, else data.data_dir)")
     p.add_argument("--allow-data-change", action="store_true",
                    help="take --data-dir's tokenizer even where it is not the run's")
-    p = sub.add_parser("from-hf", help="HF GPT-2 donor -> MoM weights for --train.init_from")
-    p.add_argument("donor", help="GPT2LMHeadModel directory (or hub name, with the network)")
+    p = sub.add_parser("from-hf", help="HF GPT-2 / Llama / Mistral / Qwen2 donor -> MoM weights "
+                                          "for --train.init_from")
+    p.add_argument("donor", help="*ForCausalLM directory (or hub name, with the network)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--config", help="recipe whose model: section is the target layout")
     add_config_arguments(p, FROM_HF_READS)
@@ -76,7 +81,7 @@ def convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
     from ..model import ConfigError
-    from ..model.hf import from_hf_gpt2
+    from ..model.hf import from_hf
     from ..config import stored_model_config
     from ..model.hf_export import is_mom_export, read_exported
     from ..model.weights_file import save_weights
@@ -85,7 +90,7 @@ def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.config or overrides:
             raise ConfigError(f"{args.donor} is a mom-ds export, which imports as it is. "
                               f"Fix: drop --config and the --model.* overrides (they cut a "
-                              f"GPT-2 donor into a layout).")
+                              f"donor into a layout).")
         config, weights = read_exported(args.donor, stored_model_config)
         if args.print_config:
             return print_config({"model": config.to_dict()})
@@ -95,23 +100,23 @@ def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
             layout = donor_layout(args, overrides)
         if args.print_config:
             return print_config({"model": layout.to_dict()})
-        model = from_hf_gpt2(args.donor, layout=layout)
+        model = from_hf(args.donor, layout=layout)
         save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
     print(f"mom-convert from-hf: wrote {args.out}")
     return 0
 
 
 def donor_layout(args: argparse.Namespace, overrides: list[str]):
-    """The model a GPT-2 donor becomes: the recipe's model section, else the donor's vanilla
+    """The model a donor becomes: the recipe's model section, else the donor's vanilla
     preset, changed by the --model.* overrides (the donor's own config alone, never its
     weights, is read for the vanilla preset)."""
     from ..config import load_run_config, parse_overrides
     from ..model import MoMConfig
-    from ..model.hf import gpt2_vanilla_config
+    from ..model.hf import vanilla_config
 
     if args.config:
         return load_run_config(args.config, overrides).model
-    vanilla = gpt2_vanilla_config(args.donor).to_dict()
+    vanilla = vanilla_config(args.donor).to_dict()
     return MoMConfig.from_dict({**vanilla, **parse_overrides(overrides).get("model", {})})
 
 

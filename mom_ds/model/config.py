@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NoReturn, Optional
 
 import yaml
 
@@ -20,6 +20,7 @@ FIXED_ROUTES = ("layer", "cycle")
 SKIP_IN_ATTENTION = ("zero", "mask")
 WEIGHTINGS = ("prob", "renorm", "logit")
 MOD_DECODE = ("bce", "predictor")
+BLOCKS = ("gpt2", "llama")
 
 
 class ConfigError(ValueError):
@@ -31,21 +32,43 @@ class ConfigError(ValueError):
 
 @dataclass
 class MoMConfig:
-    """A GPT-2-family Mixture-of-Modules model (see mom-spec.md section 1 and 2).
+    """A Mixture-of-Modules model of GPT-2 or Llama-family blocks (see mom-spec.md section 1
+    and 2).
 
     Layout: n_bottom vanilla layers, n_routed_blocks routed blocks (each followed by an anchor
-    vanilla layer when anchor_layers), n_top vanilla layers, then ln_f and the tied head.
+    vanilla layer when anchor_layers), n_top vanilla layers, then the final norm and the head.
     """
+
+    # --- the block family ----------------------------------------------------------------
+    block: Literal[BLOCKS] = "gpt2"
+    """What every layer, module and pool is made of. `gpt2`: LayerNorm, learned absolute
+    positions, GELU MLP, biases on every projection. `llama` (Llama, Qwen2, Mistral, SmolLM):
+    RMSNorm, rotary positions, SwiGLU FFN, grouped-query attention (n_kv_heads), no biases
+    but the optional Q/K/V ones (qkv_bias)."""
 
     # --- shape of the transformer -------------------------------------------------------
     vocab_size: int = 50257
     """Token ids the embedding holds (50257 for GPT-2's BPE)."""
     n_positions: int = 1024
-    """Longest sequence (learned absolute positions, as GPT-2)."""
+    """Longest sequence (gpt2: rows of the learned position table)."""
     d_model: int = 768
     """Residual stream width."""
     n_heads: int = 12
-    """Attention heads; must divide d_model."""
+    """Attention (query) heads; must divide d_model."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention, block llama); 0: n_heads. Must divide
+    n_heads."""
+    ffn_hidden: int = 0
+    """Hidden width of an FFN module; 0: 4 * d_model (gpt2), 8/3 * d_model rounded up to a
+    multiple of 64 (llama: SwiGLU's gate and up projections each have this width)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position embedding (block llama)."""
+    qkv_bias: bool = False
+    """Biases on the Q, K and V projections (block llama; Qwen2 has them). gpt2 blocks have
+    biases on every projection."""
+    tie_word_embeddings: bool = True
+    """The LM head is the token embedding (GPT-2, SmolLM); false: its own matrix (Llama,
+    TinyLlama)."""
 
     # --- layout ------------------------------------------------------------------------
     n_bottom: int = 0
@@ -119,7 +142,7 @@ class MoMConfig:
     dropout: float = 0.0
     """Dropout on embeddings, residual branches and attention (0 in the authors' recipe)."""
     layer_norm_eps: float = 1e-5
-    """LayerNorm epsilon (GPT-2: 1e-5)."""
+    """Epsilon of every norm: LayerNorm (gpt2: 1e-5) or RMSNorm (llama: e.g. 1e-5 or 1e-6)."""
     init_std: float = 0.02
     """Std of the normal initialisation (GPT-2: 0.02; output projections are scaled down)."""
 
@@ -130,6 +153,25 @@ class MoMConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when it is 0."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def qkv_width(self) -> int:
+        """Width of one attention module's Q, K and V projections together."""
+        return (self.n_heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of an FFN module (ffn_hidden, or the family's default)."""
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.block == "llama":
+            return -(-8 * self.d_model // 3 // 64) * 64
+        return 4 * self.d_model
 
     @property
     def n_router_classes(self) -> int:
@@ -159,19 +201,25 @@ class MoMConfig:
         return [i for i in range(self.n_bottom) if (i + 1) % self.mod_every == 0]
 
     # ------------------------------------------------------------------------------------
+    def _fail(self, name: str, why: str, fix: str) -> NoReturn:
+        raise ConfigError(f"model.{name} = {getattr(self, name)!r}: {why}. Fix: {fix}.")
+
     def validate(self) -> None:
-        def fail(name: str, why: str, fix: str) -> None:
-            raise ConfigError(f"model.{name} = {getattr(self, name)!r}: {why}. Fix: {fix}.")
+        fail = self._fail
 
         for name in ("vocab_size", "n_positions", "d_model", "n_heads", "router_width"):
             if int(getattr(self, name)) < 1:
                 fail(name, "must be a positive integer", f"set model.{name} >= 1")
+        for name in ("n_kv_heads", "ffn_hidden"):
+            if int(getattr(self, name)) < 0:
+                fail(name, "must not be negative", f"set model.{name} = 0 (the default) or more")
         for name in ("n_bottom", "n_routed_blocks", "n_top"):
             if int(getattr(self, name)) < 0:
                 fail(name, "must not be negative", f"set model.{name} >= 0")
         if self.d_model % self.n_heads:
             fail("n_heads", f"does not divide d_model = {self.d_model}",
                  "choose n_heads that divides d_model (e.g. 12 heads for 768)")
+        self._validate_block()
         if self.n_vanilla_layers + self.n_routed_blocks == 0:
             fail("n_routed_blocks", "the model has no layers",
                  "set n_routed_blocks >= 1 or n_bottom >= 1")
@@ -203,9 +251,32 @@ class MoMConfig:
                      f"(n_bottom = {self.n_bottom}, mod_every = {self.mod_every})",
                      "put the MoD layers in n_bottom, with n_bottom >= mod_every")
 
+    def _validate_block(self) -> None:
+        fail = self._fail
+
+        if self.block not in BLOCKS:
+            fail("block", f"is not one of {BLOCKS}", f"use one of {', '.join(BLOCKS)}")
+        if self.n_heads % self.kv_heads:
+            fail("n_kv_heads", f"does not divide n_heads = {self.n_heads}",
+                 "use a divisor of n_heads (e.g. n_heads / 4), or 0 for one per head")
+        if self.block == "gpt2":
+            if self.kv_heads != self.n_heads:
+                fail("n_kv_heads", "grouped-query attention needs block llama",
+                     "set model.block = llama, or n_kv_heads = 0 for GPT-2 blocks")
+            if self.qkv_bias:
+                fail("qkv_bias", "gpt2 blocks have biases on every projection already",
+                     "leave qkv_bias false with block gpt2 (it chooses Q/K/V biases for llama)")
+        else:
+            if self.head_dim % 2:
+                fail("n_heads", f"leaves an odd head width {self.head_dim}, which rotary "
+                     f"positions cannot rotate in pairs", "choose n_heads so that "
+                     "d_model / n_heads is even")
+            if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+                fail("rope_theta", "must be a positive number", "use 10000 (Llama 2) or "
+                     "500000 (Llama 3)")
+
     def _validate_routed(self) -> None:
-        def fail(name: str, why: str, fix: str) -> None:
-            raise ConfigError(f"model.{name} = {getattr(self, name)!r}: {why}. Fix: {fix}.")
+        fail = self._fail
 
         for name in ("n_attn_modules", "n_ffn_modules", "depth", "top_k"):
             if int(getattr(self, name)) < 1:

@@ -1,24 +1,46 @@
 """Training FLOPs per token (forward + backward) from the routing actually taken.
 
 nanoGPT's convention (PaLM appendix B): 6 FLOPs per executed parameter per token plus
-12 * d * T per attention computation (QK^T and AV, forward and backward), with the position
-table left out and the tied head counted once. For the vanilla preset this is exactly
-6N + 12*L*H*Q*T; for MoM the parameters are the modules a token actually ran.
+12 * d * T per attention computation (QK^T and AV, forward and backward, whatever the
+number of key/value heads), with the position table left out and the head counted once
+(an untied head's matrix; its input embedding is a lookup, like the position table). For
+the vanilla preset this is exactly 6N + 12*L*H*Q*T; for MoM the parameters are the modules
+a token actually ran. The modules' shapes are the block family's (modules.py): SwiGLU has
+three matrices, grouped-query attention smaller K and V projections.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from .config import MoMConfig
+from .modules import fc_width, projection_biases
 from .routing import RoutingRecord
 
 
-def attention_module_params(d: int) -> int:
-    return 2 * d + (3 * d * d + 3 * d) + (d * d + d)
+def _norm_params(config: MoMConfig) -> int:
+    return config.d_model * (2 if config.block == "gpt2" else 1)  # LayerNorm has a bias
 
 
-def ffn_module_params(d: int) -> int:
-    return 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+def attention_module_params(config: MoMConfig) -> int:
+    d, qkv = config.d_model, config.qkv_width
+    qkv_bias, bias = projection_biases(config)
+    return _norm_params(config) + d * qkv + qkv * qkv_bias + d * d + d * bias
+
+
+def ffn_module_params(config: MoMConfig) -> int:
+    d, hidden, fc = config.d_model, config.ffn_width, fc_width(config)
+    _, bias = projection_biases(config)
+    return _norm_params(config) + d * fc + fc * bias + hidden * d + d * bias
+
+
+def layer_params(config: MoMConfig) -> int:
+    """One vanilla layer: an attention module and an FFN module."""
+    return attention_module_params(config) + ffn_module_params(config)
+
+
+def head_params(config: MoMConfig) -> int:
+    """The final norm and the head's matrix (counted once, tied or not)."""
+    return config.vocab_size * config.d_model + _norm_params(config)
 
 
 def router_params(config: MoMConfig, kind: str) -> int:
@@ -49,8 +71,8 @@ def flops_per_token(config: MoMConfig, seq_len: int,
     if routing is not None and not routing.calls:
         routing = None
     d, T = config.d_model, seq_len
-    layer = attention_module_params(d) + ffn_module_params(d)
-    params = config.vocab_size * d + 2 * d  # tied embedding/head + ln_f
+    layer = layer_params(config)
+    params = head_params(config)
     attentions = 0.0
     mod_layers = config.mod_layer_indices()
     plain = config.n_vanilla_layers - len(mod_layers)
@@ -72,8 +94,8 @@ def flops_per_token(config: MoMConfig, seq_len: int,
             ffn = _modules_per_token(block.ffn_counts, config.n_ffn_modules, k_ffn)
         else:
             attn, ffn = [float(k_attn)] * config.depth, [float(k_ffn)] * config.depth
-        per_block.append(sum(attn) * attention_module_params(d)
-                         + sum(ffn) * ffn_module_params(d))
+        per_block.append(sum(attn) * attention_module_params(config)
+                         + sum(ffn) * ffn_module_params(config))
     routers = config.depth * (router_params(config, config.attn_router_kind)
                               + router_params(config, config.ffn_router_kind))
     params += sum(per_block) + config.n_routed_blocks * routers

@@ -1,7 +1,9 @@
 """A mom-ds model written as a Hugging Face directory that transformers alone loads.
 
-A vanilla preset becomes a plain GPT2LMHeadModel (hf.py). Every other model (MoM with any
-router, MoE, MoD, early exit, shared layers) is written as remote code: config.json names
+A vanilla preset becomes its family's plain transformers model (hf.py: GPT2LMHeadModel,
+LlamaForCausalLM, or Qwen2ForCausalLM where Q/K/V have biases). Every other model (MoM
+with any router, MoE, MoD, early exit, shared layers, of either family) is written as
+remote code: config.json names
 `modeling_mom.py` in its auto_map, and the directory holds that file (hf_modeling.py) and a
 copy of each model file it imports, so the code that runs there is mom-ds's own, generated
 at export time rather than kept twice. Weights are model.safetensors; the tokenizer files
@@ -22,7 +24,7 @@ import torch
 from data_prep.tokenizer_export import save_tokenizer
 
 from .config import ConfigError, MoMConfig
-from .hf import gpt2_lm_head, is_gpt2_shaped
+from .hf import hf_vanilla_model, is_vanilla
 from .hf_modeling import MODEL_TYPE, MoMHFConfig, MoMHFForCausalLM
 from .model import MoMForCausalLM
 
@@ -90,11 +92,11 @@ def check_target(out_dir: Path) -> None:
 
 
 def hf_model_of(model: MoMForCausalLM, token_ids: Optional[dict[str, int]] = None):
-    """The transformers model with `model`'s weights: GPT2LMHeadModel for a vanilla preset,
-    MoMHFForCausalLM otherwise. token_ids: bos/eos/pad ids for the config."""
+    """The transformers model with `model`'s weights: the family's own model for a vanilla
+    preset, MoMHFForCausalLM otherwise. token_ids: bos/eos/pad ids for the config."""
     token_ids = token_ids or {}
-    if is_gpt2_shaped(model.config):
-        hf_model = gpt2_lm_head(model)
+    if is_vanilla(model.config):
+        hf_model = hf_vanilla_model(model)
         for name, value in token_ids.items():
             setattr(hf_model.config, name, value)
     else:
@@ -120,7 +122,7 @@ def to_hf(model: MoMForCausalLM, out_dir: Union[str, Path], tokenizer: Any = Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         hf_model.save_pretrained(tmp)
-        if not is_gpt2_shaped(model.config):
+        if not is_vanilla(model.config):
             _write_remote_code(tmp)
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp)

@@ -37,7 +37,8 @@ class MoMHFConfig(PretrainedConfig):
     n_positions: int = 1024
     d_model: int = 768
     n_heads: int = 12
-    # the head is wte itself (F.linear on wte.weight), not a second tensor to tie
+    # the head is wte itself (F.linear on wte.weight) or its own lm_head, never a second
+    # tensor for transformers to tie
     tie_word_embeddings: bool = False
 
     @classmethod

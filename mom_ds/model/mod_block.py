@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoMConfig
-from .modules import VanillaLayer
+from .modules import Rope, VanillaLayer
 
 ROUTINGS = ("topk", "threshold")
 
@@ -39,7 +39,7 @@ class MoDBlock(nn.Module):
         d = config.d_model
         self.capacity = config.mod_capacity
         self.decode = config.mod_decode
-        self.layer = VanillaLayer(d, config.n_heads, config.layer_norm_eps, config.dropout)
+        self.layer = VanillaLayer(config)
         self.router = nn.Linear(d, 1, bias=False)
         if self.decode == "predictor":
             self.predictor = nn.Sequential(nn.Linear(d, config.router_width), nn.ReLU(),
@@ -50,10 +50,12 @@ class MoDBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *, routing: str = "topk",
                 real: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
-                cache_key: object = None) -> tuple[torch.Tensor, MoDRouting]:
+                cache_key: object = None, rope: Optional[Rope] = None
+                ) -> tuple[torch.Tensor, MoDRouting]:
         """x (B, T, d); real (B, T) bool: which positions are tokens. Padding is never
         selected, takes no capacity (a row's k counts its tokens) and is left out of the
-        BCE."""
+        BCE. rope: the rotary tables of x's positions (block llama); the selected tokens
+        keep their own positions."""
         if routing not in ROUTINGS:
             raise ValueError(f"MoD routing {routing!r} is not one of {ROUTINGS}")
         B, T, d = x.shape
@@ -78,7 +80,10 @@ class MoDBlock(nn.Module):
                 valid = in_capacity.gather(1, order) & real.gather(1, idx)
             gather = idx.unsqueeze(-1).expand(B, k, d)
             x_sel = x.gather(1, gather)
-            delta = self.layer(x_sel, keep=valid) - x_sel
+            if rope is not None:  # each selected token's own angles: (B, k, head_dim)
+                rope = tuple(t.expand(B, *t.shape[-2:]).gather(
+                    1, idx.unsqueeze(-1).expand(B, k, t.shape[-1])) for t in rope)
+            delta = self.layer(x_sel, keep=valid, rope=rope) - x_sel
             gate = r.gather(1, idx)
             if valid is not None:
                 gate = gate * valid
@@ -90,7 +95,8 @@ class MoDBlock(nn.Module):
             selected = causal_logit > 0  # sigmoid(logit) > 0.5
             if real is not None:
                 selected = selected & real
-            delta = self.layer(x, keep=selected, cache=cache, cache_key=cache_key) - x
+            delta = self.layer(x, keep=selected, cache=cache, cache_key=cache_key,
+                               rope=rope) - x
             out = x + ((selected * r).unsqueeze(-1) * delta).to(x.dtype)
         if routing != "topk":
             bce = r.new_zeros(())

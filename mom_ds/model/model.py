@@ -1,5 +1,5 @@
-"""MoMForCausalLM: embeddings, the layout of vanilla layers / routed blocks / MoD blocks,
-the tied LM head, the loss, and cached generation."""
+"""MoMForCausalLM: embeddings and positions, the layout of vanilla layers / routed blocks /
+MoD blocks, the LM head (tied or not), the loss, and cached generation."""
 from __future__ import annotations
 
 import functools
@@ -15,7 +15,7 @@ from .config import MoMConfig
 from .flops import flops_per_token
 from .lm_loss import chunked_lm_loss
 from .mod_block import MoDBlock, MoDRouting
-from .modules import VanillaLayer, init_gpt2_
+from .modules import Rope, VanillaLayer, init_gpt2_, make_norm, rotary_tables
 from .routed_block import RoutedBlock
 from .routing import RoutingRecord
 
@@ -40,9 +40,10 @@ class MoMForCausalLM(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        d, eps = config.d_model, config.layer_norm_eps
+        d = config.d_model
         self.wte = nn.Embedding(config.vocab_size, d)
-        self.wpe = nn.Embedding(config.n_positions, d)
+        # positions: a learned table (gpt2) or rotary angles inside attention (llama)
+        self.wpe = nn.Embedding(config.n_positions, d) if config.block == "gpt2" else None
         self.drop = nn.Dropout(config.dropout)
         mod_layers = set(config.mod_layer_indices())
         self.bottom = nn.ModuleList(
@@ -51,19 +52,40 @@ class MoMForCausalLM(nn.Module):
         self.anchors = nn.ModuleList(self._vanilla() for _ in range(config.n_routed_blocks)
                                      if config.anchor_layers)
         self.top = nn.ModuleList(self._vanilla() for _ in range(config.n_top))
-        self.ln_f = nn.LayerNorm(d, eps=eps)
+        self.ln_f = make_norm(config)
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(d, config.vocab_size, bias=False)
         init_gpt2_(self, config.init_std, config.n_layer_equiv)
         self.activation_checkpointing = "none"  # set by set_activation_checkpointing
 
     def _vanilla(self) -> VanillaLayer:
-        c = self.config
-        return VanillaLayer(c.d_model, c.n_heads, c.layer_norm_eps, c.dropout)
+        return VanillaLayer(self.config)
 
     def num_params(self, exclude_positions: bool = True) -> int:
         """Parameter count; nanoGPT leaves out the position table (the head is tied).
         (contract.py: TrainableLM.num_params)"""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if exclude_positions else n
+        return n - self.wpe.weight.numel() if exclude_positions and self.wpe is not None else n
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's matrix (vocab, d): the token embedding itself when tied."""
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed(self, input_ids: torch.Tensor, pos: torch.Tensor
+              ) -> tuple[torch.Tensor, Optional[Rope]]:
+        """The residual stream entering the first layer, and what the layers need to know
+        of the positions pos ((T,) or (B, T)): the rotary tables (block llama; gpt2 adds
+        its position table here and returns None)."""
+        x = self.wte(input_ids)
+        if self.wpe is not None:
+            return self.drop(x + self.wpe(pos)), None
+        c = self.config
+        return self.drop(x), rotary_tables(pos, c.head_dim, c.rope_theta)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output -> logits: final norm and head."""
+        return F.linear(self.ln_f(x), self.head_weight)
 
     def per_module_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter by name, each routed block's stacked pools as one view per module
@@ -126,7 +148,7 @@ class MoMForCausalLM(nn.Module):
             if labels is not None:
                 labels = labels.masked_fill(~real, -100)  # a padding position predicts nothing
         pos = self._positions(real, past, T, cache, input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        x, rope = self.embed(input_ids, pos)
         out = MoMOutput(logits=x)
         blocks = []
         # activations are recomputed in training only (generation's cache is filled once)
@@ -134,6 +156,7 @@ class MoMForCausalLM(nn.Module):
             and self.training and torch.is_grad_enabled()
 
         def run(layer: nn.Module, x: torch.Tensor, key: tuple, **kwargs):
+            kwargs["rope"] = rope
             if checkpointing and not (isinstance(layer, RoutedBlock)
                                       and self.activation_checkpointing == "layer"):
                 return checkpointed(functools.partial(layer, **kwargs), x)
@@ -159,9 +182,9 @@ class MoMForCausalLM(nn.Module):
         hidden = self.ln_f(x)
         if labels is not None and loss_chunk_tokens > 0:
             out.logits = None
-            out.lm_loss = chunked_lm_loss(hidden, self.wte.weight, labels, loss_chunk_tokens)
+            out.lm_loss = chunked_lm_loss(hidden, self.head_weight, labels, loss_chunk_tokens)
         else:
-            out.logits = F.linear(hidden, self.wte.weight)  # head tied to wte
+            out.logits = F.linear(hidden, self.head_weight)
             if labels is not None:
                 out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
                                               labels.reshape(-1), ignore_index=-100)

@@ -1,14 +1,16 @@
 """A routed block's module pools, stored stacked: one tensor per role with a leading module
 dimension, so a half-step computes all its modules with one grouped GEMM per projection.
 
-An attention module is its own pre-LayerNorm + QKV projection (d -> 3d) + output projection
-(d -> d); an FFN module its own pre-LayerNorm + d -> 4d -> d MLP (mom-spec section 1). Here
-module j of a pool is row j of every tensor. Weights are stored (in, out), the layout
-`grouped_mm` multiplies by (and Hugging Face's Conv1D keeps).
+An attention module is its own pre-norm + Q/K/V projection + output projection (d -> d); an
+FFN module its own pre-norm + MLP (mom-spec section 1), in the model's block family
+(modules.py: GPT-2's LayerNorm and GELU MLP, or Llama's RMSNorm and SwiGLU, whose gate and
+up projections are one stacked projection, so SwiGLU's third matrix adds no gather and no
+exchange). Here module j of a pool is row j of every tensor. Weights are stored (in, out),
+the layout `grouped_mm` multiplies by (and Hugging Face's Conv1D keeps).
 
 The rows a pool computes arrive sorted by module (dispatch.py: RoutePlan) and described by
 `RowGroups`. The caller normalises each token once, without affine, so the rows need a single
-gather whatever module they go to; each module's LayerNorm affine is applied with the
+gather whatever module they go to; each module's norm affine is applied with the
 projection after it (grouped_linear).
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import MoMConfig
+from .modules import fc_width, ffn_activation, normalize, projection_biases
 
 
 @dataclass
@@ -126,9 +131,12 @@ def _grouped_mm_backward(ctx, grad):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_save)
 
 
-def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 groups: RowGroups, layer_norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                 ) -> torch.Tensor:
+# A module norm's affine, each (G, in): (gamma, beta), beta None for RMSNorm.
+Affine = tuple[torch.Tensor, Optional[torch.Tensor]]
+
+
+def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 groups: RowGroups, layer_norm: Optional[Affine] = None) -> torch.Tensor:
     """The fallback: one matmul per module (bias fused), the offsets read once per plan;
     the rows past the last offset are zeros and get no gradient. split and unbind, not
     indexing: their backward joins the pieces once instead of adding a zero-filled
@@ -137,22 +145,28 @@ def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     sizes = [b - a for a, b in zip(ends, ends[1:])]
     *parts, rest = x.split([*sizes, x.shape[0] - ends[-1]])
     if layer_norm is not None:  # each module's affine on its own rows: one pass over them
-        parts = [torch.addcmul(beta, part, gamma)
-                 for part, gamma, beta in zip(parts, *(t.unbind(0) for t in layer_norm))]
-    outs = [torch.addmm(b, part, w) for part, w, b in zip(parts, weight.unbind(0), bias.unbind(0))]
+        gamma, beta = layer_norm
+        betas = beta.unbind(0) if beta is not None else [None] * len(parts)
+        parts = [part * g if b is None else torch.addcmul(b, part, g)
+                 for part, g, b in zip(parts, gamma.unbind(0), betas)]
+    if bias is None:
+        outs = [part @ w for part, w in zip(parts, weight.unbind(0))]
+    else:
+        outs = [torch.addmm(b, part, w)
+                for part, w, b in zip(parts, weight.unbind(0), bias.unbind(0))]
     return torch.cat([*outs, rest.new_zeros(rest.shape[0], weight.shape[2])])
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    groups: RowGroups, use_grouped_mm: bool | None = None,
-                   layer_norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                   ) -> torch.Tensor:
+                   layer_norm: Optional[Affine] = None) -> torch.Tensor:
     """x (M, in) rows sorted by module -> (M, out) = x' @ weight[m] + bias[m] for each row's
-    module m, 0 for rows in no module; x' = x * gamma[m] + beta[m] when layer_norm gives a
-    module LayerNorm's affine (gamma, beta), each (G, in). use_grouped_mm None: whenever it
-    is the fast path. The grouped GEMM takes the affine folded into the weights
-    (diag(gamma) W and beta W + b, exact algebra: one gather for any module); the loop
-    applies it to each module's rows, which moves less memory than folding."""
+    module m (no bias: None), 0 for rows in no module; x' = x * gamma[m] + beta[m] when
+    layer_norm gives a module norm's affine (gamma, beta), each (G, in), beta None for
+    RMSNorm. use_grouped_mm None: whenever it is the fast path. The grouped GEMM takes the
+    affine folded into the weights (diag(gamma) W and beta W + b, exact algebra: one gather
+    for any module); the loop applies it to each module's rows, which moves less memory than
+    folding."""
     if use_grouped_mm is None:
         # compiled: one graph (the loop would read the offsets on the host, a graph break)
         use_grouped_mm = grouped_mm_available(x, weight) or torch.compiler.is_compiling()
@@ -160,51 +174,68 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         return _loop_linear(x, weight, bias, groups, layer_norm)
     if layer_norm is not None:
         gamma, beta = layer_norm
-        weight, bias = gamma.unsqueeze(2) * weight, \
-            torch.baddbmm(bias.unsqueeze(1), beta.unsqueeze(1), weight).squeeze(1)
+        folded = gamma.unsqueeze(2) * weight
+        if beta is not None:
+            shift = torch.bmm(beta.unsqueeze(1), weight).squeeze(1)
+            bias = shift if bias is None else bias + shift
+        weight = folded
     y = grouped_mm(x, weight, groups.offsets, groups.invalid)  # rows in no module: 0
+    if bias is None:
+        return y
     return y + F.pad(bias, (0, 0, 0, 1)).index_select(0, groups.module)  # and their bias 0
 
 
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """A LayerNorm without its affine: once per token, before the rows are gathered (each
-    module's affine comes with the projection after it)."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
-
-
 class GroupedProjection(nn.Module):
-    """One projection of every module of a pool: weight (G, in, out), bias (G, out), and,
-    when it follows the module's LayerNorm, that LayerNorm's affine (G, in) (the rows come
-    normalised without it). Its own module, so ZeRO-3 gathers its parameters when it is
-    called."""
+    """One projection of every module of a pool: weight (G, in, out), bias (G, out) when
+    the projection has one, and, when it follows the module's norm, that norm's affine
+    ln_weight (and, for LayerNorm, ln_bias), each (G, in) (the rows come normalised without
+    it). Its own module, so ZeRO-3 gathers its parameters when it is called."""
 
-    def __init__(self, n_modules: int, d_in: int, d_out: int, layer_norm: bool = False):
+    def __init__(self, n_modules: int, d_in: int, d_out: int, bias: bool,
+                 norm: Optional[str] = None):
+        """norm: the block family whose norm precedes this projection (None: none)."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_modules, d_in, d_out))
-        self.bias = nn.Parameter(torch.zeros(n_modules, d_out))
-        if layer_norm:
+        self.bias = nn.Parameter(torch.zeros(n_modules, d_out)) if bias else None
+        if norm is not None:
             self.ln_weight = nn.Parameter(torch.ones(n_modules, d_in))
-            self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_in))
-        self.layer_norm = layer_norm
+            self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_in)) if norm == "gpt2" \
+                else None
+        self.norm = norm
 
     def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
-        affine = (self.ln_weight, self.ln_bias) if self.layer_norm else None
+        affine = (self.ln_weight, self.ln_bias) if self.norm is not None else None
         return grouped_linear(rows, self.weight, self.bias, groups, layer_norm=affine)
 
 
 class ModulePool(nn.Module):
-    """Shared by both pool kinds: the size, and how one module is viewed."""
+    """Shared by both pool kinds: the size, the norm, and how one module is viewed."""
 
-    # (projection, its parameter) -> the tensor's name inside one module, as a per-module
-    # nn.Module (modules.AttentionModule / FFNModule) names it
-    VIEW_NAMES: dict[tuple[str, str], str] = {}
+    # the projections; inside one module, as a per-module nn.Module (modules.AttentionModule
+    # / FFNModule) names them, projection p's tensors are p.weight, p.bias and, for the
+    # projection after the norm, ln.weight and ln.bias (view_names)
+    PROJECTIONS: tuple[str, ...] = ()
 
-    def __init__(self, n_modules: int, d_model: int, eps: float):
+    def __init__(self, config: MoMConfig, n_modules: int):
         super().__init__()
-        self.n_modules, self.d_model, self.eps = n_modules, d_model, eps
+        self.config, self.n_modules = config, n_modules
+        self.block, self.eps = config.block, config.layer_norm_eps
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.eps)
+        return normalize(x, self.block, self.eps)
+
+    def view_names(self) -> dict[str, tuple[str, str]]:
+        """A module's tensor names, as a per-module nn.Module names them -> (projection,
+        parameter) of the stack that holds them."""
+        names = {}
+        for projection in self.PROJECTIONS:
+            grouped = getattr(self, projection)
+            for param, name in (("ln_weight", "ln.weight"), ("ln_bias", "ln.bias"),
+                                ("weight", f"{projection}.weight"),
+                                ("bias", f"{projection}.bias")):
+                if getattr(grouped, param, None) is not None:
+                    names[name] = (projection, param)
+        return names
 
     def module_views(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every module's tensors as views into the stacks, in nn.Linear layout (out, in),
@@ -212,38 +243,44 @@ class ModulePool(nn.Module):
         a view writes the stack): the names Hugging Face import and per-module tools use."""
         views = {}
         for j in range(self.n_modules):
-            for (projection, param), name in self.VIEW_NAMES.items():
+            for name, (projection, param) in self.view_names().items():
                 tensor = getattr(getattr(self, projection), param)[j]
                 views[f"{prefix}.{j}.{name}"] = tensor.t() if tensor.dim() == 2 else tensor
         return views
 
 
 class AttentionPool(ModulePool):
-    """A modules: LayerNorm + QKV projection (d -> 3d) + output projection (d -> d). The
-    block calls `qkv` and `proj` separately, with the one attention between them."""
+    """A modules: norm + Q/K/V projection (d -> config.qkv_width) + output projection
+    (d -> d). The block calls `qkv` and `proj` separately, with the one attention between
+    them."""
 
-    VIEW_NAMES = {("qkv", "ln_weight"): "ln.weight", ("qkv", "ln_bias"): "ln.bias",
-                  ("qkv", "weight"): "qkv.weight", ("qkv", "bias"): "qkv.bias",
-                  ("proj", "weight"): "proj.weight", ("proj", "bias"): "proj.bias"}
+    PROJECTIONS = ("qkv", "proj")
 
-    def __init__(self, n_modules: int, d_model: int, eps: float = 1e-5):
-        super().__init__(n_modules, d_model, eps)
-        self.qkv = GroupedProjection(n_modules, d_model, 3 * d_model, layer_norm=True)
-        self.proj = GroupedProjection(n_modules, d_model, d_model)
+    def __init__(self, config: MoMConfig, n_modules: Optional[int] = None):
+        """n_modules: the pool's size where it is not config.n_attn_modules."""
+        super().__init__(config, n_modules or config.n_attn_modules)
+        qkv_bias, bias = projection_biases(config)
+        d = config.d_model
+        self.qkv = GroupedProjection(self.n_modules, d, config.qkv_width, qkv_bias,
+                                     norm=config.block)
+        self.proj = GroupedProjection(self.n_modules, d, d, bias)
 
 
 class FFNPool(ModulePool):
-    """F modules: LayerNorm + d -> 4d -> d MLP with GPT-2's tanh GELU."""
+    """F modules: norm + MLP, GPT-2's (d -> ffn_width -> d, tanh GELU) or SwiGLU (gate and
+    up: d -> 2 * ffn_width in one projection, down: ffn_width -> d)."""
 
-    VIEW_NAMES = {("fc", "ln_weight"): "ln.weight", ("fc", "ln_bias"): "ln.bias",
-                  ("fc", "weight"): "fc.weight", ("fc", "bias"): "fc.bias",
-                  ("proj", "weight"): "proj.weight", ("proj", "bias"): "proj.bias"}
+    PROJECTIONS = ("fc", "proj")
 
-    def __init__(self, n_modules: int, d_model: int, eps: float = 1e-5):
-        super().__init__(n_modules, d_model, eps)
-        self.fc = GroupedProjection(n_modules, d_model, 4 * d_model, layer_norm=True)
-        self.proj = GroupedProjection(n_modules, 4 * d_model, d_model)
+    def __init__(self, config: MoMConfig, n_modules: Optional[int] = None):
+        """n_modules: the pool's size where it is not config.n_ffn_modules."""
+        super().__init__(config, n_modules or config.n_ffn_modules)
+        _, bias = projection_biases(config)
+        d = config.d_model
+        self.fc = GroupedProjection(self.n_modules, d, fc_width(config), bias,
+                                    norm=config.block)
+        self.proj = GroupedProjection(self.n_modules, config.ffn_width, d, bias)
 
     def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         """Normalised rows (M, d) -> (M, d)."""
-        return self.proj(F.gelu(self.fc(rows, groups), approximate="tanh"), groups)
+        return self.proj(ffn_activation(self.fc(rows, groups), self.block), groups)

@@ -14,7 +14,7 @@ from .checkpointing import checkpointed
 from .config import MoMConfig
 from .counting import count_ids
 from .dispatch import LocalDispatcher, make_plan
-from .modules import causal_attention
+from .modules import Rope, causal_attention, qkv_split
 from .pools import AttentionPool, FFNPool
 from .routers import Router
 
@@ -64,9 +64,9 @@ class RoutedBlock(nn.Module):
     def __init__(self, config: MoMConfig):
         super().__init__()
         self.config = config
-        d = config.d_model
-        self.attn_pool = AttentionPool(config.n_attn_modules, d, config.layer_norm_eps)
-        self.ffn_pool = FFNPool(config.n_ffn_modules, d, config.layer_norm_eps)
+        self.attn_pool = AttentionPool(config)
+        self.ffn_pool = FFNPool(config)
+        self.qkv_split = qkv_split(config)
         self.attn_router = Router(config, config.attn_router_kind, config.n_attn_modules)
         self.ffn_router = Router(config, config.ffn_router_kind, config.n_ffn_modules)
         self.drop = nn.Dropout(config.dropout)
@@ -77,10 +77,13 @@ class RoutedBlock(nn.Module):
         self.checkpoint_steps = False
 
     def forward(self, x: torch.Tensor, *, real: Optional[torch.Tensor] = None,
-                cache: Optional[dict] = None, cache_key: object = None
-                ) -> tuple[torch.Tensor, BlockRouting]:
+                cache: Optional[dict] = None, cache_key: object = None,
+                rope: Optional[Rope] = None) -> tuple[torch.Tensor, BlockRouting]:
         """x (B, T, d); real (B, T) bool: which positions are tokens. Padding chooses no
-        module (it passes on the residual), is no key, and counts in no statistic."""
+        module (it passes on the residual), is no key, and counts in no statistic. rope:
+        the rotary tables of x's positions (block llama), applied to the summed Q and K of
+        each token's modules: rotation is linear, so this equals rotating each module's
+        output before the sum (tests/model/test_llama_block.py checks it)."""
         cfg = self.config
         B, T, d = x.shape
         h = x.reshape(B * T, d)
@@ -92,7 +95,8 @@ class RoutedBlock(nn.Module):
             and torch.is_grad_enabled()
         attn_counts, ffn_counts, balance, dropped = [], [], [], []
         for step in range(cfg.depth):
-            args = (h, g_attn, g_ffn, exited, halves, real, step, (B, T), cache, cache_key)
+            args = (h, g_attn, g_ffn, exited, halves, real, step, (B, T), cache, cache_key,
+                    rope)
             h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_balance, step_dropped = \
                 checkpointed(self._step, *args) if per_step else self._step(*args)
             attn_counts.append(counts_a)
@@ -108,12 +112,12 @@ class RoutedBlock(nn.Module):
               g_ffn: Optional[torch.Tensor], exited: Optional[torch.Tensor],
               halves: torch.Tensor, real: Optional[torch.Tensor], step: int,
               shape: tuple[int, int],
-              cache: Optional[dict], cache_key: object) -> tuple:
+              cache: Optional[dict], cache_key: object, rope: Optional[Rope]) -> tuple:
         """One routing step: the attention half, then the FFN half. Returns the new
         (h, router states, exited, halves) and the step's choice counts, balancing loss and
         assignments dropped by the capacity limit."""
         cfg = self.config
-        (B, T), d = shape, h.shape[1]
+        B, T = shape
         A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
         attn, ffn = self.attn_pool, self.ffn_pool
         # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
@@ -124,16 +128,16 @@ class RoutedBlock(nn.Module):
             exited = exited | ~plan.chosen
         qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
                                        weighted=cfg.weighted_qkv)
-        q, k, v = qkv.view(B, T, 3 * d).split(d, dim=-1)
+        q, k, v = qkv.view(B, T, -1).split(self.qkv_split, dim=-1)
         # `mask`: a token that chose no module is no key (padding never chooses one);
         # `zero`: it stays a key, padding does not
         keep = plan.chosen if cfg.skip_in_attention == "mask" else real
         keep = keep.view(B, T) if keep is not None else None
         with record_function("attention"):
-            a = causal_attention(q, k, v, cfg.n_heads, keep=keep, cache=cache,
-                                 cache_key=(cache_key, step),
+            a = causal_attention(q, k, v, cfg.n_heads, n_kv_heads=cfg.kv_heads, rope=rope,
+                                 keep=keep, cache=cache, cache_key=(cache_key, step),
                                  dropout=cfg.dropout if self.training else 0.0)
-        h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, d), plan, attn.proj))
+        h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, -1), plan, attn.proj))
         halves = halves + plan.chosen
         attn_counts, step_balance, step_dropped = plan.counts, route.balance_loss, plan.dropped
         # --- FFN half ----------------------------------------------------------------

@@ -50,8 +50,9 @@ def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausal
     teacher = student.teacher
     config = dataclasses.replace(teacher.config, n_bottom=len(assembly))
     model = MoMForCausalLM(config)
-    for name in ("wte", "wpe", "ln_f"):
-        getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
+    for name in ("wte", "wpe", "ln_f", "lm_head"):  # wpe: gpt2, lm_head: an untied head
+        if getattr(teacher, name) is not None:
+            getattr(model, name).load_state_dict(getattr(teacher, name).state_dict())
     for block, tile in zip(model.bottom, assembly):
         block.load_state_dict(student.layer(tile).state_dict())
     return model.eval()

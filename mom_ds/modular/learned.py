@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.flops import attention_module_params, ffn_module_params
+from ..model.flops import head_params, layer_params
+from ..model.modules import Rope
 from .assembly import Assembly, Tile, tilings
 from .student import ModularStudent
 
@@ -60,9 +61,10 @@ class LearnedAssembly(nn.Module):
             with torch.no_grad():
                 router[1].bias.copy_(torch.arange(len(local), 0, -1, dtype=torch.float) * 0.01)
 
-    def _run(self, path: Assembly, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _run(self, path: Assembly, x: torch.Tensor, keep: torch.Tensor,
+             rope: Optional[Rope] = None) -> torch.Tensor:
         for tile in path:
-            x = self.student.layer(tile)(x, keep=keep)
+            x = self.student.layer(tile)(x, keep=keep, rope=rope)
         return x
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None
@@ -70,11 +72,11 @@ class LearnedAssembly(nn.Module):
         teacher = self.student.teacher
         B, T = input_ids.shape
         with torch.no_grad():
-            x = teacher.wte(input_ids) + teacher.wpe(torch.arange(T, device=input_ids.device))
+            x, rope = teacher.embed(input_ids, torch.arange(T, device=input_ids.device))
             states = [x]
             if self.training:
                 for block in teacher.bottom:
-                    states.append(block(states[-1]))
+                    states.append(block(states[-1], rope=rope))
         layers = torch.zeros(B, T, device=x.device)
         router_losses = []
         costs = self.costs.to(x.device)
@@ -82,7 +84,7 @@ class LearnedAssembly(nn.Module):
             scores = router(x.detach())
             choice = scores.argmax(dim=-1)
             with torch.no_grad():
-                outs = torch.stack([self._run(path, x, choice == p)
+                outs = torch.stack([self._run(path, x, choice == p, rope)
                                     for p, path in enumerate(paths)])  # (P, B, T, d)
             if self.training:
                 end = states[(k + 1) * self.segment]
@@ -92,7 +94,7 @@ class LearnedAssembly(nn.Module):
                                                      target.reshape(-1)))
             x = outs.gather(0, choice[None, :, :, None].expand(1, B, T, x.shape[-1]))[0]
             layers = layers + costs[choice]
-        logits = F.linear(teacher.ln_f(x), teacher.wte.weight)
+        logits = teacher.logits(x)
         out = RoutedOutput(logits=logits, layers=layers)
         if labels is not None:
             out.lm_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
@@ -106,9 +108,8 @@ class LearnedAssembly(nn.Module):
         attention (an upper bound: a token attends only to its path's tokens)."""
         cfg = self.student.config
         d = cfg.d_model
-        layer = attention_module_params(d) + ffn_module_params(d)
+        layer, head = layer_params(cfg), head_params(cfg)
         routers = sum(p.numel() for p in self.routers.parameters())
-        head = cfg.vocab_size * d + 2 * d
         return 2.0 * (mean_layers * layer + routers + head) + 4.0 * d * seq_len * mean_layers
 
 

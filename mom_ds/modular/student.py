@@ -12,6 +12,7 @@ and accumulation steps, and a resumed run draws what the uninterrupted one drew.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..model import MoMForCausalLM, MoMOutput
 from ..model.checkpointing import MODES, checkpointed
-from ..model.flops import attention_module_params, ffn_module_params
+from ..model.flops import head_params, layer_params
 from ..model.routing import RoutingRecord
 from .assembly import Assembly, check, sample, uniform
 from ..config import ModularConfig
@@ -110,12 +111,12 @@ class ModularStudent(nn.Module):
         distil = labels is not None and self.training and (s.kd_weight or s.hidden_weight)
 
         with torch.no_grad():
-            pos = torch.arange(T, device=input_ids.device)
-            states = [teacher.wte(input_ids) + teacher.wpe(pos)]
+            x, rope = teacher.embed(input_ids, torch.arange(T, device=input_ids.device))
+            states = [x]
             if distil:
                 for block in teacher.bottom:
-                    states.append(block(states[-1]))
-                teacher_logits = F.linear(teacher.ln_f(states[-1]), teacher.wte.weight)
+                    states.append(block(states[-1], rope=rope))
+                teacher_logits = teacher.logits(states[-1])
         modules = [t for t in assembly if t.is_module]
         # Below the first module the student computes exactly the teacher's states, without
         # a trained parameter upstream: start from the teacher's state there when known.
@@ -125,12 +126,12 @@ class ModularStudent(nn.Module):
         for tile in assembly:
             if tile.start < start:
                 continue
-            layer = self.layer(tile)
+            layer = functools.partial(self.layer(tile), rope=rope)
             x = checkpointed(layer, x) if self.checkpointing and self.training \
                 and torch.is_grad_enabled() else layer(x)
             if tile.is_module and distil:
                 pairs.append((x, states[tile.end]))
-        logits = F.linear(teacher.ln_f(x), teacher.wte.weight)
+        logits = teacher.logits(x)
         out = ModularOutput(logits=logits, assembly=assembly,
                             routing=RoutingRecord())  # it routes nothing: the empty record
         if labels is None:
@@ -171,9 +172,8 @@ class ModularStudent(nn.Module):
         attention; nanoGPT's convention, an upper bound: frozen layers compute no weight
         gradient), with the tied head counted in both. `routing` is ignored: the student
         routes nothing (its record is the empty one)."""
-        d, V = self.config.d_model, self.config.vocab_size
-        layer = attention_module_params(d) + ffn_module_params(d)
-        head = V * d + 2 * d
+        d = self.config.d_model
+        layer, head = layer_params(self.config), head_params(self.config)
         attention = d * seq_len
         teacher = 2 * (self.n_layers * layer + head) + 4 * attention * self.n_layers
         student = len(out.assembly) * (6 * layer + 12 * attention) + 6 * head

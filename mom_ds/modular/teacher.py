@@ -1,5 +1,5 @@
-"""The teacher of a modular run: found from `modular.teacher`, checked to be a plain GPT-2
-stack, loaded frozen, and identified by a hash of its weights."""
+"""The teacher of a modular run: found from `modular.teacher`, checked to be a plain stack
+of vanilla layers (either block family), loaded frozen, and identified by a hash of its weights."""
 from __future__ import annotations
 
 import hashlib
@@ -40,21 +40,21 @@ def _read(source: str, with_weights: bool) -> tuple[MoMConfig, dict[str, torch.T
             return stored_model_config(saved.model_config), saved.state_dict
         if kind == "run":
             return _run_parts(source)
-        from ..model.hf import from_hf_gpt2, gpt2_vanilla_config
+        from ..model.hf import from_hf, vanilla_config
 
         if not with_weights:
-            return gpt2_vanilla_config(source), {}
-        model = from_hf_gpt2(source)
+            return vanilla_config(source), {}
+        model = from_hf(source)
         return model.config, model.state_dict()
     except ConfigError as err:
         if kind in ("weights file", "run"):
             raise
-        # a Hugging Face source's own message (not GPT-2, not to be had offline, ...)
+        # a Hugging Face source's own message (no known family, not to be had offline, ...)
         raise ConfigError(f"modular.teacher = {source!r} ({kind}): {err}") from None
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         raise ConfigError(f"modular.teacher = {source!r} ({kind}) cannot be read: {err}. Fix: "
                           f"name a mom-train run directory, a mom-convert .safetensors file, or a "
-                          f"Hugging Face GPT-2 directory (hub names need the network).") from None
+                          f"Hugging Face GPT-2 / Llama-family directory (hub names need the network).") from None
 
 
 def check_vanilla(config: MoMConfig, source: str) -> None:
@@ -65,8 +65,8 @@ def check_vanilla(config: MoMConfig, source: str) -> None:
                           f"{config.n_bottom}, n_routed_blocks {config.n_routed_blocks}, n_top "
                           f"{config.n_top}, "
                           f"mod_capacity {config.mod_capacity}): Modular Transformers compress a "
-                          f"vanilla GPT-2 stack of at least 2 layers. Fix: use a run of the "
-                          f"vanilla preset or a Hugging Face GPT-2.")
+                          f"stack of at least 2 vanilla layers. Fix: use a run of the "
+                          f"vanilla preset or a Hugging Face GPT-2 / Llama-family model.")
 
 
 def teacher_config(source: str) -> MoMConfig:

@@ -1,5 +1,5 @@
-"""Test helper: a routed block's stacked pools as plain per-module nn.Modules (nn.LayerNorm +
-nn.Linear, the unfolded math), copies holding each module's weights."""
+"""Test helper: a routed block's stacked pools as plain per-module nn.Modules (the family's
+norm + nn.Linear, the unfolded math), copies holding each module's weights."""
 from mom_ds.model.modules import AttentionModule, FFNModule
 
 
@@ -15,7 +15,7 @@ def _modules(pool, cls):
     views = pool.module_views("m")
     mods = []
     for j in range(pool.n_modules):
-        mod = cls(pool.d_model, pool.eps)
+        mod = cls(pool.config)
         mod.load_state_dict({k[len(f"m.{j}."):]: v for k, v in views.items()
                              if k.startswith(f"m.{j}.")})
         mods.append(mod)

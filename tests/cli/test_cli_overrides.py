@@ -14,7 +14,7 @@ import yaml
 from mom_ds.cli import assemble, convert, evaluate, generate, train
 from mom_ds.config import RunConfig, load_run_config
 from mom_ds.model import MoMForCausalLM
-from mom_ds.model.hf import from_hf_gpt2
+from mom_ds.model.hf import from_hf
 from mom_ds.model.weights_file import load_weights
 from mom_ds.checkpoints.format import write_weights
 from mom_ds.train.run_data import data_fingerprint
@@ -99,7 +99,7 @@ def test_from_hf_takes_model_overrides(donor, tmp_path, capsys):
     out = tmp_path / "w.safetensors"
     assert convert.main(["from-hf", str(donor), str(out), "--model.dropout", "0.1"]) == 0
     saved = load_weights(out, "out")
-    want = from_hf_gpt2(str(donor))  # the vanilla preset: the same weights, dropout 0
+    want = from_hf(str(donor))  # the vanilla preset: the same weights, dropout 0
     assert saved.model_config == {**want.config.to_dict(), "dropout": 0.1}
     for name, tensor in want.state_dict().items():
         assert torch.equal(saved.state_dict[name], tensor), name
@@ -113,7 +113,7 @@ def test_from_hf_takes_model_overrides(donor, tmp_path, capsys):
 
     # the example: the donor fixes the shape, so a different vocab_size is refused
     assert convert.main(["from-hf", str(donor), str(out), "--model.vocab_size", "128"]) == 2
-    assert "the GPT-2 donor has vocab_size = 100" in capsys.readouterr().err
+    assert "but the donor's is 100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from mom_ds import ConfigError, MoMConfig, MoMForCausalLM
-from mom_ds.model.hf import LayerTarget, from_hf_gpt2, gpt2_lm_head, two_stage_layer_map
+from mom_ds.model.hf import LayerTarget, donor_layer_map, from_hf, hf_vanilla_model
 from mom_ds.model.hf_export import to_hf
 
 D, HEADS, VOCAB, POS = 64, 4, 100, 32
@@ -66,7 +66,7 @@ def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
 # --- vanilla preset --------------------------------------------------------------------
 def test_vanilla_preset_matches_hf_logits_loss_and_gradients():
     hf = tiny_gpt2(n_layer=3)
-    ours = from_hf_gpt2(hf).eval()
+    ours = from_hf(hf).eval()
     assert (ours.config.n_bottom, ours.config.n_routed_blocks) == (3, 0)
     ids = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(1))
 
@@ -89,7 +89,7 @@ def test_vanilla_preset_matches_hf_logits_loss_and_gradients():
 def test_round_trip_through_directories_is_exact(tmp_path):
     hf = tiny_gpt2(n_layer=2)
     hf.save_pretrained(tmp_path / "donor")
-    ours = from_hf_gpt2(tmp_path / "donor")
+    ours = from_hf(tmp_path / "donor")
     out = to_hf(ours, tmp_path / "export")
 
     assert out == tmp_path / "export"
@@ -127,14 +127,14 @@ EXPECTED_12 = {
 
 def test_two_stage_map_of_a_12_layer_donor():
     layout = MoMConfig(**MOM_LAYOUT)
-    assert two_stage_layer_map(12, layout) == [(i, LayerTarget(*EXPECTED_12[i])) for i in range(12)]
+    assert donor_layer_map(12, layout) == [(i, LayerTarget(*EXPECTED_12[i])) for i in range(12)]
 
 
 def test_two_stage_import_places_every_donor_tensor_and_keeps_routers_fresh():
     donor = tiny_gpt2(n_layer=12)
     layout = MoMConfig(**MOM_LAYOUT)
     torch.manual_seed(7)
-    ours = from_hf_gpt2(donor, layout=layout)
+    ours = from_hf(donor, layout=layout)
     torch.manual_seed(7)
     fresh = MoMForCausalLM(layout)  # same seed: what every parameter was before the copy
 
@@ -158,54 +158,57 @@ def test_two_stage_import_places_every_donor_tensor_and_keeps_routers_fresh():
 def test_two_stage_import_into_mod_bottom_layers():
     donor = tiny_gpt2(n_layer=2)
     layout = MoMConfig(n_bottom=2, n_routed_blocks=0, mod_capacity=0.5, mod_every=2, **SHAPE)
-    ours = from_hf_gpt2(donor, layout=layout)
+    ours = from_hf(donor, layout=layout)
     qkv = donor.state_dict()["transformer.h.1.attn.c_attn.weight"].t()
     assert torch.equal(ours.bottom[1].layer.attn.qkv.weight, qkv)
 
 
 # --- errors ------------------------------------------------------------------------------
-def tiny_llama() -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=2, max_position_embeddings=POS,
-                                        bos_token_id=0, eos_token_id=0))
+def test_refuses_an_architecture_it_does_not_import(tmp_path):
+    """A MoE donor (Mixtral) or another block (GPT-NeoX): one error naming model_type."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-
-def test_refuses_a_non_gpt2_model_and_directory(tmp_path):
-    llama = tiny_llama()
-    with pytest.raises(ConfigError, match="'llama' model, not GPT-2. Fix: pass a GPT-2"):
-        from_hf_gpt2(llama)
-    llama.save_pretrained(tmp_path / "llama")
-    with pytest.raises(ConfigError, match="'llama' model, not GPT-2"):
-        from_hf_gpt2(tmp_path / "llama")
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ConfigError, match="model_type = 'gpt_neox' is not an architecture "
+                                          "mom-ds imports.*Fix: pass a checkpoint of one of: "
+                                          "gpt2, llama, mistral, qwen2"):
+        from_hf(neox)
+    neox.save_pretrained(tmp_path / "neox")
+    with pytest.raises(ConfigError, match="'gpt_neox' is not an architecture"):
+        from_hf(tmp_path / "neox")
 
 
 def test_refuses_another_activation():
     with pytest.raises(ConfigError, match="activation_function = 'relu'.*Fix"):
-        from_hf_gpt2(tiny_gpt2(n_layer=1, activation_function="relu"))
+        from_hf(tiny_gpt2(n_layer=1, activation_function="relu"))
 
 
-def test_refuses_mis_shaped_weights_naming_the_tensor_and_both_shapes():
-    donor = tiny_gpt2(n_layer=1, n_inner=2 * D)  # an MLP width FFNModule cannot hold
+def test_imports_another_mlp_width_and_refuses_mis_shaped_weights():
+    donor = tiny_gpt2(n_layer=1, n_inner=2 * D)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf(donor).eval()(ids).logits, donor(ids).logits)
+    donor.config.n_inner = None  # the config now says 4 * n_embd, the weights 2 * n_embd
     with pytest.raises(ConfigError, match=r"transformer\.h\.0\.mlp\.c_fc\.weight has shape "
-                                          r"\(64, 128\) but \(64, 256\) is expected"):
-        from_hf_gpt2(donor)
+                                          r"\(64, 128\) but \(256, 64\) is expected"):
+        from_hf(donor)
 
 
 def test_refuses_a_layout_of_another_shape():
     layout = MoMConfig(**{**MOM_LAYOUT, "d_model": 32})
-    with pytest.raises(ConfigError, match="model.d_model = 32 but the GPT-2 donor has "
-                                          "n_embd = 64. Fix: set model.d_model = 64"):
-        from_hf_gpt2(tiny_gpt2(n_layer=12), layout=layout)
+    with pytest.raises(ConfigError, match="layout model.d_model gives 32 but the donor's is "
+                                          "64. Fix: set model.d_model = 64"):
+        from_hf(tiny_gpt2(n_layer=12), layout=layout)
 
 
 def test_refuses_a_layout_with_the_wrong_layer_count():
     layout = MoMConfig(**{**MOM_LAYOUT, "n_top": 2})
-    with pytest.raises(ConfigError, match=r"donor has 12 layers but the layout consumes "
-                                          r"n_bottom \(1\) \+ n_routed_blocks \(2\) \* \(max\(A, F\) "
-                                          r"\(4\) \+ anchor \(1\)\) \+ n_top \(2\) = 13\. "
-                                          r"Fix: .* \(e\.g\. n_top = 1\)"):
-        from_hf_gpt2(tiny_gpt2(n_layer=12), layout=layout)
+    with pytest.raises(ConfigError, match=r"donor has 12 layers; n_bottom \(1\) \+ n_top \(2\) "
+                                          r"\+ anchors \(2\) take 5 and the 7 left must split "
+                                          r"evenly into the 2 routed block\(s\), at most "
+                                          r"max\(A, F\) = 4 each.*Fix: .* \(e\.g\. n_top = 1\)"):
+        from_hf(tiny_gpt2(n_layer=12), layout=layout)
 
 
 @pytest.mark.parametrize("layout", [
@@ -215,7 +218,7 @@ def test_refuses_a_layout_with_the_wrong_layer_count():
 def test_gpt2_refuses_a_mom_model(layout):
     model = MoMForCausalLM(MoMConfig(**layout, **SHAPE))
     with pytest.raises(ConfigError, match="holds a vanilla preset only.*Fix"):
-        gpt2_lm_head(model)
+        hf_vanilla_model(model)
 
 
 def test_a_hub_name_that_cannot_be_had_is_one_error(monkeypatch):
@@ -232,6 +235,6 @@ def test_a_hub_name_that_cannot_be_had_is_one_error(monkeypatch):
     try:
         with pytest.raises(ConfigError, match=f"nosuchorg/nosuchmodel is neither a directory.*"
                                               f"the hub was not asked: 127.0.0.1:{port} cannot be reached"):
-            from_hf_gpt2("nosuchorg/nosuchmodel")
+            from_hf("nosuchorg/nosuchmodel")
     finally:
         hub.hub_unreachable.cache_clear()

@@ -22,6 +22,9 @@ CASES = {
     "mod": (presets.mixture_of_depths(4, **SHAPE), "none"),
     "moe": (presets.moe(2, n_experts=4, top_k=2, **SHAPE), "none"),
     "K2_checkpointed": (presets.mom(n_routed_blocks=1, depth=2, top_k=2, **SHAPE), "layer"),
+    "llama_K2": (presets.mom(n_routed_blocks=1, n_bottom=1, depth=2, top_k=2, block="llama",
+                             n_kv_heads=2, qkv_bias=True, **SHAPE), "none"),
+    "llama_mod": (presets.mixture_of_depths(4, block="llama", n_kv_heads=2, **SHAPE), "none"),
 }
 
 

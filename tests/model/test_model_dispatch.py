@@ -4,7 +4,7 @@ that receive no token; torch's grouped_mm path and the per-module fallback alike
 import pytest
 import torch
 
-from mom_ds.model import pools
+from mom_ds.model import MoMConfig, pools
 from mom_ds.model.dispatch import LocalDispatcher, make_plan
 from mom_ds.model.pools import FFNPool, RowGroups, grouped_linear
 from mom_ds_testing.pool_modules import _modules
@@ -22,10 +22,13 @@ def path(request, monkeypatch):
     return request.param
 
 
-def test_sorted_dispatch_equals_per_token_loop_forward_and_backward(path):
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_sorted_dispatch_equals_per_token_loop_forward_and_backward(path, block):
+    """Either block family: GPT-2's LayerNorm + GELU MLP with biases, Llama's RMSNorm +
+    SwiGLU without (gate and up stacked in one projection)."""
     torch.manual_seed(0)
     n_modules, d, (N, K) = 5, 8, IDS.shape
-    pool = FFNPool(n_modules, d)
+    pool = FFNPool(MoMConfig(d_model=d, n_heads=1, block=block, ffn_hidden=12), n_modules)
     with torch.no_grad():
         for p in pool.parameters():
             p.normal_(0, 0.3)
@@ -58,7 +61,7 @@ def test_sorted_dispatch_equals_per_token_loop_forward_and_backward(path):
         for name, p in mod.named_parameters():
             expected = p.grad if p.grad is not None else torch.zeros_like(p)
             got = views[f"m.{j}.{name}"]
-            projection, param = _stack_of(name)
+            projection, param = pool.view_names()[name]
             grad = getattr(getattr(pool, projection), param).grad[j]
             torch.testing.assert_close(grad.t() if grad.dim() == 2 else grad, expected,
                                        msg=f"module {j} {name}")
@@ -68,10 +71,6 @@ def test_sorted_dispatch_equals_per_token_loop_forward_and_backward(path):
     assert plan.counts.tolist() == [6, 0, 6, 0, 5, 7]
     assert plan.groups.offsets.tolist() == [6, 6, 12, 12, 17]
     assert plan.chosen.tolist() == [True] * 7 + [False] + [True] * 2 + [False, True]
-
-
-def _stack_of(name: str) -> str:
-    return {v: k for k, v in FFNPool.VIEW_NAMES.items()}[name]
 
 
 def test_rows_past_the_last_offset_give_zero_and_pass_no_gradient(path):

@@ -22,6 +22,21 @@ CASES = {
     "mod_bce": presets.mixture_of_depths(4, capacity=0.5, **SHAPE),
     "mod_predictor": presets.mixture_of_depths(4, capacity=0.5, decode="predictor", **SHAPE),
 }
+# Every preset again in the llama block family: rotary positions (the cache holds rotated
+# keys), grouped-query attention, SwiGLU, RMSNorm, an untied head; Q/K/V biases in one.
+LLAMA = dict(SHAPE, block="llama", n_kv_heads=2, tie_word_embeddings=False)
+CASES.update({
+    "llama_vanilla": presets.vanilla(3, **LLAMA),
+    "llama_vanilla_routed": presets.vanilla_routed(3, **LLAMA),
+    "llama_shared_layers": presets.shared_layers(3, **LLAMA),
+    "llama_mom_skip_zero": presets.mom(n_routed_blocks=2, n_bottom=1, n_top=1, anchor_layers=True,
+                                       top_k=2, temperature=1.0, qkv_bias=True, **LLAMA),
+    "llama_mom_skip_mask": presets.mom(n_routed_blocks=1, n_attn_modules=3, depth=3,
+                                       skip_in_attention="mask", temperature=1.0, **LLAMA),
+    "llama_moe": presets.moe(2, n_experts=4, top_k=2, **LLAMA),
+    "llama_early_exit": presets.early_exit(3, **LLAMA),
+    "llama_mod": presets.mixture_of_depths(4, capacity=0.5, **LLAMA),
+})
 
 
 def _perturb_(model):

@@ -29,6 +29,9 @@ CASES = {
                            {"checkpointing": "layer"}),
     "checkpointed_block": (presets.mixture_of_depths(2, every=1, **SHAPE),
                            {"checkpointing": "block"}),
+    "llama_K2": (presets.mom(n_routed_blocks=1, n_bottom=1, depth=2, top_k=2, block="llama",
+                             n_kv_heads=2, tie_word_embeddings=False, **SHAPE), {}),
+    "llama_mod": (presets.mixture_of_depths(4, block="llama", n_kv_heads=2, **SHAPE), {}),
 }
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mom_ds.model import ConfigError, MoMConfig, MoMForCausalLM
+from mom_ds.model.modules import rotary_tables
 from mom_ds.model.presets import mom, vanilla
 from mom_ds.model.weights_file import save_weights
 from mom_ds.modular.compress import assembled_model, choose
@@ -78,9 +79,13 @@ def test_a_ratio_no_assembly_meets_names_the_ones_that_can():
 
 
 # --- the student --------------------------------------------------------------------------
-def make_teacher(n_layer=4, seed=0) -> MoMForCausalLM:
+def make_teacher(n_layer=4, seed=0, **block) -> MoMForCausalLM:
     torch.manual_seed(seed)
-    return MoMForCausalLM(vanilla(n_layer, **SHAPE)).eval().requires_grad_(False)
+    return MoMForCausalLM(vanilla(n_layer, **SHAPE, **block)).eval().requires_grad_(False)
+
+
+# the llama block family: rotary positions reach every tile, an untied head is the teacher's
+LLAMA = dict(block="llama", n_kv_heads=1, tie_word_embeddings=False)
 
 
 def make_student(teacher, perturb=True, **settings) -> ModularStudent:
@@ -102,8 +107,9 @@ def test_modules_start_as_the_first_layer_of_their_group():
                 assert torch.equal(a, b), (g, j, name)
 
 
-def test_the_all_teacher_assembly_is_the_teacher():
-    teacher = make_teacher()
+@pytest.mark.parametrize("block", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_the_all_teacher_assembly_is_the_teacher(block):
+    teacher = make_teacher(**block)
     student = make_student(teacher)
     ids = torch.randint(0, 64, (2, 16))
     want = teacher(ids).logits
@@ -111,16 +117,21 @@ def test_the_all_teacher_assembly_is_the_teacher():
     assert torch.equal(student(ids, assembly=uniform(4, 1)).logits, want)
 
 
-def test_an_assembled_model_runs_its_tiles_in_order():
+@pytest.mark.parametrize("block", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_an_assembled_model_runs_its_tiles_in_order(block):
     """The written model against the layers applied by hand."""
-    teacher = make_teacher()
+    teacher = make_teacher(**block)
     student = make_student(teacher)
     assembly = (Tile(0, 1), Tile(1, 1), Tile(2, 2))
     ids = torch.randint(0, 64, (2, 16))
-    x = teacher.wte(ids) + teacher.wpe(torch.arange(16))
-    x = teacher.bottom[1](teacher.bottom[0](x))
-    x = student.modular["g2"][1](x)
-    want = F.linear(teacher.ln_f(x), teacher.wte.weight)
+    if block:  # rotary positions in every layer, the head its own matrix
+        x, rope = teacher.wte(ids), rotary_tables(torch.arange(16), 16, 10000.0)
+        head = teacher.lm_head.weight
+    else:
+        x, rope, head = teacher.wte(ids) + teacher.wpe(torch.arange(16)), None, teacher.wte.weight
+    x = teacher.bottom[1](teacher.bottom[0](x, rope=rope), rope=rope)
+    x = student.modular["g2"][1](x, rope=rope)
+    want = F.linear(teacher.ln_f(x), head)
     model = assembled_model(student, assembly)
     assert model.config.n_bottom == 3 and model.config.n_routed_blocks == 0
     torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=1e-6)
@@ -253,7 +264,7 @@ def test_a_teacher_that_is_not_vanilla_is_refused(tmp_path):
     config = mom(n_bottom=1, router_width=16, **SHAPE)
     path = save_weights(tmp_path / "mom.safetensors", config.to_dict(),
                         MoMForCausalLM(config).state_dict(), 0)
-    with pytest.raises(ConfigError, match="is a MoM model.*vanilla GPT-2 stack"):
+    with pytest.raises(ConfigError, match="is a MoM model.*stack of at least 2 vanilla layers"):
         teacher_config(str(path))
     with pytest.raises(ConfigError, match="Mixture-of-Depths"):
         check_vanilla(MoMConfig(n_bottom=4, n_routed_blocks=0, mod_capacity=0.5, **SHAPE), "x")
