@@ -207,13 +207,17 @@ def _llama_export(config: MoMConfig) -> PreTrainedModel:
     """LlamaForCausalLM, or Qwen2ForCausalLM where the Q/K/V projections have biases."""
     config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if config.qkv_bias \
         else (LlamaConfig, LlamaForCausalLM)
-    return model_class(config_class(
+    hf = config_class(
         vocab_size=config.vocab_size, hidden_size=config.d_model,
         intermediate_size=config.ffn_width, num_hidden_layers=config.n_vanilla_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.n_positions, rms_norm_eps=config.layer_norm_eps,
         rope_theta=config.rope_theta, hidden_act="silu", attention_dropout=config.dropout,
-        initializer_range=config.init_std, tie_word_embeddings=config.tie_word_embeddings))
+        initializer_range=config.init_std, tie_word_embeddings=config.tie_word_embeddings)
+    # 5.x writes theta into rope_parameters alone, where 4.x does not look (it would rotate
+    # by its default 10000): written at the top level too, both read the same theta
+    hf.rope_theta = config.rope_theta
+    return model_class(hf)
 
 
 LLAMA = Family("llama", ("llama", "mistral", "qwen2"), "model.layers", _llama_check,

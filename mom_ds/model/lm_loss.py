@@ -1,4 +1,4 @@
-"""The tied LM head and its cross-entropy, computed a chunk of rows at a time so the
+"""The LM head and its cross-entropy: whole logits, or computed a chunk of rows at a time so the
 (tokens x vocab) logits never exist whole: at GPT-2's vocabulary and 16 x 1024 tokens per
 rank they are 3.3 GB in fp32, more than the model.
 
@@ -15,7 +15,11 @@ hidden states' dtype, upcast to fp32 for the softmax, the gradient cast back bef
 matmuls."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -69,3 +73,32 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     cross-entropy, as F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)."""
     return ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                            labels.reshape(-1), chunk_rows)
+
+
+def head_and_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor],
+                  loss_chunk_tokens: int = 0
+                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(logits, loss) of hidden (B, T, d) after the final norm through the head weight
+    (V, d): with labels and loss_chunk_tokens > 0 the loss alone, chunked (logits None);
+    otherwise the whole logits and, with labels, their mean cross-entropy."""
+    if labels is not None and loss_chunk_tokens > 0:
+        return None, chunked_lm_loss(hidden, weight, labels, loss_chunk_tokens)
+    logits = F.linear(hidden, weight)
+    if labels is None:
+        return logits, None
+    return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                   labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class UntiedHead(nn.Module):
+    """A head with its own matrix (V, d), used inside its own forward: ZeRO-3 gathers a
+    parameter when its module is called, not when another module reads it."""
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_chunk_tokens: int = 0
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return head_and_loss(hidden, self.weight, labels, loss_chunk_tokens)

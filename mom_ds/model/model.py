@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpointing import MODES, checkpointed
 from .config import MoMConfig
 from .flops import flops_per_token
-from .lm_loss import chunked_lm_loss
+from .lm_loss import UntiedHead, head_and_loss
 from .mod_block import MoDBlock, MoDRouting
 from .modules import Rope, VanillaLayer, init_gpt2_, make_norm, rotary_tables
 from .routed_block import RoutedBlock
@@ -53,8 +52,7 @@ class MoMForCausalLM(nn.Module):
                                      if config.anchor_layers)
         self.top = nn.ModuleList(self._vanilla() for _ in range(config.n_top))
         self.ln_f = make_norm(config)
-        self.lm_head = None if config.tie_word_embeddings else \
-            nn.Linear(d, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else UntiedHead(d, config.vocab_size)
         init_gpt2_(self, config.init_std, config.n_layer_equiv)
         self.activation_checkpointing = "none"  # set by set_activation_checkpointing
 
@@ -67,10 +65,14 @@ class MoMForCausalLM(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions and self.wpe is not None else n
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        """The LM head's matrix (vocab, d): the token embedding itself when tied."""
-        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+    def _head(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
+              loss_chunk_tokens: int = 0
+              ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(logits, loss) of the final norm's output (lm_loss.head_and_loss) through the
+        head: the token embedding itself when tied."""
+        if self.lm_head is None:
+            return head_and_loss(hidden, self.wte.weight, labels, loss_chunk_tokens)
+        return self.lm_head(hidden, labels, loss_chunk_tokens)
 
     def embed(self, input_ids: torch.Tensor, pos: torch.Tensor
               ) -> tuple[torch.Tensor, Optional[Rope]]:
@@ -85,7 +87,7 @@ class MoMForCausalLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output -> logits: final norm and head."""
-        return F.linear(self.ln_f(x), self.head_weight)
+        return self._head(self.ln_f(x))[0]
 
     def per_module_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter by name, each routed block's stacked pools as one view per module
@@ -179,15 +181,7 @@ class MoMForCausalLM(nn.Module):
         out.routing = self._record(blocks, out.mod_routing, real, x)
         if cache is not None:
             cache["length"] = past + T
-        hidden = self.ln_f(x)
-        if labels is not None and loss_chunk_tokens > 0:
-            out.logits = None
-            out.lm_loss = chunked_lm_loss(hidden, self.head_weight, labels, loss_chunk_tokens)
-        else:
-            out.logits = F.linear(hidden, self.head_weight)
-            if labels is not None:
-                out.lm_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                              labels.reshape(-1), ignore_index=-100)
+        out.logits, out.lm_loss = self._head(self.ln_f(x), labels, loss_chunk_tokens)
         if labels is not None:
             self._add_routing_losses(out)
         return out

@@ -37,6 +37,18 @@ MODELS = {
     "mom_mod": MoMConfig(n_bottom=2, mod_capacity=0.5, mod_every=2, n_routed_blocks=1, depth=2,
                          **SHAPE),
 }
+# The llama block family: grouped-query attention, an untied head, Qwen2's Q/K/V biases.
+LLAMA = dict(SHAPE, block="llama", n_heads=4, n_kv_heads=2, ffn_hidden=40, rope_theta=500.0)
+MODELS.update({
+    "llama_vanilla": preset("vanilla", n_layer=2, tie_word_embeddings=False, **LLAMA),
+    "qwen2_vanilla": preset("vanilla", n_layer=2, qkv_bias=True, **LLAMA),
+    "llama_mom": preset("mom", n_bottom=1, depth=2, top_k=2, tie_word_embeddings=False, **LLAMA),
+    "llama_moe": preset("moe", n_layer=2, n_experts=4, top_k=2, qkv_bias=True, **LLAMA),
+    "llama_mod": preset("mod", n_layer=4, capacity=0.25, every=2, **LLAMA),
+})
+# The vanilla presets export as their family's own transformers model, no remote code.
+PLAIN = {"vanilla": "GPT2LMHeadModel", "llama_vanilla": "LlamaForCausalLM",
+         "qwen2_vanilla": "Qwen2ForCausalLM"}
 PROMPT_TOKENS, NEW_TOKENS, PAD = 10, 12, 4
 GPT2_TEXT = "Hello world! It's 2026:  naïve café —\n\n\tdon't we'll 12345 x"
 
@@ -121,7 +133,7 @@ def check_same_outputs(name: str, want: dict, have: dict, directory: Path) -> No
     """The loaded export gives mom-ds's logits, loss and greedy tokens, generates with its
     cache, scores and continues a left-padded batch as mom-ds does each prompt alone, and its
     tokenizer round-trips text; the directory holds no pickle."""
-    assert have["class"] == ("GPT2LMHeadModel" if name == "vanilla" else "MoMHFForCausalLM")
+    assert have["class"] == PLAIN.get(name, "MoMHFForCausalLM")
     torch.testing.assert_close(have["logits"], want["logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(have["loss"], want["loss"], atol=1e-5, rtol=1e-5)
     assert have["generated"].tolist() == want["generated"].tolist()
@@ -132,7 +144,7 @@ def check_same_outputs(name: str, want: dict, have: dict, directory: Path) -> No
     assert have["text"] == "Hello, world"
     files = {p.name for p in directory.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert ("modeling_mom.py" in files) == (name != "vanilla")
+    assert ("modeling_mom.py" in files) == (name not in PLAIN)
     assert not any(p.suffix in (".bin", ".pt") for p in directory.iterdir())
 
 

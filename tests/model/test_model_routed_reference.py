@@ -1,12 +1,16 @@
 """A routed block against the mechanism written out with plain Python loops (mom-spec.md
 section 1, "One routing step"): per-token routers, per-token Q/K/V sums, per-head softmax,
-weighted output projections and FFNs."""
+weighted output projections and FFNs. In the llama block family each module's Q and K are
+rotated at the token's position before the sum (here, with Python's math) and each query
+head reads its group's key/value head: the block rotates the sum once, which is the same
+because rotation is linear."""
 import math
 
 import pytest
 import torch
 
 from mom_ds import MoMConfig
+from mom_ds.model.modules import rotary_tables
 from mom_ds.model.routed_block import RoutedBlock
 from mom_ds_testing.pool_modules import attention_modules, ffn_modules
 
@@ -29,10 +33,35 @@ def ref_router(router, x, g, step, cfg):
     return list(zip(order, chosen)), g
 
 
+def ref_rotate(v, position, theta):
+    """One head's vector rotated by its position: dimension i pairs with i + hd/2, at the
+    angle position * theta^(-2i/hd)."""
+    half = len(v) // 2
+    out = v.clone()
+    for i in range(half):
+        angle = position * theta ** (-2 * i / len(v))
+        c, s = math.cos(angle), math.sin(angle)
+        out[i] = v[i] * c - v[i + half] * s
+        out[i + half] = v[i + half] * c + v[i] * s
+    return out
+
+
+def ref_module_qkv(mod, x, position, cfg):
+    """One module's Q, K, V of one token (llama: Q and K rotated per head)."""
+    d, hd, kv = cfg.d_model, cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = mod.qkv(mod.ln(x))
+    q, k, v = out[:d], out[d:d + kv], out[d + kv:]
+    if cfg.block == "llama":
+        q, k = (torch.cat([ref_rotate(t[i:i + hd], position, cfg.rope_theta)
+                           for i in range(0, len(t), hd)]) for t in (q, k))
+    return q, k, v
+
+
 def ref_block(block, x, cfg):
     """x: (T, d) one sequence -> (T, d), every token and head in Python loops."""
     T, d = x.shape
     nh, hd = cfg.n_heads, d // cfg.n_heads
+    group = cfg.n_heads // cfg.kv_heads  # query heads per key/value head
     A, Fn = cfg.n_attn_modules, cfg.n_ffn_modules
     attn_mods, ffn_mods = attention_modules(block), ffn_modules(block)
     h = [x[t].clone() for t in range(T)]
@@ -46,11 +75,10 @@ def ref_block(block, x, cfg):
             picks.append([(m, w) for m, w in pk if m < A])
         qkv = []
         for t in range(T):
-            acc = torch.zeros(3 * d)
+            acc = [torch.zeros(d), torch.zeros(cfg.kv_heads * hd), torch.zeros(cfg.kv_heads * hd)]
             for m, w in picks[t]:
-                mod = attn_mods[m]
-                out = mod.qkv(mod.ln(h[t]))
-                acc = acc + (w * out if cfg.weighted_qkv else out)
+                outs = ref_module_qkv(attn_mods[m], h[t], t, cfg)
+                acc = [a + (w * o if cfg.weighted_qkv else o) for a, o in zip(acc, outs)]
             qkv.append(acc)
             skipped_any |= not picks[t]
             chosen_any |= bool(picks[t])
@@ -59,12 +87,13 @@ def ref_block(block, x, cfg):
             out = torch.zeros(d)
             for head in range(nh):
                 sl = slice(head * hd, (head + 1) * hd)
-                q = qkv[i][:d][sl]
+                kv = slice(head // group * hd, (head // group + 1) * hd)
+                q = qkv[i][0][sl]
                 keys = [j for j in range(i + 1)
                         if cfg.skip_in_attention == "zero" or picks[j] or j == i]
-                logits = torch.stack([q @ qkv[j][d:2 * d][sl] / math.sqrt(hd) for j in keys])
+                logits = torch.stack([q @ qkv[j][1][kv] / math.sqrt(hd) for j in keys])
                 probs = torch.softmax(logits, 0)
-                out[sl] = sum(p * qkv[j][2 * d:][sl] for p, j in zip(probs, keys))
+                out[sl] = sum(p * qkv[j][2][kv] for p, j in zip(probs, keys))
             att.append(out)
         for t in range(T):
             for m, w in picks[t]:
@@ -87,6 +116,8 @@ CASES = [
     dict(top_k=1, router="mlp", weighting="renorm"),
     dict(top_k=2, router="mlp", weighting="logit"),
     dict(top_k=1, weighting="logit"),
+    dict(top_k=2, block="llama", n_kv_heads=1, weighted_qkv=True, ffn_hidden=24),
+    dict(top_k=1, block="llama", qkv_bias=True, skip_in_attention="mask", rope_theta=100.0),
 ]
 
 
@@ -111,8 +142,10 @@ def test_routed_block_matches_python_loops(case):
             break
     else:
         pytest.fail("no seed gave a routing with both SKIP and module choices")
+    rope = rotary_tables(torch.arange(6), cfg.head_dim, cfg.rope_theta) \
+        if cfg.block == "llama" else None
     with torch.no_grad():
-        out, routing = block(x)
+        out, routing = block(x, rope=rope)
     expected = torch.stack([r[0] for r in refs])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # A != F: the attention router's slot 2 (past the 2-module pool) acts as SKIP.

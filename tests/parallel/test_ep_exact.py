@@ -17,6 +17,10 @@ from mom_ds.parallel.placement import ModulePlacement
 
 SHAPE = dict(vocab_size=48, n_positions=16, d_model=16, n_heads=2)
 GLOBAL_BATCH = 8
+# The llama block family: SwiGLU's stacked gate/up projection crosses the all-to-all as one
+# row, grouped-query attention, Qwen2's Q/K/V biases, an untied head.
+LLAMA = dict(block="llama", n_kv_heads=1, qkv_bias=True, tie_word_embeddings=False)
+BLOCKS = {"gpt2": {}, "llama": LLAMA}
 
 
 def build(top_k, seed=0, **extra):
@@ -37,8 +41,8 @@ def batch(seed=1):
     return ids, torch.randint(0, 48, (GLOBAL_BATCH, 12), generator=g)
 
 
-def reference(top_k):
-    model = build(top_k)
+def reference(top_k, block="gpt2"):
+    model = build(top_k, **BLOCKS[block])
     ids, labels = batch()
     out = model(ids, labels=labels)
     out.loss.backward()
@@ -56,15 +60,16 @@ def owned(name, world, ep_rank, n_modules=4):
 
 
 def ep_rank_steps(rank, world):
-    return [ep_rank_step(rank, world, top_k) for top_k in (1, 2)]
+    return [ep_rank_step(rank, world, top_k) for top_k in (1, 2)] + \
+        [ep_rank_step(rank, world, 2, "llama")]
 
 
-def ep_rank_step(rank, world, top_k):
+def ep_rank_step(rank, world, top_k, block="gpt2"):
     """Pools sharded; gradients reduced as DeepSpeed reduces them: dense ones averaged over
     every rank, expert ones summed over the expert-data-parallel group (each rank's loss is
     its micro-batch mean; the all-to-all backward already brought every source rank's
     contribution to the owner) and divided by the data-parallel size."""
-    model = build(top_k)
+    model = build(top_k, **BLOCKS[block])
     layout = parallelize(model, RunConfig.of_model(model.config, world))
     ids, labels = batch()
     rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -84,12 +89,12 @@ def ep_rank_step(rank, world, top_k):
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_equals_one_process(world):
     per_rank = run_ranks(ep_rank_steps, world)
-    for i, top_k in enumerate((1, 2)):
-        check_equal_to_reference([r[i] for r in per_rank], world, top_k)
+    for i, (top_k, block) in enumerate(((1, "gpt2"), (2, "gpt2"), (2, "llama"))):
+        check_equal_to_reference([r[i] for r in per_rank], world, top_k, block)
 
 
-def check_equal_to_reference(results, world, top_k):
-    ref_logits, ref_loss, ref_grads, ref_norm, skips = reference(top_k)
+def check_equal_to_reference(results, world, top_k, block):
+    ref_logits, ref_loss, ref_grads, ref_norm, skips = reference(top_k, block)
     assert skips > 0  # SKIP was really chosen
     torch.testing.assert_close(torch.cat([r[0] for r in results]), ref_logits,
                                atol=1e-5, rtol=1e-5)
@@ -105,12 +110,12 @@ def check_equal_to_reference(results, world, top_k):
 CLIP = 0.05
 
 
-def engine_rank_step(rank, world, stage):
+def engine_rank_step(rank, world, stage, block):
     """One optimizer step through DeepSpeed's engine, clipping active: the norm DeepSpeed
     clips with and the weights it lands on, against one process on the global batch."""
     import deepspeed
 
-    model = build(2)
+    model = build(2, **BLOCKS[block])
     layout = parallelize(model, RunConfig.of_model(model.config, world))
     config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
@@ -134,8 +139,8 @@ def engine_rank_step(rank, world, stage):
     return norm, weights, ep_rank
 
 
-def engine_reference():
-    model = build(2)
+def engine_reference(block):
+    model = build(2, **BLOCKS[block])
     ids, labels = batch()
     opt = torch.optim.AdamW(parallelize(model, RunConfig.of_model(model.config)).param_groups,
                             lr=0.01, betas=(0.9, 0.95),
@@ -147,10 +152,11 @@ def engine_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_steps_sharded_pools_as_one_process(stage):
-    ref_norm, ref_weights = engine_reference()
-    for rank, (norm, weights, ep_rank) in enumerate(run_ranks(engine_rank_step, 2, stage)):
+@pytest.mark.parametrize("stage, block", [(1, "gpt2"), (2, "gpt2"), (3, "gpt2"), (3, "llama")])
+def test_deepspeed_steps_sharded_pools_as_one_process(stage, block):
+    ref_norm, ref_weights = engine_reference(block)
+    for rank, (norm, weights, ep_rank) in enumerate(run_ranks(engine_rank_step, 2, stage,
+                                                              block)):
         assert abs(float(norm) - ref_norm) < 1e-5 * ref_norm, (norm, ref_norm)
         for name, w in weights.items():
             cut = owned(name, 2, ep_rank)
