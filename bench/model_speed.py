@@ -11,6 +11,9 @@
    (step-time ratio) / (FLOPs ratio from flops_per_token with the routing taken, routers
    included): what routing, permutation and combining cost beyond their arithmetic
    (targets <= 1.10 and <= 1.05).
+2b. The llama block family (RMSNorm, rotary positions, SwiGLU, grouped-query attention,
+   --kv-heads): its vanilla preset vs transformers.LlamaForCausalLM of the same shape
+   (tokens/s ratio, target >= 1.0), and its MoM (K = 1) vs its vanilla (time / FLOPs ratio).
 3. The GRU routers' share of a MoM step, reported separately: they are real arithmetic.
 4. aten ops per forward + backward (a TorchDispatchMode counts them; profiler markers left
    out): each op is at least one kernel launch on a GPU, where at modest batch sizes launches,
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--kv-heads", type=int, default=0,
+                    help="key/value heads of the llama-family models (default: heads / 4)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -176,27 +181,37 @@ def main() -> None:
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
     tokens = ids.numel()
 
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    llama = dict(shape, block="llama", n_kv_heads=args.kv_heads or max(1, args.heads // 4))
 
     def build(name: str):
         if name == "hf":
             return GPT2LMHeadModel(GPT2Config(vocab_size=args.vocab, n_positions=args.seq,
                                               n_embd=args.width, n_layer=4, n_head=args.heads,
                                               resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
-        if name.startswith("vanilla"):
-            model = MoMForCausalLM(presets.vanilla(4, **shape))
+        family = llama if name.startswith("llama") else shape
+        if name == "llama_hf":
+            c = presets.vanilla(4, **llama)
+            return LlamaForCausalLM(LlamaConfig(
+                vocab_size=args.vocab, hidden_size=args.width, intermediate_size=c.ffn_width,
+                num_hidden_layers=4, num_attention_heads=args.heads,
+                num_key_value_heads=c.kv_heads, max_position_embeddings=args.seq))
+        if name.removeprefix("llama_").startswith("vanilla"):
+            model = MoMForCausalLM(presets.vanilla(4, **family))
         else:
             model = MoMForCausalLM(presets.mom(n_attn_modules=4, n_ffn_modules=4, depth=4,
-                                               top_k=int(name[-1]), **shape))
+                                               top_k=int(name[-1]), **family))
         # the model as evaluation runs it (no optimizer here; one process: nothing sharded)
         parallelize(model, RunConfig.of_model(model.config), training=False)
         return model
 
     def make_step(name: str, model, rows=ids, targets=labels):
         chunk = 0 if name == "vanilla_whole" else args.loss_chunk
-        return step_fn(model, rows, targets, name == "hf", chunk)
+        return step_fn(model, rows, targets, name.endswith("hf"), chunk)
 
-    names = ["hf", "vanilla", "vanilla_whole", "mom_k1", "mom_k2"]
+    names = ["hf", "vanilla", "vanilla_whole", "mom_k1", "mom_k2", "llama_hf", "llama_vanilla",
+             "llama_mom_k1"]
     if args.ops_only:
         op_table(lambda n: build(n).to(device=device, dtype=dtype), make_step,
                  ["vanilla", "mom_k1", "mom_k2"], args.compiled_ops)
@@ -238,6 +253,24 @@ def main() -> None:
         print(f"| MoM A=F=4 H=4 K={k} (one block) | {tokens / secs[f'mom_k{k}']:,.0f} | "
               f"{secs[f'mom_k{k}']:.3f} | {flops_m / 1e9:.3f} | time ratio / FLOPs ratio = "
               f"{overhead:.3f} vs vanilla 4-layer (target <= {target}) |")
+
+    print(f"\nllama block family ({llama['n_kv_heads']} key/value heads, SwiGLU hidden "
+          f"{models['llama_vanilla'].config.ffn_width}):\n")
+    print("| model | tokens/s | step s | GFLOPs/token | vs baseline |")
+    print("|---|---|---|---|---|")
+    flops_l = flops_per_token(models["llama_vanilla"].config, args.seq)
+    print(f"| HF LlamaForCausalLM, 4 layers | {tokens / secs['llama_hf']:,.0f} | "
+          f"{secs['llama_hf']:.3f} | {flops_l / 1e9:.3f} | baseline |")
+    print(f"| mom-ds vanilla preset (llama), 4 layers, loss in chunks of {args.loss_chunk} tokens | {tokens / secs['llama_vanilla']:,.0f} | "
+          f"{secs['llama_vanilla']:.3f} | {flops_l / 1e9:.3f} | "
+          f"{secs['llama_hf'] / secs['llama_vanilla']:.3f}x HF tokens/s (target >= 1.0) |")
+    llama_mom = models["llama_mom_k1"]
+    with torch.no_grad():
+        flops_lm = flops_per_token(llama_mom.config, args.seq, llama_mom(ids).routing)
+    print(f"| MoM (llama) A=F=4 H=4 K=1 | {tokens / secs['llama_mom_k1']:,.0f} | "
+          f"{secs['llama_mom_k1']:.3f} | {flops_lm / 1e9:.3f} | time ratio / FLOPs ratio = "
+          f"{(secs['llama_mom_k1'] / secs['llama_vanilla']) / (flops_lm / flops_l):.3f} vs "
+          f"llama vanilla 4-layer |")
 
     cfg = moms[1].config
     block = moms[1].chunks[0]

@@ -18,6 +18,8 @@ SHRINK = ["--model.vocab_size", "257", "--model.n_positions", "32", "--model.d_m
           "--train.grad_accum_steps", "1", "--train.log_interval", "1", "--train.eval_interval",
           "2", "--train.eval_batches", "1", "--train.ckpt_interval", "0", "--train.precision",
           "fp32"]
+# a Llama-family recipe's grouped-query and SwiGLU widths, shrunk with the rest
+SHRINK_LLAMA = ["--model.n_kv_heads", "1", "--model.ffn_hidden", "40"]
 DRIVER = """
 import json, sys
 from mom_ds.cli.train import main
@@ -55,6 +57,8 @@ def test_every_recipe_under_configs_trains(tmp_path):
     for recipe in RECIPES:
         outs[recipe] = tmp_path / "runs" / recipe.relative_to(REPO / "configs").with_suffix("")
         extra = ["--modular.teacher", str(teacher)] if recipe.stem == "modular" else []
+        if load_run_config(recipe, []).model.block == "llama":
+            extra += SHRINK_LLAMA
         plan.append(["--config", str(recipe), *SHRINK, *extra, "--data.data_dir", str(data),
                      "--train.out_dir", str(outs[recipe])])
     (tmp_path / "plan.json").write_text(json.dumps(plan))

@@ -59,6 +59,24 @@ def test_stop_and_resume_equals_uninterrupted(data, reference, tmp_path):
     assert_same_run(tmp_path, reference, first_step=7)
 
 
+# the tiny recipe in the llama block family: rotary positions, grouped-query attention,
+# SwiGLU, RMSNorm, an untied head
+LLAMA = ["--model.block", "llama", "--model.n_kv_heads", "2", "--model.tie_word_embeddings",
+         "false"]
+
+
+def test_a_llama_run_resumes_exactly(data, tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    mom_train(*tiny_args(data, reference, *LLAMA))
+    mom_train(*tiny_args(data, resumed, *LLAMA), "--stop-after", "6")
+    proc = mom_train(*tiny_args(data, resumed, *LLAMA), "--resume")
+    assert "resumed from step 6" in proc.stdout
+    assert_same_run(resumed, reference, first_step=7)
+    assert "lm_head.weight" in final_weights(resumed)
+    rows = metrics(reference)
+    assert rows[STEPS]["train/lm_loss"] < rows[1]["train/lm_loss"] - 1.0
+
+
 KILL_DURING_SAVE = """
 import os, sys, torch
 real_save = torch.save
