@@ -169,8 +169,8 @@ class MoMConfig:
         """Hidden width of an FFN module (ffn_hidden, or the family's default)."""
         if self.ffn_hidden:
             return self.ffn_hidden
-        if self.block == "llama":
-            return -(-8 * self.d_model // 3 // 64) * 64
+        if self.block == "llama":  # Llama's rule: 2/3 of 4d, rounded up to a multiple of 64
+            return 64 * math.ceil(8 * self.d_model / (3 * 64))
         return 4 * self.d_model
 
     @property

@@ -195,6 +195,7 @@ class VanillaLayer(nn.Module):
     def __init__(self, config: MoMConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
+        self.rotary = (config.head_dim, config.rope_theta) if config.block == "llama" else None
         self.split = qkv_split(config)
         self.attn = AttentionModule(config)
         self.ffn = FFNModule(config)
@@ -204,7 +205,10 @@ class VanillaLayer(nn.Module):
     def forward(self, x: torch.Tensor, *, keep: Optional[torch.Tensor] = None,
                 cache: Optional[dict] = None, cache_key: object = None,
                 rope: Optional[Rope] = None) -> torch.Tensor:
-        """rope: the rotary tables of x's positions (block llama; MoMForCausalLM.embed)."""
+        """rope: the rotary tables of x's positions (block llama; MoMForCausalLM.embed makes
+        them once per forward); without them, positions 0 .. T-1."""
+        if rope is None and self.rotary is not None:
+            rope = rotary_tables(torch.arange(x.shape[1], device=x.device), *self.rotary)
         q, k, v = self.attn.project_qkv(x).split(self.split, dim=-1)
         a = causal_attention(q, k, v, self.n_heads, n_kv_heads=self.n_kv_heads, rope=rope,
                              keep=keep, cache=cache, cache_key=cache_key,

@@ -20,6 +20,12 @@ MODELS = {
     "mom": lambda: presets.mom(n_routed_blocks=2, n_attn_modules=3, n_ffn_modules=3, depth=3,
                                top_k=2, capacity_factor=0.6, n_bottom=1, n_top=1, **SHAPE),
     "mod": lambda: presets.mixture_of_depths(4, capacity=0.5, every=2, **SHAPE),
+    # the llama block family: the rotary tables travel into every recomputed segment
+    "llama_mom": lambda: presets.mom(n_routed_blocks=1, n_attn_modules=3, n_ffn_modules=3,
+                                     depth=2, top_k=2, n_bottom=1, block="llama",
+                                     n_kv_heads=1, tie_word_embeddings=False, **SHAPE),
+    "llama_mod": lambda: presets.mixture_of_depths(4, capacity=0.5, every=2, block="llama",
+                                                   **SHAPE),
 }
 
 

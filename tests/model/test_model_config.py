@@ -25,6 +25,13 @@ BAD = [
     (dict(n_routed_blocks=0, n_bottom=1, mod_capacity=0.5), "model.mod_capacity", "n_bottom"),
     (dict(n_routed_blocks=0, n_bottom=2, mod_capacity=1.5), "model.mod_capacity", "0.125"),
     (dict(vocab_size=0), "model.vocab_size", ">= 1"),
+    (dict(block="mamba"), "model.block", "gpt2, llama"),
+    (dict(block="llama", n_heads=12, n_kv_heads=5), "model.n_kv_heads", "divisor of n_heads"),
+    (dict(n_kv_heads=4), "model.n_kv_heads", "block = llama"),
+    (dict(qkv_bias=True), "model.qkv_bias", "block gpt2"),
+    (dict(block="llama", d_model=36, n_heads=4), "model.n_heads", "even"),
+    (dict(block="llama", rope_theta=0.0), "model.rope_theta", "10000"),
+    (dict(ffn_hidden=-1), "model.ffn_hidden", "0 (the default)"),
 ]
 
 
