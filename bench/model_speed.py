@@ -160,7 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--kv-heads", type=int, default=0,
-                    help="key/value heads of the llama-family models (default: heads / 4)")
+                    help="key/value heads of the llama-family models (default: the largest "
+                         "divisor of --heads at most heads / 4)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
@@ -183,7 +184,9 @@ def main() -> None:
 
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    llama = dict(shape, block="llama", n_kv_heads=args.kv_heads or max(1, args.heads // 4))
+    kv_heads = args.kv_heads or max(n for n in range(1, max(1, args.heads // 4) + 1)
+                                    if args.heads % n == 0)
+    llama = dict(shape, block="llama", n_kv_heads=kv_heads)
 
     def build(name: str):
         if name == "hf":
@@ -196,7 +199,8 @@ def main() -> None:
             return LlamaForCausalLM(LlamaConfig(
                 vocab_size=args.vocab, hidden_size=args.width, intermediate_size=c.ffn_width,
                 num_hidden_layers=4, num_attention_heads=args.heads,
-                num_key_value_heads=c.kv_heads, max_position_embeddings=args.seq))
+                num_key_value_heads=c.kv_heads, max_position_embeddings=args.seq,
+                rms_norm_eps=c.layer_norm_eps, tie_word_embeddings=c.tie_word_embeddings))
         if name.removeprefix("llama_").startswith("vanilla"):
             model = MoMForCausalLM(presets.vanilla(4, **family))
         else:

@@ -183,8 +183,8 @@ class ModularConfig:
     teacher: str = ""
     """Empty: an ordinary pre-training run. Otherwise the vanilla model to compress: a
     mom-train run directory (or its ckpt/ or a step_* tag), a .safetensors file written by
-    mom-convert (fp32 or from-hf), a Hugging Face GPT-2 directory or hub name. The run's
-    model: section becomes the teacher's."""
+    mom-convert (fp32 or from-hf), a Hugging Face GPT-2 or Llama-family directory or hub
+    name. The run's model: section becomes the teacher's."""
     granularities: list[int] = field(default_factory=list)
     """g values: one module per group of g consecutive teacher layers for each g; each must
     divide the teacher's layer count L and lie in [2, L]. Empty: every divisor of L in

@@ -60,7 +60,8 @@ class MoMConfig:
     n_heads."""
     ffn_hidden: int = 0
     """Hidden width of an FFN module; 0: 4 * d_model (gpt2), 8/3 * d_model rounded up to a
-    multiple of 64 (llama: SwiGLU's gate and up projections each have this width)."""
+    multiple of 64 (llama: SwiGLU's gate and up projections each have this width; set it
+    to a checkpoint's intermediate_size to match one)."""
     rope_theta: float = 10000.0
     """Base of the rotary position embedding (block llama)."""
     qkv_bias: bool = False
@@ -169,7 +170,8 @@ class MoMConfig:
         """Hidden width of an FFN module (ffn_hidden, or the family's default)."""
         if self.ffn_hidden:
             return self.ffn_hidden
-        if self.block == "llama":  # Llama's rule: 2/3 of 4d, rounded up to a multiple of 64
+        if self.block == "llama":  # 2/3 of 4d (SwiGLU's three matrices hold 8d^2 as GELU's
+            # two do), rounded up to a multiple of 64 (Meta's Llama rounds to 256)
             return 64 * math.ceil(8 * self.d_model / (3 * 64))
         return 4 * self.d_model
 

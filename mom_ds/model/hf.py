@@ -58,15 +58,19 @@ def layers_per_block(donor_layers: int, layout: MoMConfig) -> int:
     terms = f"n_bottom ({layout.n_bottom}) + n_top ({layout.n_top})"
     if blocks:
         terms += f" + anchors ({blocks * int(layout.anchor_layers)})"
-        need = (f"the {left} left must split evenly into the {blocks} routed block(s), at "
-                f"most max(A, F) = {width} each (fewer: copies, as upcycling)")
+        need = (f"the {max(left, 0)} left must split evenly into the {blocks} routed "
+                f"block(s), at least 1 and at most max(A, F) = {width} each (fewer than "
+                f"max(A, F): copies, as upcycling)")
     else:
         need = "nothing may be left"
     # the n_top that fits, the rest of the layout unchanged: the most layers per block
-    below_top = donor_layers - _outside_pools(layout) + layout.n_top
+    below_top = donor_layers - (_outside_pools(layout) - layout.n_top)
     m = min(width, below_top // blocks) if blocks else 0
-    hint = f"e.g. n_top = {below_top - blocks * m}" if (m or not blocks) and \
-        below_top - blocks * m >= 0 else "e.g. fewer bottom layers or more routed blocks"
+    if (m >= 1 or not blocks) and below_top >= 0:
+        hint = f"e.g. n_top = {below_top - blocks * m}"
+    else:
+        hint = (f"the bottom layers and anchors leave {max(below_top, 0)} of the donor's "
+                f"layers for {blocks} routed block(s): fewer bottom layers or blocks")
     raise HFInteropError(
         f"the donor has {donor_layers} layers; {terms} take {_outside_pools(layout)} and {need}. "
         f"Fix: choose the layout to fit the donor ({hint}).")
@@ -81,8 +85,10 @@ def donor_layer_map(donor_layers: int, layout: MoMConfig) -> list[tuple[int, Lay
     part for attention module j (j < A), its FFN part for FFN module j (j < F). With
     m = max(A, F) this is the two-stage map of mom-spec section 1 (each layer a module of
     its own); with fewer layers, pools are filled with copies: m = 1 is sparse upcycling
-    (Komatsuzaki et al. 2022), the donor's FFN copied into every expert of a MoE layer. A
-    vanilla layout (n_routed_blocks = 0) is the identity map onto bottom + top.
+    (Komatsuzaki et al. 2022), the donor's FFN copied into every expert of a MoE layer.
+    Where m does not divide max(A, F) the first layers of the block get one copy more
+    than the others. A vanilla layout (n_routed_blocks = 0) is the identity map onto
+    bottom + top.
     """
     m = layers_per_block(donor_layers, layout)
     mod_layers = set(layout.mod_layer_indices())
@@ -174,10 +180,11 @@ def _from_pretrained(loader, path: Union[str, Path]):
 def _donor_weights(path: Union[str, Path]) -> PreTrainedModel:
     model, info = _from_pretrained(AutoModelForCausalLM, path)
     if info["missing_keys"]:
-        raise HFInteropError(f"{path} lacks {sorted(info['missing_keys'])[0]} (and "
-                             f"{len(info['missing_keys']) - 1} more), which transformers would "
-                             f"fill with random values. Fix: pass a complete causal-LM "
-                             f"checkpoint (a *ForCausalLM saved with save_pretrained).")
+        missing = sorted(info["missing_keys"])
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise HFInteropError(f"{path} lacks {missing[0]}{more}, which transformers would fill "
+                             f"with random values. Fix: pass a complete causal-LM checkpoint "
+                             f"(a *ForCausalLM saved with save_pretrained).")
     return model
 
 

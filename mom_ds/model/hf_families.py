@@ -48,10 +48,6 @@ class Family:
     global_tensors: Callable[[MoMConfig], list[tuple[str, str]]]  # (donor name, MoM name)
     export: Callable[[MoMConfig], PreTrainedModel]      # vanilla preset -> fresh HF model
 
-    @property
-    def name(self) -> str:
-        return "/".join(self.model_types)
-
 
 def _refuse(config, field: str, why: str, fix: str) -> None:
     raise HFInteropError(f"the donor's {field} = {getattr(config, field, None)!r}: {why}. "
@@ -160,7 +156,7 @@ def _llama_check(config) -> None:
         _refuse(config, "mlp_bias", "Llama-family FFN modules have no biases",
                 "use a checkpoint with mlp_bias = False")
     if getattr(config, "use_sliding_window", False) or any(
-            kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+            layer != "full_attention" for layer in getattr(config, "layer_types", None) or ()):
         field = "use_sliding_window" if getattr(config, "use_sliding_window", False) \
             else "layer_types"
         _refuse(config, field, "sliding-window attention is not implemented",
@@ -212,8 +208,13 @@ def _llama_export(config: MoMConfig) -> PreTrainedModel:
         intermediate_size=config.ffn_width, num_hidden_layers=config.n_vanilla_layers,
         num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
         max_position_embeddings=config.n_positions, rms_norm_eps=config.layer_norm_eps,
-        rope_theta=config.rope_theta, hidden_act="silu", attention_dropout=config.dropout,
-        initializer_range=config.init_std, tie_word_embeddings=config.tie_word_embeddings)
+        rope_theta=config.rope_theta, hidden_act="silu",
+        # mom-ds's dropout also acts on the embeddings and residual branches, which
+        # transformers' Llama has no dropout for: only the attention's carries over
+        attention_dropout=config.dropout, initializer_range=config.init_std,
+        tie_word_embeddings=config.tie_word_embeddings,
+        # the tokenizer's ids, when to_hf is given one; not LlamaConfig's 1 and 2
+        bos_token_id=None, eos_token_id=None)
     # 5.x writes theta into rope_parameters alone, where 4.x does not look (it would rotate
     # by its default 10000): written at the top level too, both read the same theta
     hf.rope_theta = config.rope_theta

@@ -69,7 +69,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     chunk_rows: int) -> torch.Tensor:
-    """hidden (..., d) after the final LayerNorm, weight (V, d), labels (...) -> the mean
+    """hidden (..., d) after the final norm, weight (V, d), labels (...) -> the mean
     cross-entropy, as F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100)."""
     return ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
                                            labels.reshape(-1), chunk_rows)

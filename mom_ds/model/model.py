@@ -60,8 +60,8 @@ class MoMForCausalLM(nn.Module):
         return VanillaLayer(self.config)
 
     def num_params(self, exclude_positions: bool = True) -> int:
-        """Parameter count; nanoGPT leaves out the position table (the head is tied).
-        (contract.py: TrainableLM.num_params)"""
+        """Parameter count; nanoGPT leaves out the position table (gpt2 blocks; a tied head
+        is counted once, as the embedding). (contract.py: TrainableLM.num_params)"""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if exclude_positions and self.wpe is not None else n
 

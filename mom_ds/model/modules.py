@@ -67,7 +67,6 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads:
     k, v = (t.view(B, T, kv_heads, hd).transpose(1, 2) for t in (k, v))
     if rope is not None:
         q, k = rotate(q, rope), rotate(k, rope)
-    gqa = {"enable_gqa": True} if kv_heads != n_heads else {}
     past = 0
     if cache is not None:
         entry = cache.get(cache_key)
@@ -83,8 +82,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads:
                 keep = torch.cat([old, new], dim=1)
         cache[cache_key] = KVEntry(k, v, keep)
     if keep is None and past == 0:
+        gqa = {"enable_gqa": True} if kv_heads != n_heads else {}
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
     else:
+        if kv_heads != n_heads:  # CUDA's kernels for an explicit mask take no enable_gqa
+            # (PyTorch's sdp_utils: flash refuses the mask, memory-efficient has no GQA):
+            # each key/value head repeated for its query heads, the cache kept unrepeated
+            k, v = (t.repeat_interleave(n_heads // kv_heads, dim=1) for t in (k, v))
         S = past + T
         qpos = torch.arange(past, S, device=q.device)[:, None]
         kpos = torch.arange(S, device=q.device)[None, :]
@@ -92,7 +96,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads:
         if keep is not None:
             mask = mask & (keep[:, None, :] | (kpos == qpos))  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return y.transpose(1, 2).reshape(B, T, d)
 
 
@@ -105,20 +109,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, "llama", self.eps) * self.weight
+        return normalize(x, "rmsnorm", self.eps) * self.weight
+
+
+def norm_kind(config: MoMConfig) -> str:
+    """The block family's norm: layernorm (gpt2; its affine has a shift) or rmsnorm
+    (llama; a scale only)."""
+    return "rmsnorm" if config.block == "llama" else "layernorm"
 
 
 def make_norm(config: MoMConfig) -> nn.Module:
-    """The block family's norm: LayerNorm (gpt2) or RMSNorm (llama)."""
-    if config.block == "llama":
+    if norm_kind(config) == "rmsnorm":
         return RMSNorm(config.d_model, config.layer_norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
 
-def normalize(x: torch.Tensor, block: str, eps: float) -> torch.Tensor:
-    """The block family's norm without its affine (a routed block normalises each token
-    once, before its rows are gathered; each module's affine comes with its projection)."""
-    if block == "llama":
+def normalize(x: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """A norm of `kind` (norm_kind) without its affine (a routed block normalises each
+    token once, before its rows are gathered; each module's affine comes with its
+    projection)."""
+    if kind == "rmsnorm":
         return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), eps=eps)
 
@@ -127,9 +137,12 @@ def ffn_activation(y: torch.Tensor, block: str) -> torch.Tensor:
     """Between an FFN module's two projections: GPT-2's tanh GELU, or SwiGLU (the first
     projection holds gate and up side by side: silu(gate) * up)."""
     if block == "llama":
-        gate, up = y.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return swiglu(*y.chunk(2, dim=-1))
     return F.gelu(y, approximate="tanh")
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def fc_width(config: MoMConfig) -> int:
@@ -137,11 +150,28 @@ def fc_width(config: MoMConfig) -> int:
     return config.ffn_width * (2 if config.block == "llama" else 1)
 
 
+def sliced_linear(x: torch.Tensor, linear: nn.Linear, sizes: list[int]
+                  ) -> tuple[torch.Tensor, ...]:
+    """linear(x) split into `sizes` along the last dimension, as one matmul per piece on
+    views of the one weight. Llama-family layers project this way: the matmuls have the
+    shapes of Llama's separate q/k/v (gate/up) projections, and the backward makes each
+    piece's input gradient without joining the pieces' gradients into one tensor first
+    (bench/model_speed.py section 2b: 2-3% of a step on the CPU against the fused matmul)."""
+    biases = linear.bias.split(sizes) if linear.bias is not None else [None] * len(sizes)
+    return tuple(F.linear(x, w, b) for w, b in zip(linear.weight.split(sizes), biases))
+
+
 def projection_biases(config: MoMConfig) -> tuple[bool, bool]:
     """(Q/K/V projection has a bias, every other projection has one): GPT-2 has biases
     everywhere, Llama nowhere, Qwen2 on Q/K/V only."""
     gpt2 = config.block == "gpt2"
     return gpt2 or config.qkv_bias, gpt2
+
+
+def qkv_split(config: MoMConfig) -> list[int]:
+    """Widths of Q, K and V inside a Q/K/V projection's output."""
+    kv = config.kv_heads * config.head_dim
+    return [config.d_model, kv, kv]
 
 
 class AttentionModule(nn.Module):
@@ -158,9 +188,14 @@ class AttentionModule(nn.Module):
         self.ln = make_norm(config)
         self.qkv = nn.Linear(d, config.qkv_width, bias=qkv_bias)
         self.proj = nn.Linear(d, d, bias=bias)
+        self.split = qkv_split(config)
+        self.sliced = config.block == "llama"  # GPT-2 computes its c_attn as one matmul
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qkv(self.ln(x))
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v) of x."""
+        if self.sliced:
+            return sliced_linear(self.ln(x), self.qkv, self.split)
+        return self.qkv(self.ln(x)).split(self.split, dim=-1)
 
     def project_out(self, a: torch.Tensor) -> torch.Tensor:
         return self.proj(a)
@@ -180,13 +215,10 @@ class FFNModule(nn.Module):
         self.proj = nn.Linear(hidden, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block == "llama":
+            return self.proj(swiglu(*sliced_linear(self.ln(x), self.fc,
+                                                   [self.proj.in_features] * 2)))
         return self.proj(ffn_activation(self.fc(self.ln(x)), self.block))
-
-
-def qkv_split(config: MoMConfig) -> list[int]:
-    """Widths of Q, K and V inside a Q/K/V projection's output."""
-    kv = config.kv_heads * config.head_dim
-    return [config.d_model, kv, kv]
 
 
 class VanillaLayer(nn.Module):
@@ -196,7 +228,6 @@ class VanillaLayer(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = config.n_heads, config.kv_heads
         self.rotary = (config.head_dim, config.rope_theta) if config.block == "llama" else None
-        self.split = qkv_split(config)
         self.attn = AttentionModule(config)
         self.ffn = FFNModule(config)
         self.dropout = config.dropout
@@ -206,10 +237,14 @@ class VanillaLayer(nn.Module):
                 cache: Optional[dict] = None, cache_key: object = None,
                 rope: Optional[Rope] = None) -> torch.Tensor:
         """rope: the rotary tables of x's positions (block llama; MoMForCausalLM.embed makes
-        them once per forward); without them, positions 0 .. T-1."""
+        them once per forward); without them, positions 0 .. T-1 (no cache: a cache's new
+        tokens come after the ones it holds, which only the caller knows)."""
         if rope is None and self.rotary is not None:
+            if cache is not None:
+                raise ValueError("a llama-family layer with a cache needs the rotary tables "
+                                 "of its tokens' positions (rope=)")
             rope = rotary_tables(torch.arange(x.shape[1], device=x.device), *self.rotary)
-        q, k, v = self.attn.project_qkv(x).split(self.split, dim=-1)
+        q, k, v = self.attn.project_qkv(x)
         a = causal_attention(q, k, v, self.n_heads, n_kv_heads=self.n_kv_heads, rope=rope,
                              keep=keep, cache=cache, cache_key=cache_key,
                              dropout=self.dropout if self.training else 0.0)
@@ -217,7 +252,7 @@ class VanillaLayer(nn.Module):
         return x + self.drop(self.ffn(x))
 
 
-def init_gpt2_(module: nn.Module, std: float, n_layer: int) -> None:
+def init_gpt2_(module: nn.Module, std: float, n_layer: int) -> None:  # either family
     """GPT-2 initialisation, for either block family: normal(std) weights, zero biases, unit
     norms, and output projections scaled by 1/sqrt(2 * n_layer) so the residual stream does
     not grow with depth."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoMConfig
-from .modules import fc_width, ffn_activation, normalize, projection_biases
+from .modules import fc_width, ffn_activation, norm_kind, normalize, projection_biases
 
 
 @dataclass
@@ -136,7 +136,7 @@ Affine = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
 def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 groups: RowGroups, layer_norm: Optional[Affine] = None) -> torch.Tensor:
+                 groups: RowGroups, norm_affine: Optional[Affine] = None) -> torch.Tensor:
     """The fallback: one matmul per module (bias fused), the offsets read once per plan;
     the rows past the last offset are zeros and get no gradient. split and unbind, not
     indexing: their backward joins the pieces once instead of adding a zero-filled
@@ -144,8 +144,8 @@ def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     ends = [0, *groups.ends()]
     sizes = [b - a for a, b in zip(ends, ends[1:])]
     *parts, rest = x.split([*sizes, x.shape[0] - ends[-1]])
-    if layer_norm is not None:  # each module's affine on its own rows: one pass over them
-        gamma, beta = layer_norm
+    if norm_affine is not None:  # each module's affine on its own rows: one pass over them
+        gamma, beta = norm_affine
         betas = beta.unbind(0) if beta is not None else [None] * len(parts)
         parts = [part * g if b is None else torch.addcmul(b, part, g)
                  for part, g, b in zip(parts, gamma.unbind(0), betas)]
@@ -159,10 +159,10 @@ def _loop_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    groups: RowGroups, use_grouped_mm: bool | None = None,
-                   layer_norm: Optional[Affine] = None) -> torch.Tensor:
+                   norm_affine: Optional[Affine] = None) -> torch.Tensor:
     """x (M, in) rows sorted by module -> (M, out) = x' @ weight[m] + bias[m] for each row's
     module m (no bias: None), 0 for rows in no module; x' = x * gamma[m] + beta[m] when
-    layer_norm gives a module norm's affine (gamma, beta), each (G, in), beta None for
+    norm_affine gives a module norm's affine (gamma, beta), each (G, in), beta None for
     RMSNorm. use_grouped_mm None: whenever it is the fast path. The grouped GEMM takes the
     affine folded into the weights (diag(gamma) W and beta W + b, exact algebra: one gather
     for any module); the loop applies it to each module's rows, which moves less memory than
@@ -171,9 +171,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         # compiled: one graph (the loop would read the offsets on the host, a graph break)
         use_grouped_mm = grouped_mm_available(x, weight) or torch.compiler.is_compiling()
     if not use_grouped_mm:
-        return _loop_linear(x, weight, bias, groups, layer_norm)
-    if layer_norm is not None:
-        gamma, beta = layer_norm
+        return _loop_linear(x, weight, bias, groups, norm_affine)
+    if norm_affine is not None:
+        gamma, beta = norm_affine
         folded = gamma.unsqueeze(2) * weight
         if beta is not None:
             shift = torch.bmm(beta.unsqueeze(1), weight).squeeze(1)
@@ -193,19 +193,20 @@ class GroupedProjection(nn.Module):
 
     def __init__(self, n_modules: int, d_in: int, d_out: int, bias: bool,
                  norm: Optional[str] = None):
-        """norm: the block family whose norm precedes this projection (None: none)."""
+        """norm: the kind of norm that precedes this projection (modules.norm_kind), None
+        for none."""
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_modules, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(n_modules, d_out)) if bias else None
         if norm is not None:
             self.ln_weight = nn.Parameter(torch.ones(n_modules, d_in))
-            self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_in)) if norm == "gpt2" \
-                else None
+            self.ln_bias = nn.Parameter(torch.zeros(n_modules, d_in)) \
+                if norm == "layernorm" else None
         self.norm = norm
 
     def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:
         affine = (self.ln_weight, self.ln_bias) if self.norm is not None else None
-        return grouped_linear(rows, self.weight, self.bias, groups, layer_norm=affine)
+        return grouped_linear(rows, self.weight, self.bias, groups, norm_affine=affine)
 
 
 class ModulePool(nn.Module):
@@ -219,10 +220,10 @@ class ModulePool(nn.Module):
     def __init__(self, config: MoMConfig, n_modules: int):
         super().__init__()
         self.config, self.n_modules = config, n_modules
-        self.block, self.eps = config.block, config.layer_norm_eps
+        self.block, self.norm, self.eps = config.block, norm_kind(config), config.layer_norm_eps
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.block, self.eps)
+        return normalize(x, self.norm, self.eps)
 
     def view_names(self) -> dict[str, tuple[str, str]]:
         """A module's tensor names, as a per-module nn.Module names them -> (projection,
@@ -262,7 +263,7 @@ class AttentionPool(ModulePool):
         qkv_bias, bias = projection_biases(config)
         d = config.d_model
         self.qkv = GroupedProjection(self.n_modules, d, config.qkv_width, qkv_bias,
-                                     norm=config.block)
+                                     norm=self.norm)
         self.proj = GroupedProjection(self.n_modules, d, d, bias)
 
 
@@ -277,8 +278,7 @@ class FFNPool(ModulePool):
         super().__init__(config, n_modules or config.n_ffn_modules)
         _, bias = projection_biases(config)
         d = config.d_model
-        self.fc = GroupedProjection(self.n_modules, d, fc_width(config), bias,
-                                    norm=config.block)
+        self.fc = GroupedProjection(self.n_modules, d, fc_width(config), bias, norm=self.norm)
         self.proj = GroupedProjection(self.n_modules, config.ffn_width, d, bias)
 
     def forward(self, rows: torch.Tensor, groups: RowGroups) -> torch.Tensor:

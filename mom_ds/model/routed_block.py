@@ -83,7 +83,7 @@ class RoutedBlock(nn.Module):
         module (it passes on the residual), is no key, and counts in no statistic. rope:
         the rotary tables of x's positions (block llama), applied to the summed Q and K of
         each token's modules: rotation is linear, so this equals rotating each module's
-        output before the sum (tests/model/test_llama_block.py checks it)."""
+        output before the sum (tests/model/test_model_routed_reference.py checks it)."""
         cfg = self.config
         B, T, d = x.shape
         h = x.reshape(B * T, d)

@@ -44,8 +44,8 @@ def load_student(path: str | Path, teacher: Optional[str] = None
 
 
 def assembled_model(student: ModularStudent, assembly: Assembly) -> MoMForCausalLM:
-    """The vanilla model of the assembly's layers: the teacher's embeddings, final LayerNorm
-    and head, and for each tile its teacher layer or module, copied."""
+    """The vanilla model of the assembly's layers: the teacher's embeddings, final norm and
+    head, and for each tile its teacher layer or module, copied."""
     check(assembly, student.n_layers, student.granularities)
     teacher = student.teacher
     config = dataclasses.replace(teacher.config, n_bottom=len(assembly))

@@ -170,7 +170,7 @@ class ModularStudent(nn.Module):
         """The teacher's forward (2 FLOPs per parameter, 4 d T per attention) plus the
         student's forward and backward over its assembly (6 per parameter, 12 d T per
         attention; nanoGPT's convention, an upper bound: frozen layers compute no weight
-        gradient), with the tied head counted in both. `routing` is ignored: the student
+        gradient), with the head counted in both. `routing` is ignored: the student
         routes nothing (its record is the empty one)."""
         d = self.config.d_model
         layer, head = layer_params(self.config), head_params(self.config)

@@ -153,9 +153,10 @@ def use_global_balance_stats(model: nn.Module, group=None) -> None:
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """GPT-2-style AdamW groups, each split by DeepSpeed into its dense and expert parts
     (split_params_into_different_moe_groups_for_optimizer): the groups ZeRO reduces and
-    partitions over the right process groups. Weight matrices decay; biases, LayerNorms
-    and the embeddings do not (the head is tied to the token embedding). A pool's stacked
-    biases and LayerNorms are 2-D (modules x width) but vectors of their modules."""
+    partitions over the right process groups. Weight matrices decay (an untied head's
+    too); biases, norms and the embeddings do not (nor, then, a head tied to the token
+    embedding). A pool's stacked biases and norm weights are 2-D (modules x width) but
+    vectors of their modules."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)

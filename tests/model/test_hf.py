@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from mom_ds import ConfigError, MoMConfig, MoMForCausalLM
 from mom_ds.model.hf import LayerTarget, donor_layer_map, from_hf, hf_vanilla_model
@@ -206,7 +206,7 @@ def test_refuses_a_layout_with_the_wrong_layer_count():
     layout = MoMConfig(**{**MOM_LAYOUT, "n_top": 2})
     with pytest.raises(ConfigError, match=r"donor has 12 layers; n_bottom \(1\) \+ n_top \(2\) "
                                           r"\+ anchors \(2\) take 5 and the 7 left must split "
-                                          r"evenly into the 2 routed block\(s\), at most "
+                                          r"evenly into the 2 routed block\(s\), at least 1 and at most "
                                           r"max\(A, F\) = 4 each.*Fix: .* \(e\.g\. n_top = 1\)"):
         from_hf(tiny_gpt2(n_layer=12), layout=layout)
 

@@ -204,3 +204,28 @@ def test_a_donor_saved_by_transformers_4_imports_with_its_theta(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_export_without_a_tokenizer_names_no_token_ids():
+    """LlamaConfig's own bos 1 / eos 2 would make generate() stop at whatever id 2 is."""
+    from mom_ds.model.hf_export import hf_model_of
+
+    hf = hf_model_of(from_hf(donor("llama")))
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (None, None)
+    assert hf.generation_config.eos_token_id is None
+
+
+def test_a_layer_with_a_cache_needs_its_positions():
+    layer = from_hf(donor("llama")).bottom[0]
+    with pytest.raises(ValueError, match="needs the rotary tables"):
+        layer(torch.randn(1, 3, 32), cache={})
+
+
+def test_a_layout_larger_than_the_donor_says_so():
+    layout = MoMConfig(block="llama", vocab_size=VOCAB, n_positions=POS, d_model=32, n_heads=4,
+                       n_kv_heads=2, ffn_hidden=48, rope_theta=1000.0, layer_norm_eps=1e-6,
+                       tie_word_embeddings=False, n_bottom=3, n_routed_blocks=1,
+                       anchor_layers=True, depth=2)
+    with pytest.raises(ConfigError, match=r"take 4 and the 0 left.*Fix: .*leave 0 of the "
+                                          r"donor's layers for 1 routed block"):
+        from_hf(donor("llama"), layout=layout)

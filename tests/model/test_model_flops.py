@@ -66,7 +66,7 @@ def test_moe_flops_count_one_attention_and_k_experts_per_layer():
     """A fixed attention router sends each token to one module whatever top_k is: the MoE
     preset costs vanilla plus, per layer, one more FFN expert and the expert router."""
     moe, plain = presets.moe(2, n_experts=4, top_k=2, **SHAPE), presets.vanilla(2, **SHAPE)
-    d, T = 32, 64
+    T = 64
     extra = 6 * 2 * (ffn_module_params(moe) + router_params(moe, "mlp"))
     expected = flops_per_token(plain, T) + extra
     assert flops_per_token(moe, T) == expected
