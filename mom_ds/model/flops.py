@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Optional
 
 from .config import MoMConfig
-from .modules import fc_width, projection_biases
+from .modules import fc_width, norm_kind, projection_biases
 from .routing import RoutingRecord
 
 
 def _norm_params(config: MoMConfig) -> int:
-    return config.d_model * (2 if config.block == "gpt2" else 1)  # LayerNorm has a bias
+    return config.d_model * (2 if norm_kind(config) == "layernorm" else 1)  # + its shift
 
 
 def attention_module_params(config: MoMConfig) -> int:

@@ -243,8 +243,9 @@ class ModulePool(nn.Module):
         named <prefix>.<j>.<name> as a per-module nn.Module would name them (writing into
         a view writes the stack): the names Hugging Face import and per-module tools use."""
         views = {}
+        names = self.view_names()
         for j in range(self.n_modules):
-            for name, (projection, param) in self.view_names().items():
+            for name, (projection, param) in names.items():
                 tensor = getattr(getattr(self, projection), param)[j]
                 views[f"{prefix}.{j}.{name}"] = tensor.t() if tensor.dim() == 2 else tensor
         return views

@@ -16,6 +16,7 @@ from mom_ds.cli import convert
 from mom_ds.model.hf import from_hf, hf_vanilla_model
 from mom_ds.model.presets import moe, vanilla_routed
 from mom_ds.model.weights_file import load_weights
+from test_hf_export_hf4 import hf4_python  # noqa: F401  (the fixture: .venv-hf4, or a skip)
 
 VOCAB, POS = 96, 64
 SHAPE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -187,17 +188,12 @@ LlamaForCausalLM(config).save_pretrained(sys.argv[1])
 """
 
 
-def test_a_donor_saved_by_transformers_4_imports_with_its_theta(tmp_path):
+def test_a_donor_saved_by_transformers_4_imports_with_its_theta(hf4_python, tmp_path):
     """4.x writes rope_theta at the top of config.json, 5.x inside rope_parameters: either
     is read (a default theta would rotate by other angles)."""
     import subprocess
 
-    from test_hf_export_hf4 import VENV
-
-    python = VENV / "bin" / "python"
-    if not python.is_file():
-        pytest.skip(f"{VENV.name} (transformers 4.x) is missing: `make venv-hf4` creates it")
-    subprocess.run([str(python), "-c", SAVE_UNDER_4, str(tmp_path)], check=True, timeout=300)
+    subprocess.run([hf4_python, "-c", SAVE_UNDER_4, str(tmp_path)], check=True, timeout=300)
     ours = from_hf(tmp_path).eval()
     assert ours.config.rope_theta == 500.0
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
