@@ -13,7 +13,7 @@ import signal
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -104,15 +104,41 @@ def _load_or_train(settings: PrepSettings, source: Source, directory: Path) -> T
         return load_tokenizer(settings.tokenizer)
     from .bpe import train_bpe
 
-    return train_bpe(source.documents(), settings.train_tokenizer, directory / TRAINED_TOKENIZER_FILE)
+    return train_bpe(_train_split(source.documents(), settings), settings.train_tokenizer,
+                     directory / TRAINED_TOKENIZER_FILE)
+
+
+def _goes_to_val(settings: PrepSettings) -> Callable[[], bool]:
+    """The split's draw: one uniform number per document, in source order (numpy's stream is
+    the same drawn one at a time or in batches), so it depends on the seed and the corpus
+    only."""
+    rng = np.random.default_rng(settings.seed)
+    return lambda: bool(rng.random() < settings.val_fraction)
+
+
+def _train_split(documents: Iterable[str], settings: PrepSettings) -> Iterator[str]:
+    """The documents that _write_splits puts in train.bin, so that a trained tokenizer has
+    never seen the held-out text its model is scored on. The last one is held back: when no
+    other document went to val, _write_splits gives it to val (if it is not the only one)."""
+    goes_to_val = _goes_to_val(settings)
+    held, any_val, count = None, False, 0
+    for doc in documents:
+        count += 1
+        if held is not None:
+            yield held
+        held = None
+        if goes_to_val():
+            any_val = True
+        else:
+            held = doc
+    if held is not None and (any_val or settings.val_fraction == 0 or count == 1):
+        yield held
 
 
 def _write_splits(settings: PrepSettings, source: Source, tokenizer: Tokenizer, dtype: str,
                   directory: Path, num_proc: int, progress: Progress) -> dict[str, SplitStats]:
     writers = {split: SplitWriter(directory, split, dtype, settings.megatron_idx) for split in ("train", "val")}
-    # One uniform draw per document, in source order: the split depends on the seed and the
-    # corpus only, not on batching or the number of workers.
-    rng = np.random.default_rng(settings.seed)
+    goes_to_val = _goes_to_val(settings)
     n_val = 0
     pending = None  # the newest batch is held back so its last document can still go to val
 
@@ -135,7 +161,7 @@ def _write_splits(settings: PrepSettings, source: Source, tokenizer: Tokenizer, 
         progress.update(len(lengths), chars, len(tokens))
         if pending:
             commit(*pending)
-        pending = (tokens, lengths, rng.random(len(lengths)) < settings.val_fraction)
+        pending = (tokens, lengths, np.array([goes_to_val() for _ in lengths], dtype=bool))
     progress.close()
     if pending is None:
         raise DataError(f"the corpus is empty: {source.description} yielded no documents")
@@ -162,7 +188,7 @@ def _meta(settings: PrepSettings, source: Source, tokenizer: Tokenizer, dtype: s
           stats: dict[str, SplitStats]) -> dict:
     tokenizer_meta = asdict(tokenizer.info)
     if settings.train_tokenizer is not None:
-        tokenizer_meta.update(spec=f"trained byte-level BPE, {settings.train_tokenizer} tokens",
+        tokenizer_meta.update(spec=f"byte-level BPE of {settings.train_tokenizer} tokens trained on the train split",
                               file=TRAINED_TOKENIZER_FILE)
     return meta_record(
         tokenizer_meta, dtype, {split: asdict(s) for split, s in stats.items()}, created_by="mom-prep",

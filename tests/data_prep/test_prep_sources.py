@@ -81,6 +81,26 @@ def test_train_tokenizer_is_saved_beside_the_data(tmp_path):
     assert tok.decode(tok.encode(sample)) == sample
 
 
+def test_trained_tokenizer_never_sees_the_val_documents(tmp_path):
+    """A word repeated in every held-out document only, another in the train ones: BPE
+    merges the second into one token and never sees the first. Which documents are held out
+    is computed here from the documented draw (numpy's default_rng(seed).random(), one per
+    document in source order, val when below the fraction)."""
+    held_out = np.random.default_rng(7).random(40) < 0.3
+    assert 0 < held_out.sum() < 40
+    docs = [f"document {i}: " + " ".join(["quokkamango" if val else "zebrafoxtrot"] * 30)
+            for i, val in enumerate(held_out)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = prepare(PrepSettings(source=[str(tmp_path / "c.jsonl")], train_tokenizer=300,
+                                  val_fraction=0.3, seed=7), tmp_path / "out", show_progress=False)
+    tok = load_data_tokenizer(tmp_path / "out")
+    val = tok.decode(np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2"))
+    assert val.split("<|endoftext|>")[:-1] == [d for d, v in zip(docs, held_out) if v]
+    assert len(tok.encode(" zebrafoxtrot")) == 1
+    assert len(tok.encode(" quokkamango")) > 3
+    assert "trained on the train split" in result.meta["tokenizer"]["spec"]
+
+
 def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     from data_prep.format import DataError
 
