@@ -129,17 +129,24 @@ def rows_loss(model, rows: torch.Tensor) -> float:
 
 
 def train_baseline(model: MoMForCausalLM, teacher: MoMForCausalLM, data_dir: Path, steps: int,
-                   kd: bool, modular_cfg: dict) -> MoMForCausalLM:
-    """mom-train's one-process recipe in a plain loop: LM loss, or LM + logit distillation."""
+                   kd: bool, modular_cfg: dict, seed: int = 1337,
+                   layers_only: bool = False) -> MoMForCausalLM:
+    """mom-train's one-process recipe in a plain loop: LM loss, or LM + logit distillation.
+    `seed` is mom-train's train.seed and data.seed (dropout, window order); `layers_only`
+    freezes the embeddings, the final norm and the head, as a modular student's are (its
+    teacher's), so that both train the same kind of parameters."""
     t = TrainConfig(max_steps=steps, micro_batch_size=MICRO, lr=2e-3, min_lr=2e-4,
-                    warmup_steps=min(50, steps // 4))
+                    warmup_steps=min(50, steps // 4), seed=seed)
     torch.manual_seed(t.seed)
+    if layers_only:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("bottom."))
     run = RunConfig(model=model.config, data=DataConfig(seq_len=SEQ), train=t)
     optimizer = torch.optim.AdamW(parallelize(model, run).param_groups, lr=t.lr,
                                   betas=(t.beta1, t.beta2), eps=t.eps)
     schedule = scheduler(optimizer, t)
     data = TokenizedDataset(data_dir, split="train", seq_len=SEQ)
-    batches = Batches(data, WindowSampler(len(data), seed=1337), MICRO, torch.device("cpu"))
+    batches = Batches(data, WindowSampler(len(data), seed=seed), MICRO, torch.device("cpu"))
     model.train()
     for _ in range(steps):
         x, y = batches.next()
@@ -169,12 +176,14 @@ def modular_settings(teacher: Path, steps: int) -> dict:
 
 def compression_row(student, teacher: MoMForCausalLM, layers: int, held_out: torch.Tensor,
                     data: Path, steps: int, modular_cfg: dict, loss_of,
-                    strategies: tuple[str, ...] = ("coarsest", "finest", "search")
+                    strategies: tuple[str, ...] = ("coarsest", "finest", "search"),
+                    seed: int = 1337, layers_only: bool = False
                     ) -> tuple[dict, dict[str, MoMForCausalLM]]:
     """The teacher compressed to `layers` layers: the student assembled by each strategy,
     and the teacher with its best drop pattern (on the held-out rows) fine-tuned alone
-    ("drop") and with distillation ("kd") for `steps`. `loss_of(model)` is the loss
-    reported. Returns the row and the models (the drop model untrained, for timing)."""
+    ("drop") and with distillation ("kd") for `steps` (train_baseline's `seed` and
+    `layers_only`). `loss_of(model)` is the loss reported. Returns the row and the models
+    (the drop model untrained, for timing)."""
     row: dict = {"ratio": LAYERS / layers, "layers": layers}
     models = {}
     for strategy in strategies:
@@ -186,7 +195,7 @@ def compression_row(student, teacher: MoMForCausalLM, layers: int, held_out: tor
     models["drop"] = dropped(teacher, patterns[best])
     for name, kd in (("drop", False), ("kd", True)):
         trained = train_baseline(dropped(teacher, patterns[best]), teacher, data, steps, kd,
-                                 modular_cfg)
+                                 modular_cfg, seed, layers_only)
         row[name] = {"loss": loss_of(trained), "init": f"{best} {patterns[best]}"}
     row["drop"]["untrained_loss"] = loss_of(models["drop"])
     row["flops_per_token"] = forward_flops(models["drop"])

@@ -1,43 +1,47 @@
-"""The papers' comparisons in miniature, on real English text at CPU scale, side by side.
+"""The papers' comparisons at a scale where CPU-sized models learn, over seeds, side by side.
 
-    python bench/repro.py [--budget 1.0] [--quick] [--seed 1337] [--data DIR] [--out DIR]
+    python bench/repro.py [--budget 1] [--seeds 3] [--jobs 2] [--data DIR] [--out DIR]
+    python bench/repro.py --quick            # every path for a few steps (CI)
+    python bench/repro.py --plan gpt2-small  # the same comparisons as recipes for one 8-GPU node
 
-Corpus: Debian's Python documentation (apt-get install python3.11-doc: the HTML pages under
-/usr/share/doc/python3.11/html, turned into text by mom-prep's HTML reader), GPT-2
-tokenizer (tiktoken's; offline, MOM_GPT2_DIR names a folder of GPT-2's vocab.json and
-merges.txt, as for mom-prep), 5% of the pages held out; or any
-mom-prep output directory through --data. Every model: d_model 128, 4 heads, windows of 128
-tokens, 8 windows per step, AdamW at lr 2e-3 (warmup + cosine to 2e-4), fp32, one rank,
-trained by mom-train, one process per run, one run at a time.
+Corpus: bench/corpus.py's (Debian's Linux kernel, Python and PostgreSQL documentation, the
+Perl manual pages and Webster's 1913 dictionary; a BPE of 4,096 tokens trained by mom-prep on
+the train split, 2% of the documents held out), prepared into OUT/corpus on first use; or
+any mom-prep output directory through --data. Every model: d_model 128, 4 heads, windows of
+128 tokens, 8 windows per step, AdamW at lr 2e-3 (warmup, cosine to 2e-4), fp32, one rank,
+trained by mom-train, one process per run. With a 4,096-token vocabulary the tied head is
+about a quarter of a 6-layer model's training FLOPs (the header states the share).
 
-  stage 1    donor: vanilla GPT-2 of 6 layers, N1 tokens.
-  stage 2    each for N2 tokens from the donor (mom-convert to-hf, then from-hf):
-             vanilla continued; MoM deep (1 bottom layer + a routed block of 4 + 4 modules,
-             H = 6, K = 1, an anchor layer: the donor's parameters assembled 8 deep);
-             MoM shallow (one block of 6 + 6 modules, H = 2, K = 2: a third of the depth).
-             And MoM deep from scratch for N1 + N2 tokens.
-  MoD        6 layers, every other one processing 12.5% of the tokens, from scratch for the
-             donor's training FLOPs (more tokens, since each costs less), against the donor.
-  MoE        3 layers of top-2 of 8 FFN experts against vanilla of 5 layers (the same FLOPs
-             per token: 3 x (4 + 2 x 8) = 5 x 12 d^2), both from scratch for N1 tokens.
-  modular    bench/modular.py's Modular Transformers comparison on the donor as teacher:
-             modules of 2 and 3 layers trained once, assembled at 2x and 3x (search on
-             held-out windows) against drop + fine-tune and a KD student, each trained
-             on N2 / 4 tokens.
+Per seed (initialisation and window order of every run):
+  donor      vanilla GPT-2 of 6 layers, N1 tokens.
+  stage 2    each for N2 tokens from the donor (mom-convert to-hf, then from-hf): vanilla
+             continued; MoM deep (1 bottom layer + a routed block of 4 + 4 modules, H = 6,
+             K = 1, an anchor layer: the donor's parameters assembled 8 deep); MoM shallow
+             (one block of 6 + 6 modules, H = 2, K = 2).
+  scratch    MoM deep from scratch for N1 + N2 tokens (two-stage against from-scratch).
+  MoD        6 layers, every other one processing 12.5% of the tokens, for the donor's
+             training FLOPs (more tokens, since each costs less).
+  MoE        6 layers of top-1 of 8 FFN experts (the donor's FLOPs per token), N1 tokens.
+  llama      the Llama-family pair from scratch, N1 tokens each: vanilla of 6 layers
+             (RMSNorm, rotary positions, SwiGLU, 2 KV heads) and MoM deep of the same blocks.
+  modular    the teacher (below) compressed to 4, 3 and 2 layers (1.5x, 2x, 3x): one modular
+             run (modules of 2 and 3 layers; assembled by search on held-out windows and by
+             the fixed rules coarsest and finest) against the teacher's layers dropped (the
+             best pattern on the same windows) and fine-tuned, and the same start distilled.
+             Each trains the same kind of parameters, the layers (embeddings, final norm and
+             head stay the teacher's), on the same tokens in the same order.
+The teacher is one vanilla 6-layer run of 4 x N1 tokens (the first seed), trained so that it
+has settled: its val loss fell by less than SETTLED (1%) over its last quarter (the header
+reports the fall).
 
-Columns: parameters; training FLOPs per token as mom-train logs them (the routing executed;
-the mean over log windows); val loss and perplexity on the first --eval-windows val windows
-(the same windows for every model); accuracy on the first 100 documents of mom_cloze, the
-local lm-evaluation-harness task (mom-eval --tasks mom_cloze; 4 choices, chance 0.25; "n/a"
-where mom-eval cannot run it); tokens/s (median of the log windows after the first); peak
-memory of the rank's process; wall time of the mom-train process (start-up included).
-Token counts scale with --budget: the default (1.0) took 42 minutes on an idle 2-core
-machine, of which about 11 do not scale (start-ups, scoring, the harness).
---quick trains every arm for a few steps with every mom-ds command in this one process, so
-that the start-up is paid once (its numbers mean nothing, the peak memory is this
-process's, and the harness runs on the donor only). One line per paper claim says whether
-it holds at this scale.
-Writes OUT/repro.md, OUT/repro.json and OUT/repro.png; runs under OUT/runs.
+The verdicts: bench/repro_claims.py's RULE, printed with the table. The table: per arm the
+mean val loss over seeds and its range, on --eval-windows val windows spread evenly over the
+held-out documents (the same for every model; the assembly search scores the last
+--search-windows, which the table never sees), beside the corpus's unigram perplexity
+(train-split token frequencies, add-one smoothed, on the same windows). Tokens/s and peak
+memory come from mom-train's logs; with --jobs 2 two runs share the two cores, one thread
+each. A progress line per finished run gives the time left, estimated from the FLOP rate
+so far. Writes OUT/repro.md, OUT/repro.json and OUT/repro.png; runs under OUT/runs.
 """
 from __future__ import annotations
 
@@ -46,145 +50,170 @@ import contextlib
 import copy
 import importlib
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+import repro_claims as claims_rule  # noqa: E402
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
-                     compression_row, eval_windows, forward_flops, modular_settings,
+                     compression_row, forward_flops, modular_settings,
                      recipe as modular_recipe, write_outputs)
-from mom_ds.evaluation import score  # noqa: E402
+from mom_ds.checkpoints.loading import load_model  # noqa: E402
 from mom_ds.cli.report import load_events  # noqa: E402
 from mom_ds.config import DataConfig, RunConfig  # noqa: E402
 from mom_ds.data import DataError, TokenizedDataset  # noqa: E402
+from mom_ds.evaluation import Windows, row_windows, score  # noqa: E402
 from mom_ds.model import MoMConfig  # noqa: E402
 from mom_ds.model.flops import flops_per_token  # noqa: E402
 from mom_ds.model.presets import mixture_of_depths, mom, moe, vanilla  # noqa: E402
 from mom_ds.model.weights_file import SUFFIX as WEIGHTS_SUFFIX  # noqa: E402
 from mom_ds.modular.compress import load_student, search_windows  # noqa: E402
-from mom_ds.checkpoints.loading import load_model  # noqa: E402
 
-DOCS_DIR = Path("/usr/share/doc/python3.11/html")  # Debian's python3.11-doc
 ROUTER_WIDTH = 64
-MICRO = 8  # windows per step: twice bench/modular's steps for the same tokens
-# Steps of MICRO x SEQ tokens at --budget 1 (N1 = N2 = STAGE_STEPS x 1024 tokens); the
-# compression table trains bench/modular's batches of 16 windows for a quarter of N2.
-STAGE_STEPS = 128
+MICRO = 8  # windows per step
+STAGE1_STEPS = 2048  # N1 = 2,097,152 tokens at --budget 1
+STAGE2_STEPS = 1024  # N2: the stage-2 arms end at N1 + N2 tokens
+TEACHER_FACTOR = 4  # the modular teacher trains 4 x N1 tokens
+COMPRESSION_STEPS = 256  # x bench/modular's 16 windows: 524,288 tokens per compressed model
+COMPRESSED_LAYERS = (4, 3, 2)  # 1.5x, 2x and 3x of the 6-layer teacher
+SETTLED = 0.01  # the teacher has settled: val loss fell < 1% over its last quarter
+SHALLOW_FEWER_FLOPS = 0.15  # "shallow MoM keeps quality at >= 15% fewer FLOPs"
 QUICK_STEPS = 2
-HARNESS_DOCS = 100  # of mom_cloze's 400: a full pass costs about 90 s per model here
-# "keeps quality" / "matches": val loss at most this much worse, relatively
-QUALITY_TOLERANCE = 0.01
 LR, MIN_LR = 2e-3, 2e-4
+SPLIT = "seed-{}"  # a seed's runs: OUT/runs/seed-S/ARM
 
 
-@dataclass
+@dataclass(frozen=True)
 class Arm:
-    """One trained model: a row of the table and a curve of the figure."""
+    """One trained model of every seed: a row of the table and a band of the figure."""
 
     key: str
     label: str
     model: MoMConfig
     steps: int
-    init: str = "random"  # random | donor (the donor's weights, cut by from-hf into model's layout)
+    init: str = "random"  # random | donor (the seed's donor, cut by from-hf into model's layout)
     start_tokens: int = 0  # tokens its initial weights were trained on (the curves' offset)
     ablate: bool = False  # measure its routers' SKIP shares and silenced modules
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """How much of everything one invocation does (--quick: the least that runs each path)."""
 
-    quick: bool  # also: every mom-ds command in this process, the harness on the donor only
-    seed: int
-    stage_steps: int  # N1 = N2 in steps
+    quick: bool  # also: every mom-ds command in this process, one job
+    seeds: tuple[int, ...]
+    jobs: int
     d_model: int
     n_heads: int
     micro: int  # windows per step
+    stage1_steps: int
+    stage2_steps: int
+    teacher_steps: int
+    compression_steps: int  # of bench/modular's 16 windows
+    compressed_layers: tuple[int, ...]
     eval_points: int  # validation passes per run (the curves' points)
     eval_batches: int  # micro-batches per validation pass
     eval_windows: int  # val windows the table scores every model on
     search_windows: int  # held-out windows the modular assembly search scores on
-    harness_limit: int  # mom_cloze documents
-    compression_steps: int
-    compressed_layers: tuple[int, ...]
 
     @property
     def step_tokens(self) -> int:
         return self.micro * SEQ
 
 
-# --- the plan ---------------------------------------------------------------------------------
 def settings_for(args: argparse.Namespace) -> Settings:
-    if args.quick:  # a narrow model too: the GPT-2 head's arithmetic grows with d_model
-        return Settings(True, args.seed, QUICK_STEPS, d_model=32, n_heads=2, micro=2,
-                        eval_points=1, eval_batches=1, eval_windows=4, search_windows=4,
-                        harness_limit=4, compression_steps=1, compressed_layers=(2,))
-    stage = max(4, round(STAGE_STEPS * args.budget))
-    return Settings(False, args.seed, stage, d_model=128, n_heads=4, micro=MICRO,
-                    eval_points=8, eval_batches=2, eval_windows=args.eval_windows,
-                    search_windows=64, harness_limit=HARNESS_DOCS,
-                    # a quarter of N2's tokens in bench/modular's batches of 16 windows
-                    compression_steps=max(2, stage * MICRO // (4 * MODULAR_MICRO)),
-                    compressed_layers=(3, 2))  # 2x and 3x of the 6-layer donor
+    seeds = tuple(range(1, args.seeds + 1))
+    if args.quick:  # a narrow model: every path, not the numbers
+        return Settings(True, seeds, 1, d_model=32, n_heads=2, micro=2,
+                        stage1_steps=QUICK_STEPS, stage2_steps=QUICK_STEPS,
+                        teacher_steps=2 * QUICK_STEPS, compression_steps=1,
+                        compressed_layers=(3, 2), eval_points=1, eval_batches=1,
+                        eval_windows=4, search_windows=4)
+    stage1 = max(4, round(STAGE1_STEPS * args.budget))
+    return Settings(False, seeds, args.jobs, d_model=128, n_heads=4, micro=MICRO,
+                    stage1_steps=stage1, stage2_steps=max(4, round(STAGE2_STEPS * args.budget)),
+                    teacher_steps=TEACHER_FACTOR * stage1,
+                    compression_steps=max(2, round(COMPRESSION_STEPS * args.budget)),
+                    compressed_layers=COMPRESSED_LAYERS, eval_points=8, eval_batches=4,
+                    eval_windows=args.eval_windows, search_windows=64)
 
 
-def plan(s: Settings, vocab: int) -> tuple[Arm, list[Arm], list[Arm]]:
-    """(the donor, the arms that start from scratch, the arms that start from the donor)."""
-    shape = dict(n_positions=SEQ, d_model=s.d_model, n_heads=s.n_heads, vocab_size=vocab)
-    n, step_tokens = s.stage_steps, s.step_tokens
-    deep = mom(n_bottom=1, n_attn_modules=4, n_ffn_modules=4, depth=6, top_k=1,
-               anchor_layers=True, router_width=ROUTER_WIDTH, **shape)
-    shallow = mom(n_attn_modules=LAYERS, n_ffn_modules=LAYERS, depth=2, top_k=2,
-                  router_width=ROUTER_WIDTH, **shape)
-    donor = Arm("donor", f"donor: vanilla {LAYERS}L", vanilla(LAYERS, **shape), n)
-    mod = mixture_of_depths(LAYERS, capacity=0.125, every=2, **shape)
-    scratch = [
-        Arm("mom_scratch", "MoM deep, from scratch", deep, 2 * n),
-        # equal training FLOPs: the donor's tokens x its FLOPs per token / MoD's
-        Arm("mod", f"MoD {LAYERS}L (12.5%, every 2nd layer)", mod,
-            round(n * flops_per_token(donor.model, SEQ) / flops_per_token(mod, SEQ))),
-        Arm("moe", "MoE 3L (top-2 of 8 experts)",
-            moe(3, n_experts=8, top_k=2, router_width=ROUTER_WIDTH, **shape), n),
-        Arm("vanilla5", "vanilla 5L", vanilla(5, **shape), n),
+# --- the plan ---------------------------------------------------------------------------------
+def arms(shape: dict, layers: int, stage1_steps: int, stage2_steps: int,
+         step_tokens: int) -> list[Arm]:
+    """Every seed's arms for a vanilla model of `layers` layers at a shape (n_positions,
+    d_model, n_heads, vocab_size); the GPU plan (bench/repro_plan.py) calls it with GPT-2
+    small's. MoM deep holds the vanilla model's parameters (a bottom layer, L - 2 attention
+    and FFN modules, an anchor layer) assembled L + 2 deep; MoM shallow holds L + L modules
+    assembled L / 3 deep, two of each per step."""
+    def deep(**family) -> MoMConfig:
+        return mom(n_bottom=1, n_attn_modules=layers - 2, n_ffn_modules=layers - 2,
+                   depth=layers, top_k=1, anchor_layers=True, router_width=ROUTER_WIDTH,
+                   **shape, **family)
+
+    llama = dict(block="llama", n_kv_heads=max(1, shape["n_heads"] // 2))
+    donor = vanilla(layers, **shape)
+    mod = mixture_of_depths(layers, capacity=0.125, every=2, **shape)
+    n1, n2, seq = stage1_steps, stage2_steps, shape["n_positions"]
+    start = n1 * step_tokens
+    return [
+        Arm("donor", f"vanilla {layers}L (the donor)", donor, n1),
+        Arm("vanilla_continued", f"vanilla {layers}L, continued", donor, n2, "donor", start),
+        Arm("mom_deep", "MoM deep, two-stage", deep(), n2, "donor", start, ablate=True),
+        Arm("mom_shallow", "MoM shallow, two-stage",
+            mom(n_attn_modules=layers, n_ffn_modules=layers, depth=max(1, layers // 3),
+                top_k=2, router_width=ROUTER_WIDTH, **shape), n2, "donor", start),
+        Arm("mom_scratch", "MoM deep, from scratch", deep(), n1 + n2),
+        # the donor's training FLOPs: its tokens x its FLOPs per token / MoD's
+        Arm("mod", f"MoD {layers}L (12.5%, every 2nd layer)", mod,
+            round(n1 * flops_per_token(donor, seq) / flops_per_token(mod, seq))),
+        Arm("moe", f"MoE {layers}L (top-1 of 8 experts)",
+            moe(layers, n_experts=8, top_k=1, router_width=ROUTER_WIDTH, **shape), n1),
+        Arm("llama_vanilla", f"llama vanilla {layers}L", vanilla(layers, **shape, **llama), n1),
+        Arm("llama_mom", "llama MoM deep", deep(**llama), n1),
     ]
-    stage2 = [Arm("vanilla_continued", f"vanilla {LAYERS}L, continued", donor.model, n,
-                  "donor", n * step_tokens),
-              Arm("mom_deep", "MoM deep, two-stage", deep, n, "donor", n * step_tokens, True),
-              Arm("mom_shallow", "MoM shallow, two-stage", shallow, n, "donor",
-                  n * step_tokens)]
-    return donor, scratch, stage2
 
 
-def arm_recipe(arm: Arm, data: Path, runs: Path, s: Settings) -> Path:
+def arm_recipe(arm: Arm, data: Path, run_dir: Path, seed: int, s: Settings) -> Path:
     """The arm's mom-train recipe, written beside its run directory."""
-    cfg = RunConfig(model=arm.model, data=DataConfig(data_dir=str(data), seq_len=SEQ,
-                                                     seed=s.seed))
+    cfg = RunConfig(model=arm.model, data=DataConfig(data_dir=str(data), seq_len=SEQ, seed=seed))
     t = cfg.train
-    t.out_dir, t.max_steps, t.micro_batch_size = str(runs / arm.key), arm.steps, s.micro
-    t.seed, t.lr, t.min_lr, t.warmup_steps = s.seed, LR, MIN_LR, max(1, min(50, arm.steps // 10))
-    t.log_interval, t.eval_interval = max(1, arm.steps // 16), max(1, arm.steps // s.eval_points)
+    t.out_dir, t.max_steps, t.micro_batch_size = str(run_dir), arm.steps, s.micro
+    t.seed, t.lr, t.min_lr = seed, LR, MIN_LR
+    t.warmup_steps = max(1, min(100, arm.steps // 10))
+    t.log_interval = max(1, arm.steps // 32)
+    t.eval_interval = max(1, arm.steps // s.eval_points)
     t.eval_batches, t.ckpt_interval, t.keep_checkpoints = s.eval_batches, 0, 1
     t.precision = "fp32"
-    path = runs / f"{arm.key}.yaml"
+    path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
 
 
 # --- the corpus -------------------------------------------------------------------------------
 def corpus(args: argparse.Namespace, s: Settings) -> Path:
-    """--data checked, or the Python documentation prepared into OUT/data."""
-    data = Path(args.data) if args.data else prepare_docs(Path(args.out) / "data")
+    """--data checked, or bench/corpus.py's corpus prepared into OUT/corpus."""
+    if args.data:
+        data = Path(args.data)
+    else:
+        import corpus as debian_corpus
+
+        data = debian_corpus.prepare(Path(args.out) / "corpus")
     try:
         train = TokenizedDataset(data, split="train", seq_len=SEQ)
         val = TokenizedDataset(data, split="val", seq_len=SEQ)
@@ -198,18 +227,24 @@ def corpus(args: argparse.Namespace, s: Settings) -> Path:
     return data
 
 
-def prepare_docs(out: Path) -> Path:
-    from data_prep.cli import main as mom_prep
+def scored_windows(data: Path, s: Settings) -> Windows:
+    """--eval-windows val windows spread evenly over the held-out documents (the file is in
+    source order, so the first windows would all be one source's), before the last
+    --search-windows, in batches of 16."""
+    val = TokenizedDataset(data, split="val", seq_len=SEQ)
+    usable = len(val) - s.search_windows
+    indices = sorted({round(i * (usable - 1) / max(1, s.eval_windows - 1))
+                      for i in range(s.eval_windows)})
+    return row_windows(torch.from_numpy(val.windows(indices).astype("int64")), 16)
 
-    if not DOCS_DIR.is_dir():
-        sys.exit(f"repro: no {DOCS_DIR}. Fix: apt-get install python3.11-doc, or pass --data "
-                 f"with any mom-prep output directory.")
-    # mom-prep is a no-op when OUT already holds this corpus with these settings; its own
-    # error (e.g. no GPT-2 tokenizer offline) is printed by it
-    if mom_prep(["--source", f"{DOCS_DIR}/**/*.html", "--tokenizer", "gpt2",
-                 "--val-fraction", "0.05", "--out", str(out), "--quiet"]):
-        sys.exit(f"repro: preparing {DOCS_DIR} failed (above). Fix: that error, or pass --data.")
-    return out
+
+def unigram_ppl(data: Path, windows: Windows) -> float:
+    """Perplexity of the train split's token frequencies (add-one) on the scored targets."""
+    train = TokenizedDataset(data, split="train", seq_len=SEQ)
+    counts = np.bincount(np.asarray(train.tokens), minlength=train.vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    targets = windows.source[:, 1:].reshape(-1).numpy()
+    return float(math.exp(-log_p[targets].mean()))
 
 
 # --- running mom-ds's commands ------------------------------------------------------------------
@@ -219,13 +254,14 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_A
                "MASTER_PORT")
 
 
-def command(module: str, argv: list[str], log: Path, here: bool = False) -> float:
+def command(module: str, argv: list[str], log: Path, s: Settings) -> float:
     """Run a mom-ds command (`python -m module argv`), its output into `log`: in a process
-    of its own, or with `here` in this process (its main(), as tests/train/test_configs_train.py
-    runs mom-train). The wall time; RuntimeError naming the log when the command fails."""
+    of its own (one thread when --jobs shares the cores), or in quick mode in this process
+    (its main(), as tests/train/test_configs_train.py runs mom-train). The wall time;
+    RuntimeError naming the log when the command fails."""
     start = time.perf_counter()
     with open(log, "w") as out:
-        if here:
+        if s.quick:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 try:
                     code = importlib.import_module(module).main(argv)
@@ -233,6 +269,8 @@ def command(module: str, argv: list[str], log: Path, here: bool = False) -> floa
                     code = refused.code
         else:
             env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+            if s.jobs > 1:
+                env["OMP_NUM_THREADS"] = "1"
             code = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO, env=env,
                                   stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
@@ -242,74 +280,45 @@ def command(module: str, argv: list[str], log: Path, here: bool = False) -> floa
     return time.perf_counter() - start
 
 
-def export_donor(donor_dir: Path, hf_dir: Path, s: Settings) -> None:
+def export_donor(seed_dir: Path, s: Settings) -> None:
+    hf_dir = seed_dir / "donor-hf"
     shutil.rmtree(hf_dir, ignore_errors=True)  # to-hf writes only into a new directory
-    command("mom_ds.cli.convert", ["to-hf", str(donor_dir), str(hf_dir)],
-            hf_dir.parent / "donor-to-hf.log", s.quick)
+    command("mom_ds.cli.convert", ["to-hf", str(seed_dir / "donor"), str(hf_dir)],
+            seed_dir / "donor-to-hf.log", s)
 
 
-def donor_weights(arm: Arm, hf_dir: Path, recipe: Path, s: Settings) -> Path:
-    """The donor cut into the arm's layout (its recipe's model: section) by mom-convert
-    from-hf; a vanilla layout is the identity map."""
+def donor_weights(arm: Arm, recipe: Path, s: Settings) -> Path:
+    """The seed's donor cut into the arm's layout (its recipe's model: section) by
+    mom-convert from-hf; a vanilla layout is the identity map."""
     out = recipe.with_name(f"{arm.key}-init{WEIGHTS_SUFFIX}")
-    command("mom_ds.cli.convert", ["from-hf", str(hf_dir), str(out), "--config", str(recipe)],
-            recipe.with_name(f"{arm.key}-from-hf.log"), s.quick)
+    command("mom_ds.cli.convert", ["from-hf", str(recipe.parent / "donor-hf"), str(out),
+                                   "--config", str(recipe)],
+            recipe.with_name(f"{arm.key}-from-hf.log"), s)
     return out
 
 
-def train_arm(arm: Arm, data: Path, runs: Path, s: Settings, hf_dir: Optional[Path]) -> dict:
-    """Train the arm with mom-train, then measure it: the row of the table."""
-    recipe = arm_recipe(arm, data, runs, s)
-    init = ["--train.init_from", str(donor_weights(arm, hf_dir, recipe, s))] \
-        if arm.init == "donor" else []
-    wall = command("mom_ds.cli.train", ["--config", str(recipe), "--overwrite", *init],
-                   runs / f"{arm.key}.log", s.quick)
-    run_dir = runs / arm.key
-    harness = harness_accuracy(run_dir, s.harness_limit) \
-        if not s.quick or arm.key == "donor" else None
-    _, model, _ = load_model(run_dir)
-    scored = score(model.eval(), eval_windows(data, s.eval_windows))
-    row = {"key": arm.key, "label": arm.label, "init": arm.init, "steps": arm.steps,
-           "tokens": arm.steps * s.step_tokens, "start_tokens": arm.start_tokens,
-           "params": model.num_params(exclude_positions=False), "wall_s": wall,
-           "mom_cloze_acc": harness, "val_loss": scored.loss, "val_ppl": scored.ppl,
-           **logged_performance(run_dir)}
-    if arm.ablate:
-        row["routing"] = routing_redundancy(model, data, s.eval_windows, row["val_loss"])
-    print(f"repro: {arm.key} done: val loss {row['val_loss']:.4f}, {wall:.0f} s", flush=True)
-    return row
-
-
-def harness_accuracy(run_dir: Path, limit: int) -> Optional[float]:
-    """mom_cloze accuracy from mom-eval's results JSON; None when mom-eval cannot give it."""
-    out = run_dir / "mom_cloze.json"
-    argv = [str(run_dir), "--tasks", "mom_cloze", "--limit", str(limit), "--output", str(out)]
-    try:
-        command("mom_ds.cli.evaluate", argv, run_dir / "mom_cloze.log")
-        return float(json.loads(out.read_text())["results"]["mom_cloze"]["acc,none"])
-    except (RuntimeError, OSError, KeyError, ValueError) as err:
-        print(f"repro: mom_cloze n/a for {run_dir.name}: {str(err).strip()[:300]}", flush=True)
-        return None
+def train(recipe: Path, log: Path, s: Settings, *extra: str) -> float:
+    return command("mom_ds.cli.train", ["--config", str(recipe), "--overwrite", *extra], log, s)
 
 
 def logged_performance(run_dir: Path) -> dict:
     """What mom-train logged (TensorBoard events, read as mom-report reads them)."""
-    s = load_events(run_dir).scalars
-    rates = s["perf/tokens_per_s"][1]
+    scalars = load_events(run_dir).scalars
+    rates = scalars["perf/tokens_per_s"][1]
     return {"tokens_per_s": statistics.median(rates[1:] if len(rates) > 1 else rates),
-            "train_flops_per_token": float(s["perf/flops_per_token"][1].mean()),
-            "peak_memory_gb": float(s["perf/memory_gb"][1].max()),
-            "curve": {"step": s["eval/loss"][0].tolist(), "loss": s["eval/loss"][1].tolist()}}
+            "train_flops_per_token": float(scalars["perf/flops_per_token"][1].mean()),
+            "peak_memory_gb": float(scalars["perf/memory_gb"][1].max()),
+            "curve": {"step": scalars["eval/loss"][0].tolist(),
+                      "loss": scalars["eval/loss"][1].tolist()}}
 
 
 # --- attention against FFN redundancy ------------------------------------------------------------
 @torch.no_grad()
-def routing_redundancy(model, data: Path, n_windows: int, loss: float) -> dict:
+def routing_redundancy(model, windows: Windows, loss: float) -> dict:
     """SKIP shares of the routers, and the val loss (`loss` as trained) with the least-used
     half of every pool's attention modules silenced against a quarter of its FFN modules
     (the paper's finding: 50% of attention modules can go, only 25% of FFN modules)."""
-    rows = torch.from_numpy(TokenizedDataset(data, split="val", seq_len=SEQ)
-                            .windows(range(min(16, n_windows))).astype("int64"))
+    rows = windows.source[:16]
     routing = model(rows[:, :-1]).routing
     attn = torch.stack([r.attn_counts.sum(0) for r in routing.blocks]).double()  # (blocks, A + 1)
     ffn = torch.stack([r.ffn_counts.sum(0) for r in routing.blocks]).double()
@@ -318,14 +327,14 @@ def routing_redundancy(model, data: Path, n_windows: int, loss: float) -> dict:
             "ffn_skip_share": float(ffn[:, -1].sum() / ffn.sum()),
             "loss": loss,
             "loss_without_half_attention": silenced_loss(
-                model, data, n_windows, "attn_modules", ("qkv", "proj"), attn[:, :-1],
+                model, windows, "attn_modules", ("qkv", "proj"), attn[:, :-1],
                 c.n_attn_modules // 2),
             "loss_without_quarter_ffn": silenced_loss(
-                model, data, n_windows, "ffn_modules", ("proj",), ffn[:, :-1],
+                model, windows, "ffn_modules", ("proj",), ffn[:, :-1],
                 max(1, c.n_ffn_modules // 4))}
 
 
-def silenced_loss(model, data: Path, n_windows: int, pool: str, parts: tuple[str, ...],
+def silenced_loss(model, windows: Windows, pool: str, parts: tuple[str, ...],
                   usage: torch.Tensor, count: int) -> float:
     """Val loss with each block's `count` least-used modules of `pool` zeroed: an attention
     module with no Q/K/V and no output is exactly a SKIP (skip_in_attention zero), an FFN
@@ -337,132 +346,315 @@ def silenced_loss(model, data: Path, n_windows: int, pool: str, parts: tuple[str
             for part in parts:
                 for kind in ("weight", "bias"):
                     tensors[f"chunks.{block}.{pool}.{module}.{part}.{kind}"].zero_()
-    return score(silenced.eval(), eval_windows(data, n_windows)).loss
+    return score(silenced.eval(), windows).loss
 
 
-# --- the modular compression table ---------------------------------------------------------------
-def train_modular(runs: Path, data: Path, s: Settings) -> float:
-    config = modular_settings(runs / "donor", s.compression_steps)
-    recipe = modular_recipe(runs, "modular", None, s.compression_steps, data, **config)
-    return command("mom_ds.cli.train", ["--config", str(recipe), "--overwrite", "--train.seed",
-                                        str(s.seed), "--data.seed", str(s.seed)],
-                   runs / "modular.log", s.quick)
+# --- the runs as tasks --------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One unit of work: `run()` once every task named in `after` has finished."""
+
+    name: str
+    flops: float  # estimated, for the time left
+    run: Callable[[], None]
+    after: frozenset[str] = frozenset()
 
 
-def compression_rows(runs: Path, data: Path, s: Settings) -> list[dict]:
-    """The teacher and, per compressed layer count, bench/modular.py's row: the searched modular
-    assembly against the teacher with layers dropped (the best pattern on the held-out
-    windows) fine-tuned alone and with distillation, for the modular run's tokens."""
-    _, teacher, _ = load_model(runs / "donor")
-    run_cfg, student, _ = load_student(runs / "modular")
-    held_out = search_windows(run_cfg, s.search_windows)
-    config = modular_settings(runs / "donor", s.compression_steps)
+@dataclass
+class Progress:
+    """The progress line: runs done, and the time left at the FLOP rate so far."""
 
-    scored_on = eval_windows(data, s.eval_windows)
+    total_flops: float
+    total_tasks: int
+    start: float = field(default_factory=time.perf_counter)
+    done_flops: float = 0.0
+    done_tasks: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def loss(model) -> float:
-        return score(model.eval(), scored_on).loss
+    def finished(self, task: Task, what: str) -> None:
+        with self.lock:
+            self.done_flops += task.flops
+            self.done_tasks += 1
+            elapsed = time.perf_counter() - self.start
+            left = elapsed * (self.total_flops - self.done_flops) / max(self.done_flops, 1.0)
+            print(f"repro: [{self.done_tasks}/{self.total_tasks}] {task.name}: {what}; "
+                  f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
 
-    rows = [{"layers": LAYERS, "ratio": 1.0, "flops_per_token": forward_flops(teacher),
-             "teacher": loss(teacher)}]
-    for layers in s.compressed_layers:
-        row, _ = compression_row(student, teacher, layers, held_out, data,
-                                 s.compression_steps, config, loss, strategies=("search",))
-        rows.append(row)
-    return rows
+
+def run_tasks(tasks: list[Task], jobs: int, progress: Progress) -> None:
+    """Run the tasks, at most `jobs` at a time, each after the tasks it needs, in list order
+    otherwise; the first failure stops the rest and is raised. One job runs them in this
+    thread: mom-train in this process (quick mode) installs signal handlers, which only
+    the main thread may."""
+    names = {t.name for t in tasks}
+    missing = {n for t in tasks for n in t.after} - names
+    assert not missing, f"tasks wait for unknown tasks {missing}"
+    pending, running, done = list(tasks), {}, set()
+    while jobs == 1 and pending:
+        task = next(t for t in pending if t.after <= done)
+        pending.remove(task)
+        task.run()
+        done.add(task.name)
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for task in [t for t in pending if t.after <= done][:jobs - len(running)]:
+                pending.remove(task)
+                running[pool.submit(task.run)] = task
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                future.result()  # raises the task's error
+                done.add(task.name)
+
+
+@dataclass
+class Suite:
+    """One invocation: its settings, data, scored windows and the results as they arrive."""
+
+    s: Settings
+    data: Path
+    runs: Path
+    windows: Windows
+    arms: list[Arm]
+    rows: dict = field(default_factory=dict)  # arm key -> {"seeds": {seed: measures}, ...}
+    compression: dict = field(default_factory=dict)  # seed -> rows
+    teacher: dict = field(default_factory=dict)
+
+    def seed_dir(self, seed: int) -> Path:
+        path = self.runs / SPLIT.format(seed)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def loss(self, model) -> float:
+        return score(model.eval(), self.windows).loss
+
+    def tokens(self, steps: int) -> int:
+        return steps * self.s.step_tokens
+
+    # --- the tasks ---
+    def tasks(self, progress: Callable[[Task, str], None]) -> list[Task]:
+        """Per seed: the donor, its export, the arms; the teacher; per seed the modular run
+        and its compression table. Donors and the teacher first: the most waits on them."""
+        s, seq = self.s, SEQ
+        teacher_model = self.arms[0].model
+        tasks = [self._task("teacher", self.tokens(s.teacher_steps) *
+                            flops_per_token(teacher_model, seq), self.train_teacher, progress)]
+        for seed in s.seeds:
+            for arm in self.arms:
+                after = {f"{seed}/donor-hf"} if arm.init == "donor" else set()
+                tasks.append(self._task(f"{seed}/{arm.key}", self.tokens(arm.steps) *
+                                        flops_per_token(arm.model, seq),
+                                        lambda a=arm, sd=seed: self.train_arm(a, sd), progress,
+                                        after))
+            tasks.append(self._task(f"{seed}/donor-hf", 0.0,
+                                    lambda sd=seed: export_donor(self.seed_dir(sd), s),
+                                    progress, {f"{seed}/donor"}))
+            tasks.append(self._task(f"{seed}/modular", self.compression_flops(teacher_model),
+                                    lambda sd=seed: self.compress(sd), progress, {"teacher"}))
+        first = [t for t in tasks if t.name == "teacher" or t.name.endswith("/donor")]
+        return first + [t for t in tasks if t not in first]
+
+    def _task(self, name: str, flops: float, work: Callable[[], Optional[str]],
+              progress: Callable[[Task, str], None], after: set[str] = frozenset()) -> Task:
+        task = Task(name, flops, lambda: None, frozenset(after))
+
+        def run() -> None:
+            progress(task, work() or "done")
+
+        task.run = run
+        return task
+
+    def compression_flops(self, teacher_model: MoMConfig) -> float:
+        """The modular run (the teacher's forward + the student's training) and, per layer
+        count, the fine-tuned and the distilled model."""
+        teacher = flops_per_token(teacher_model, SEQ)
+        tokens = self.s.compression_steps * MODULAR_MICRO * SEQ
+        per_layer = teacher / LAYERS  # close enough for a time estimate
+        baselines = sum(2 * per_layer * n + teacher / 3 for n in self.s.compressed_layers)
+        return tokens * (teacher * 4 / 3 + baselines)
+
+    def train_arm(self, arm: Arm, seed: int) -> str:
+        run_dir = self.seed_dir(seed) / arm.key
+        recipe = arm_recipe(arm, self.data, run_dir, seed, self.s)
+        init = ["--train.init_from", str(donor_weights(arm, recipe, self.s))] \
+            if arm.init == "donor" else []
+        wall = train(recipe, run_dir.with_suffix(".log"), self.s, *init)
+        _, model, _ = load_model(run_dir)
+        measured = {"val_loss": self.loss(model), "wall_s": wall,
+                    **logged_performance(run_dir)}
+        measured["val_ppl"] = math.exp(measured["val_loss"])
+        if arm.ablate:
+            measured["routing"] = routing_redundancy(model, self.windows, measured["val_loss"])
+        row = self.rows.setdefault(arm.key, {
+            "label": arm.label, "init": arm.init, "steps": arm.steps,
+            "tokens": self.tokens(arm.steps), "start_tokens": arm.start_tokens,
+            "params": model.num_params(exclude_positions=False), "seeds": {}})
+        row["seeds"][seed] = measured
+        return f"val loss {measured['val_loss']:.4f}, {wall:.0f} s"
+
+    def train_teacher(self) -> str:
+        arm = Arm("teacher", f"vanilla {LAYERS}L teacher", self.arms[0].model,
+                  self.s.teacher_steps)
+        run_dir = self.runs / "teacher"
+        wall = train(arm_recipe(arm, self.data, run_dir, self.s.seeds[0], self.s),
+                     run_dir.with_suffix(".log"), self.s)
+        _, model, _ = load_model(run_dir)
+        curve = logged_performance(run_dir)["curve"]
+        self.teacher.update(val_loss=self.loss(model), wall_s=wall, curve=curve,
+                            tokens=self.tokens(arm.steps), **settled(curve))
+        return f"val loss {self.teacher['val_loss']:.4f}, {wall:.0f} s"
+
+    def compress(self, seed: int) -> str:
+        """The seed's modular run, then per layer count bench/modular.py's row: the modular
+        assemblies against the best drop pattern fine-tuned and distilled, each training
+        the layers only, on the modular run's tokens in its window order."""
+        seed_dir, s = self.seed_dir(seed), self.s
+        config = modular_settings(self.runs / "teacher", s.compression_steps)
+        recipe = modular_recipe(seed_dir, "modular", None, s.compression_steps, self.data,
+                                **config)
+        train(recipe, seed_dir / "modular.log", s, "--train.seed", str(seed),
+              "--data.seed", str(seed))
+        _, teacher, _ = load_model(self.runs / "teacher")
+        run_cfg, student, _ = load_student(seed_dir / "modular")
+        held_out = search_windows(run_cfg, s.search_windows)
+        rows = []
+        for layers in s.compressed_layers:
+            row, _ = compression_row(student, teacher, layers, held_out, self.data,
+                                     s.compression_steps, config, self.loss, seed=seed,
+                                     layers_only=True)
+            rows.append(row)
+        self.compression[seed] = rows
+        return "; ".join(f"{r['ratio']:.2g}x search {r['search']['loss']:.4f}, drop "
+                         f"{r['drop']['loss']:.4f}, KD {r['kd']['loss']:.4f}" for r in rows)
+
+
+def settled(curve: dict) -> dict:
+    """The teacher's val loss fall over its last quarter of steps, relative (its eval passes
+    nearest 75% and 100% of the run)."""
+    steps, losses = curve["step"], curve["loss"]
+    quarter = min(range(len(steps)), key=lambda i: abs(steps[i] - 0.75 * steps[-1]))
+    fall = 1 - losses[-1] / losses[quarter]
+    return {"late_fall": fall, "settled": fall < SETTLED}
 
 
 # --- the claims -------------------------------------------------------------------------------
-def claim(text: str, holds: bool, evidence: str) -> str:
-    return f"{text}: {'HOLDS' if holds else 'DOES NOT HOLD'} at this scale ({evidence})."
+def per_seed(rows: dict, field_: str = "val_loss") -> dict[int, dict[str, float]]:
+    """seed -> arm key -> the field, for the seeds every arm has."""
+    seeds = set.intersection(*(set(r["seeds"]) for r in rows.values()))
+    return {seed: {key: r["seeds"][seed][field_] for key, r in rows.items()}
+            for seed in sorted(seeds)}
 
 
-def versus(rows: dict[str, dict], a: str, b: str, field: str = "val_loss",
-           scale: float = 1.0, digits: int = 4) -> str:
-    """'x vs y, +z%': one field of arms a and b, and a's difference relative to b."""
-    x, y = rows[a][field], rows[b][field]
-    return f"{x * scale:.{digits}f} vs {y * scale:.{digits}f}, {100 * (x / y - 1):+.2f}%"
+def mean_flops(rows: dict, key: str) -> float:
+    return rows[key]["seeds"][min(rows[key]["seeds"])]["train_flops_per_token"]
 
 
-def within_tolerance(rows: dict[str, dict], a: str, b: str) -> bool:
-    return rows[a]["val_loss"] <= (1 + QUALITY_TOLERANCE) * rows[b]["val_loss"]
+def claims(results: dict) -> list[str]:
+    """One line per claim of the papers: the verdict by the rule, and the numbers."""
+    c = claims_rule
+    rows = results["rows"]
+    loss = per_seed(rows)
 
+    def gap(a: str, b: str, tolerance: float = 0.0) -> list[float]:
+        return c.loss_gap(loss, a, b, tolerance)
 
-def fewer_flops(rows: dict[str, dict], a: str, b: str) -> bool:
-    return rows[a]["train_flops_per_token"] < rows[b]["train_flops_per_token"]
+    def fewer(a: str, b: str, by: float = 0.0) -> tuple[bool, str]:
+        fa, fb = mean_flops(rows, a), mean_flops(rows, b)
+        return fa <= (1 - by) * fb, (f"training MFLOPs/token {fa / 1e6:.2f} vs {fb / 1e6:.2f} "
+                                     f"({100 * (fa / fb - 1):+.1f}%)")
 
-
-def claims(rows: dict[str, dict], compression: list[dict]) -> list[str]:
-    """One plain line per claim of the papers, with the numbers it rests on."""
-    loss = {key: row["val_loss"] for key, row in rows.items()}
-    flops = dict(field="train_flops_per_token", scale=1e-6, digits=2)
-    tol = f"within {100 * QUALITY_TOLERANCE:g}% of the loss"
-    r = rows["mom_deep"]["routing"]
-    d_attn = r["loss_without_half_attention"] - r["loss"]
-    d_ffn = r["loss_without_quarter_ffn"] - r["loss"]
-    return [
-        claim("MoM beats vanilla at equal parameters",
-              loss["mom_deep"] < loss["vanilla_continued"],
-              f"two-stage deep MoM, 8 assembled layers, against the donor continued, 6 layers: "
-              f"val loss {versus(rows, 'mom_deep', 'vanilla_continued')}; millions of "
-              f"parameters {versus(rows, 'mom_deep', 'vanilla_continued', 'params', 1e-6, 2)}"),
-        claim("Shallow MoM keeps quality at fewer FLOPs",
-              within_tolerance(rows, "mom_shallow", "vanilla_continued")
-              and fewer_flops(rows, "mom_shallow", "vanilla_continued"),
-              f"{tol}; two-stage shallow MoM against the donor continued: val loss "
-              f"{versus(rows, 'mom_shallow', 'vanilla_continued')}; training MFLOPs/token "
-              f"executed {versus(rows, 'mom_shallow', 'vanilla_continued', **flops)}"),
-        claim("Attention modules are more redundant than FFN modules", d_attn <= d_ffn,
-              f"two-stage deep MoM, each block's least-used modules silenced on the val "
-              f"windows: half of the attention modules {d_attn:+.4f} loss, a quarter of the "
-              f"FFN modules {d_ffn:+.4f}; the routers chose SKIP for "
-              f"{100 * r['attn_skip_share']:.1f}% of attention and "
-              f"{100 * r['ffn_skip_share']:.1f}% of FFN choices"),
-        claim("MoD matches vanilla at fewer FLOPs per forward",
-              within_tolerance(rows, "mod", "donor") and fewer_flops(rows, "mod", "donor"),
-              f"{tol}; equal training FLOPs: val loss {versus(rows, 'mod', 'donor')}; "
-              f"MFLOPs/token {versus(rows, 'mod', 'donor', **flops)}"),
-        claim("MoE beats vanilla at equal FLOPs per token", loss["moe"] < loss["vanilla5"],
-              f"val loss {versus(rows, 'moe', 'vanilla5')}"),
-        claim("Two-stage training beats MoM from scratch at equal total tokens",
-              loss["mom_deep"] < loss["mom_scratch"],
-              f"val loss {versus(rows, 'mom_deep', 'mom_scratch')}"),
-        modular_claim(compression[1:]),
+    tol = f"within {100 * c.QUALITY_TOLERANCE:g}%"
+    routing = [rows["mom_deep"]["seeds"][seed]["routing"] for seed in loss]
+    redundancy = [(r["loss_without_half_attention"] - r["loss"])
+                  - (r["loss_without_quarter_ffn"] - r["loss"]) for r in routing]
+    params = rows["mom_deep"]["params"] / rows["vanilla_continued"]["params"] - 1
+    lines = [
+        c.line("MoM beats vanilla at equal parameters", gap("mom_deep", "vanilla_continued"),
+               f"two-stage MoM deep against the donor continued, val loss "
+               f"{c.describe(gap('mom_deep', 'vanilla_continued'), percent=True)}; "
+               f"parameters {100 * params:+.1f}%"),
+        c.line(f"Shallow MoM keeps quality ({tol}) at >= {100 * SHALLOW_FEWER_FLOPS:g}% fewer "
+               f"FLOPs", gap("mom_shallow", "vanilla_continued", c.QUALITY_TOLERANCE),
+               f"two-stage, against the donor continued: val loss "
+               f"{c.describe(gap('mom_shallow', 'vanilla_continued'), percent=True)}",
+               fewer("mom_shallow", "vanilla_continued", SHALLOW_FEWER_FLOPS)),
+        c.line("Attention modules are more redundant than FFN modules", redundancy,
+               f"MoM deep, each block's least-used half of the attention modules silenced "
+               f"against a quarter of its FFN modules, loss increase of the first minus the "
+               f"second {c.describe(redundancy)}; SKIP chosen for "
+               f"{100 * statistics.fmean(r['attn_skip_share'] for r in routing):.1f}% of "
+               f"attention and {100 * statistics.fmean(r['ffn_skip_share'] for r in routing):.1f}%"
+               f" of FFN choices"),
+        c.line(f"MoD matches vanilla ({tol}) at equal training FLOPs, with fewer FLOPs per "
+               f"forward", gap("mod", "donor", c.QUALITY_TOLERANCE),
+               f"val loss {c.describe(gap('mod', 'donor'), percent=True)}", fewer("mod", "donor")),
+        c.line("MoE beats vanilla at equal FLOPs per token", gap("moe", "donor"),
+               f"val loss {c.describe(gap('moe', 'donor'), percent=True)}"),
+        c.line("Two-stage training beats MoM from scratch at equal total tokens",
+               gap("mom_deep", "mom_scratch"),
+               f"val loss {c.describe(gap('mom_deep', 'mom_scratch'), percent=True)}"),
+        modular_claim(results["compression"], results["teacher"]),
+        c.line("MoM beats vanilla at equal parameters with Llama-family blocks",
+               gap("llama_mom", "llama_vanilla"),
+               f"from scratch, val loss {c.describe(gap('llama_mom', 'llama_vanilla'), percent=True)}"),
     ]
+    return lines
 
 
-def modular_claim(compressed: list[dict]) -> str:
-    """Modular Transformers: one modular run, assembled per ratio, against a model trained
-    for that ratio (layers dropped, then fine-tuned or distilled) on the same tokens."""
-    evidence = "; ".join(
-        f"{c['ratio']:.2g}x: {c['search']['loss']:.4f} vs {c['drop']['loss']:.4f} and "
-        f"{c['kd']['loss']:.4f}" for c in compressed)
-    holds = all(c["search"]["loss"] < min(c["drop"]["loss"], c["kd"]["loss"])
-                for c in compressed)
-    return claim("Modular Transformers compress better than dropping layers and fine-tuning "
-                 "or distilling", holds,
-                 f"val loss of the searched modular assembly vs the best drop pattern "
-                 f"fine-tuned and the KD student, {evidence}")
+def modular_claim(compression: dict, teacher: dict) -> str:
+    """Modular Transformers: per ratio, the searched assembly against the better of drop +
+    fine-tune and KD, per seed; decided only where every ratio agrees."""
+    c = claims_rule
+    seeds = sorted(compression)
+    ratios = [r["ratio"] for r in compression[seeds[0]]]
+    words, evidence = [], []
+    for i, ratio in enumerate(ratios):
+        diffs = [c.relative(compression[s][i]["search"]["loss"],
+                            min(compression[s][i]["drop"]["loss"], compression[s][i]["kd"]["loss"]))
+                 for s in seeds]
+        words.append(c.verdict(diffs))
+        evidence.append(f"{ratio:.2g}x {words[-1]}, {c.describe(diffs, percent=True)}")
+    settled_note = (f"the teacher's val loss fell {100 * teacher['late_fall']:.2f}% over its last "
+                    f"quarter: {'settled' if teacher['settled'] else 'NOT settled'} by the "
+                    f"{100 * SETTLED:g}% criterion")
+    text = ("Modular Transformers compress better than dropping layers and fine-tuning or "
+            "distilling")
+    return (f"{text}: {c.combined(words)} at this scale (searched assembly against the better "
+            f"baseline, val loss: {'; '.join(evidence)}; {settled_note}).")
 
 
 # --- the outputs ------------------------------------------------------------------------------
-COLUMNS = ("arm", "tokens", "params", "train MFLOPs/token", "train TFLOPs", "val loss",
-           "val ppl", "mom_cloze acc", "tokens/s", "peak GB/rank", "wall s")
-TABLES = (("Two-stage (stage 2: the same tokens from the donor)",
+COLUMNS = ("arm", "tokens", "params", "train MFLOPs/token", "val loss: mean [range]",
+           "val ppl", "tokens/s", "peak GB", "wall s")
+TABLES = (("Two-stage (stage 2: the same tokens from the donor) and from scratch",
            ("donor", "vanilla_continued", "mom_deep", "mom_shallow", "mom_scratch")),
-          ("MoD against vanilla at equal training FLOPs", ("donor", "mod")),
-          ("MoE against vanilla at equal FLOPs per token", ("moe", "vanilla5")))
+          ("MoD at the donor's training FLOPs; MoE at its FLOPs per token",
+           ("donor", "mod", "moe")),
+          ("Llama-family blocks, from scratch", ("llama_vanilla", "llama_mom")))
+
+
+def spread(values: list[float], digits: int = 4) -> str:
+    return f"{statistics.fmean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
+
+
+def seed_values(row: dict, key: str) -> list[float]:
+    return [m[key] for m in row["seeds"].values()]
 
 
 def table_row(r: dict) -> str:
     tokens = f"{r['start_tokens']:,} + {r['tokens']:,}" if r["start_tokens"] else f"{r['tokens']:,}"
-    acc = "n/a" if r["mom_cloze_acc"] is None else f"{r['mom_cloze_acc']:.3f}"
-    cells = [r["label"], tokens, f"{r['params'] / 1e6:.2f}M",
-             f"{r['train_flops_per_token'] / 1e6:.2f}",
-             f"{r['tokens'] * r['train_flops_per_token'] / 1e12:.2f}", f"{r['val_loss']:.4f}",
-             f"{r['val_ppl']:.1f}", acc, f"{r['tokens_per_s']:,.0f}",
-             f"{r['peak_memory_gb']:.2f}", f"{r['wall_s']:.0f}"]
+    flops = statistics.fmean(seed_values(r, "train_flops_per_token"))
+    cells = [r["label"], tokens, f"{r['params'] / 1e6:.2f}M", f"{flops / 1e6:.2f}",
+             spread(seed_values(r, "val_loss")),
+             f"{statistics.fmean(seed_values(r, 'val_ppl')):.1f}",
+             f"{statistics.median(seed_values(r, 'tokens_per_s')):,.0f}",
+             f"{max(seed_values(r, 'peak_memory_gb')):.2f}",
+             f"{statistics.fmean(seed_values(r, 'wall_s')):.0f}"]
     return "| " + " | ".join(cells) + " |"
+
+
+def compression_values(results: dict, i: int, key: str) -> list[float]:
+    return [rows[i][key]["loss"] for rows in results["compression"].values()]
 
 
 def markdown(results: dict) -> str:
@@ -472,16 +664,19 @@ def markdown(results: dict) -> str:
         lines += [f"**{title}**", "", "| " + " | ".join(COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
         lines += [table_row(rows[k]) for k in keys] + [""]
-    teacher = results["compression"][0]["teacher"]
-    lines += [f"**Modular compression of the donor** (teacher val loss {teacher:.4f}; "
-              f"{results['compression_tokens']:,} tokens for each trained model)", "",
-              "| ratio | layers | forward MFLOPs/token | modular (search) | drop + fine-tune "
-              "| KD student |", "|---|---|---|---|---|---|"]
-    for c in results["compression"][1:]:
+    t = results["teacher"]
+    first = next(iter(results["compression"].values()))
+    lines += [f"**Modular compression of the teacher** (val loss {t['val_loss']:.4f} after "
+              f"{t['tokens']:,} tokens; {results['compression_tokens']:,} tokens for each "
+              f"compressed model; val loss mean [range] over seeds)", "",
+              "| ratio | layers | forward MFLOPs/token | modular search | modular coarsest | "
+              "modular finest | drop + fine-tune | KD student |", "|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(first):
+        cells = [spread(compression_values(results, i, k))
+                 for k in ("search", "coarsest", "finest", "drop", "kd")]
         lines.append(f"| {c['ratio']:.2g}x | {c['layers']} | {c['flops_per_token'] / 1e6:.2f} | "
-                     f"{c['search']['loss']:.4f} | {c['drop']['loss']:.4f} ({c['drop']['init']}) | "
-                     f"{c['kd']['loss']:.4f} |")
-    lines += ["", "**The papers' claims at this scale**", ""]
+                     + " | ".join(cells) + " |")
+    lines += ["", "**The papers' claims at this scale**", "", claims_rule.RULE, ""]
     lines += [f"- {claim}" for claim in results["claims"]]
     return "\n".join(lines) + "\n"
 
@@ -495,28 +690,37 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
 
-    def curve(ax, key: str, per_flop: bool = False) -> None:
+    def band(ax, key: str, per_flop: bool = False) -> None:
         r = rows[key]
-        tokens = [r["start_tokens"] + step * results["step_tokens"] for step in r["curve"]["step"]]
-        x = [t * r["train_flops_per_token"] / 1e12 for t in tokens] if per_flop \
-            else [t / 1e6 for t in tokens]
-        ax.plot(x, r["curve"]["loss"], marker=".", label=r["label"])
+        runs = list(r["seeds"].values())
+        tokens = [r["start_tokens"] + step * results["step_tokens"] for step in runs[0]["curve"]["step"]]
+        flops = statistics.fmean(seed_values(r, "train_flops_per_token"))
+        x = [t * flops / 1e12 for t in tokens] if per_flop else [t / 1e6 for t in tokens]
+        losses = np.array([m["curve"]["loss"] for m in runs])
+        line, = ax.plot(x, losses.mean(0), label=r["label"])
+        ax.fill_between(x, losses.min(0), losses.max(0), alpha=0.25, color=line.get_color())
 
     for ax, (title, keys) in zip(axes, TABLES):
-        per_flop = keys == ("donor", "mod")
+        per_flop = "mod" in keys
         for key in keys:
-            curve(ax, key, per_flop)
-        ax.set(title=title, ylabel="val loss",
+            band(ax, key, per_flop)
+        ax.set(title=title, ylabel="val loss (mom-train's eval passes)",
                xlabel="training TFLOPs" if per_flop else "tokens trained (M)")
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=8)
     ax = axes[3]
-    comp = results["compression"]
-    flops = [c["flops_per_token"] / 1e6 for c in comp]
+    first = next(iter(results["compression"].values()))
+    flops = [c["flops_per_token"] / 1e6 for c in first]
     for key, label in (("search", "modular (search)"), ("drop", "drop + fine-tune"),
                        ("kd", "KD student")):
-        ax.plot(flops, [comp[0]["teacher"]] + [c[key]["loss"] for c in comp[1:]], marker="o",
-                label=label)
-    ax.set(title="Compressing the donor", xlabel="forward MFLOPs per token", ylabel="val loss")
+        values = [compression_values(results, i, key) for i in range(len(first))]
+        mean = [statistics.fmean(v) for v in values]
+        err = [[m - min(v) for m, v in zip(mean, values)], [max(v) - m for m, v in zip(mean, values)]]
+        ax.errorbar(flops, mean, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(results["teacher"]["val_loss"], color="grey", linestyle=":", label="teacher")
+    ax.set(title="Compressing the teacher (range over seeds)", xlabel="forward MFLOPs per token",
+           ylabel="val loss")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.suptitle(results["header"].splitlines()[0], fontsize=9)
     fig.tight_layout()
@@ -529,58 +733,85 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0,
-                        help="scales every token count (default 1: 42 minutes on an idle "
-                             "2-core machine)")
+                        help="scales every token count (default 1)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per arm (default 3; 2 with --quick)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at once, one thread each when more than one (default 2)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_STEPS} steps per stage, for CI (the numbers mean nothing)")
-    parser.add_argument("--seed", type=int, default=1337,
-                        help="model initialisation and window order of every mom-train run")
-    parser.add_argument("--data", help="a mom-prep output directory (default: the Python "
-                                       "documentation, prepared into OUT/data)")
+                        help=f"{QUICK_STEPS} steps per stage in this process, for CI (the "
+                             f"numbers mean nothing)")
+    parser.add_argument("--data", help="a mom-prep output directory (default: bench/corpus.py's "
+                                       "corpus, prepared into OUT/corpus)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "repro"))
-    parser.add_argument("--eval-windows", type=int, default=128,
-                        help="val windows every model is scored on (default 128)")
+    parser.add_argument("--eval-windows", type=int, default=256,
+                        help="val windows every model is scored on (default 256)")
+    parser.add_argument("--plan", choices=("gpt2-small",),
+                        help="write the recipes and launch commands of the same comparisons "
+                             "for one 8-GPU node into OUT/plan instead of training")
     args = parser.parse_args(argv)
-    if args.budget <= 0 or args.eval_windows < 1:
-        parser.error("--budget and --eval-windows must be positive")
+    args.seeds = args.seeds or (2 if args.quick else 3)
+    if args.budget <= 0 or args.eval_windows < 1 or args.seeds < 1 or args.jobs < 1:
+        parser.error("--budget, --eval-windows, --seeds and --jobs must be positive")
     return args
 
 
-def header(args: argparse.Namespace, data: Path, donor: Arm, s: Settings, wall: float) -> str:
+def header(args: argparse.Namespace, suite: Suite, wall: float, unigram: float) -> str:
+    s, data = suite.s, suite.data
     meta = json.loads((data / "meta.json").read_text())
-    return (f"bench/repro.py --budget {args.budget:g}{' --quick' if args.quick else ''} "
-            f"--seed {args.seed}: {wall / 60:.1f} min on {os.cpu_count()} cores, torch "
-            f"{torch.__version__}\n\n"
-            f"Data: {meta['source']}, tokenizer {meta['tokenizer']['spec']}: "
-            f"{meta['splits']['train']['n_tokens']:,} train tokens; val loss on the first "
-            f"{s.eval_windows} val windows of {SEQ} tokens. Models: d_model {s.d_model}, "
-            f"{s.n_heads} heads, routers of width {ROUTER_WIDTH}; {s.micro} windows "
-            f"per step; N1 = N2 = {donor.steps * s.step_tokens:,} tokens ({donor.steps} steps). "
-            f"Training FLOPs count the tied head (6 x vocab x d_model per token), most of "
-            f"every model's arithmetic here.")
+    donor = suite.arms[0]
+    vocab = TokenizedDataset(data, split="train", seq_len=SEQ).vocab_size
+    head = 6 * vocab * s.d_model / flops_per_token(donor.model, SEQ)
+    flags = f"--budget {args.budget:g} --seeds {len(s.seeds)} --jobs {s.jobs}"
+    return (f"bench/repro.py {flags}{' --quick' if s.quick else ''}: {wall / 60:.1f} min on "
+            f"{os.cpu_count()} cores, torch {torch.__version__}\n\n"
+            f"Data: {meta['source']}; tokenizer {meta['tokenizer']['spec']}: "
+            f"{meta['splits']['train']['n_tokens']:,} train tokens, "
+            f"{meta['splits']['val']['n_tokens']:,} held out. Val loss on {suite.windows.count} "
+            f"val windows of {SEQ} tokens spread over the held-out documents, where the "
+            f"unigram model of the train split has perplexity {unigram:.1f} (loss "
+            f"{math.log(unigram):.3f}). Models: d_model {s.d_model}, {s.n_heads} heads, "
+            f"routers of width {ROUTER_WIDTH}; {s.micro} windows per step; N1 = "
+            f"{suite.tokens(s.stage1_steps):,} tokens, N2 = {suite.tokens(s.stage2_steps):,}; "
+            f"seeds {', '.join(map(str, s.seeds))}. The tied head is {100 * head:.0f}% of the "
+            f"donor's training FLOPs.")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        from repro_plan import write_plan
+
+        return write_plan(args.plan, Path(args.out) / "plan", args.seeds)
     start = time.perf_counter()
     s = settings_for(args)
     data = corpus(args, s)
     vocab = TokenizedDataset(data, split="train", seq_len=SEQ).vocab_size
-    donor, scratch, stage2 = plan(s, vocab)
+    shape = dict(n_positions=SEQ, d_model=s.d_model, n_heads=s.n_heads, vocab_size=vocab)
     out = Path(args.out)
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    hf_dir = runs / "donor-hf"
-    rows = [train_arm(arm, data, runs, s, None) for arm in [donor, *scratch]]
-    export_donor(runs / "donor", hf_dir, s)
-    rows += [train_arm(arm, data, runs, s, hf_dir) for arm in stage2]
-    train_modular(runs, data, s)
-    results = {"rows": {r["key"]: r for r in rows},
-               "compression": compression_rows(runs, data, s),
+    if s.jobs > 1:
+        torch.set_num_threads(1)  # this process scores and compresses beside a mom-train
+    suite = Suite(s, data, runs, scored_windows(data, s),
+                  arms(shape, LAYERS, s.stage1_steps, s.stage2_steps, s.step_tokens))
+    progress: Optional[Progress] = None
+
+    def finished(task: Task, what: str) -> None:
+        progress.finished(task, what)
+
+    tasks = suite.tasks(finished)
+    progress = Progress(sum(t.flops for t in tasks), len(tasks))
+    print(f"repro: {len(tasks)} runs, {progress.total_flops / 1e15:.1f} PFLOPs of training, "
+          f"{s.jobs} at a time", flush=True)
+    run_tasks(tasks, s.jobs, progress)
+    unigram = unigram_ppl(data, suite.windows)
+    results = {"rows": suite.rows, "teacher": suite.teacher, "compression": suite.compression,
                "compression_tokens": s.compression_steps * MODULAR_MICRO * SEQ,
-               "step_tokens": s.step_tokens, "settings": vars(args)}
-    results["claims"] = claims(results["rows"], results["compression"])
-    results["header"] = header(args, data, donor, s, time.perf_counter() - start)
+               "step_tokens": s.step_tokens, "unigram_ppl": unigram, "rule": claims_rule.RULE,
+               "settings": vars(args)}
+    results["claims"] = claims(results)
+    results["header"] = header(args, suite, time.perf_counter() - start, unigram)
     write_outputs(results, out, "repro", markdown, plot)
     print(f"repro: wrote {out / 'repro.md'}, {out / 'repro.json'} and {out / 'repro.png'}")
     for claim in results["claims"]:

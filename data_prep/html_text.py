@@ -8,10 +8,13 @@ from html.parser import HTMLParser
 
 # Elements whose whole content is never text for a reader.
 _SKIPPED = {"script", "style", "nav", "header", "footer", "head", "noscript", "template"}
-# Sphinx (and many generators) put navigation in divs of these classes; a headerlink is the
-# pilcrow permalink after every heading.
+# Sphinx (and many generators) put navigation in divs of these classes: Sphinx's own theme
+# (related, sphinxsidebar), the Read the Docs theme (wy-breadcrumbs, rst-footer-buttons: the
+# kernel's documentation) and DocBook (navheader, navfooter: PostgreSQL's); a headerlink is
+# the pilcrow permalink after every heading.
 _SKIPPED_CLASSES = {"related", "sphinxsidebar", "footer", "navigation", "breadcrumbs",
-                    "headerlink"}
+                    "headerlink", "wy-breadcrumbs", "rst-footer-buttons", "navheader",
+                    "navfooter"}
 # Elements that end a paragraph.
 _BLOCKS = {"p", "div", "section", "article", "li", "dt", "dd", "pre", "blockquote", "table",
            "tr", "h1", "h2", "h3", "h4", "h5", "h6", "br", "hr", "ul", "ol", "dl"}

@@ -124,6 +124,8 @@ PAGE = """<!DOCTYPE html>
 <body>
 <div class="related" role="navigation"><ul><li><a href="index.html">index</a></li></ul></div>
 <nav>Table of contents</nav>
+<div role="navigation"><ul class="wy-breadcrumbs"><li>Docs &raquo;</li><li>View page source</li></ul></div>
+<div class="navheader"><table><tr><td>Prev</td><td>Up</td><td>Next</td></tr></table></div>
 <div class="body">
 <h1>json &mdash; JSON encoder<a class="headerlink" href="#json">&para;</a></h1>
 <p>JSON is a <em>lightweight</em>
@@ -134,6 +136,8 @@ PAGE = """<!DOCTYPE html>
 </pre>
 <ul><li>dumps</li><li>loads &amp; load</li></ul>
 </div>
+<div class="rst-footer-buttons"><a>Previous</a><a>Next</a></div>
+<div class="navfooter">Prev Home Next</div>
 <div class="sphinxsidebar">Quick search</div>
 <footer>&copy; Copyright</footer>
 </body></html>

@@ -1,6 +1,7 @@
-"""bench/repro.py: --quick trains every arm on a tiny corpus of HTML pages made here (GPT-2
-tokens, through mom-prep) and writes the table with every column, the claims and the PNG;
-a bad --data is one error."""
+"""bench/repro.py: --quick trains every arm of two seeds on a tiny corpus of HTML pages made
+here (GPT-2 tokens, through mom-prep) and writes the table with every column, the claims and
+the PNG; the verdict rule on hand-made differences; the GPU plan's recipes load; a bad
+--data is one error."""
 from __future__ import annotations
 
 import html
@@ -11,9 +12,10 @@ import pytest
 from mom_ds_testing.runs import REPO, run_python
 
 import repro
+import repro_claims as claims_rule
 
 ARMS = {"donor", "vanilla_continued", "mom_deep", "mom_shallow", "mom_scratch", "mod", "moe",
-        "vanilla5"}
+        "llama_vanilla", "llama_mom"}
 
 
 def write_pages(directory, count: int = 60) -> None:
@@ -45,34 +47,92 @@ def test_quick_runs_every_arm_and_writes_table_claims_and_figure(tmp_path,
     results = json.loads((out / "repro.json").read_text())
     assert set(results["rows"]) == ARMS
     for row in results["rows"].values():
-        assert row["val_loss"] > 0 and row["params"] > 0 and row["tokens_per_s"] > 0
-        assert row["train_flops_per_token"] > 0 and row["peak_memory_gb"] > 0
-        assert row["curve"]["loss"], row["key"]
-    donor_acc = results["rows"]["donor"]["mom_cloze_acc"]  # None where lm_eval is missing
-    assert donor_acc is None or 0 <= donor_acc <= 1
-    assert [c["layers"] for c in results["compression"]] == [6, 2]
+        assert row["params"] > 0 and set(row["seeds"]) == {"1", "2"}
+        for m in row["seeds"].values():
+            assert m["val_loss"] > 0 and m["tokens_per_s"] > 0 and m["curve"]["loss"]
+            assert m["train_flops_per_token"] > 0 and m["peak_memory_gb"] > 0
+    # the seeds differ: initialisation and window order
+    donor = results["rows"]["donor"]["seeds"]
+    assert donor["1"]["val_loss"] != donor["2"]["val_loss"]
+    assert set(results["compression"]) == {"1", "2"}
+    assert [c["layers"] for c in results["compression"]["1"]] == [3, 2]
+    assert results["teacher"]["val_loss"] > 0 and "settled" in results["teacher"]
+    assert results["unigram_ppl"] > 1
 
     table = (out / "repro.md").read_text()
     header = "| " + " | ".join(repro.COLUMNS) + " |"
     assert table.count(header) == len(repro.TABLES)
     rows = [line for line in table.splitlines() if line.startswith("| ") and line != header]
-    assert all(line.count("|") == len(repro.COLUMNS) + 1 for line in rows[:9])  # 9 arm rows
+    assert all(line.count("|") == len(repro.COLUMNS) + 1 for line in rows[:10])  # 10 arm rows
     claims = [line for line in table.splitlines() if line.startswith("- ")]
-    assert len(claims) == 7  # the four of the issue, MoE, two-stage vs scratch, modular
-    assert all(" HOLDS at this scale" in c or "DOES NOT HOLD at this scale" in c for c in claims)
+    assert len(claims) == 8  # seven of the papers' and the Llama-family pair
+    words = ("HOLDS at this scale", "DOES NOT HOLD at this scale", "INCONCLUSIVE at this scale")
+    assert all(any(w in c for w in words) for c in claims)
+    assert claims_rule.RULE in table
     assert (out / "repro.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_modular_claim_needs_every_ratio_to_beat_both_baselines():
+def test_the_verdict_rule_on_hand_made_differences():
+    v = claims_rule.verdict
+    assert v([-0.01, -0.02, -0.001]) == "HOLDS"
+    assert v([0.01, 0.02, 0.001]) == "DOES NOT HOLD"
+    assert v([-0.01, 0.02, -0.001]) == "INCONCLUSIVE"  # signs differ, mean within 2 sd
+    # signs differ but the mean is more than twice the spread: mean -0.0455, sd 0.0146
+    many = [-0.05] * 9 + [0.0001]
+    assert v(many) == "HOLDS"
+    assert v([-0.5]) == "INCONCLUSIVE"  # one seed decides nothing
+    assert v([0.0, -0.01]) == "INCONCLUSIVE"  # a tie is neither sign
+    assert claims_rule.combined(["HOLDS", "HOLDS"]) == "HOLDS"
+    assert claims_rule.combined(["HOLDS", "DOES NOT HOLD"]) == "INCONCLUSIVE"
+    # a side condition not met decides against the claim whatever the seeds say
+    line = claims_rule.line("X", [-0.1, -0.2], "evidence", (False, "fewer FLOPs"))
+    assert "DOES NOT HOLD" in line and "fewer FLOPs: NO" in line
+
+
+def test_modular_claim_needs_every_seed_and_ratio_to_agree():
     def row(ratio, search, drop, kd):
         return {"ratio": ratio, "search": {"loss": search}, "drop": {"loss": drop},
                 "kd": {"loss": kd}}
 
-    beats = [row(2, 5.0, 5.1, 5.2), row(3, 5.3, 5.4, 5.35)]
-    assert "HOLDS at this scale" in repro.modular_claim(beats)
-    worse_at_3x = [beats[0], row(3, 5.36, 5.4, 5.35)]  # the KD student wins at 3x
-    line = repro.modular_claim(worse_at_3x)
-    assert "DOES NOT HOLD" in line and "3x: 5.3600 vs 5.4000 and 5.3500" in line
+    teacher = {"late_fall": 0.004, "settled": True}
+    beats = {1: [row(2, 5.0, 5.1, 5.2), row(3, 5.3, 5.4, 5.35)],
+             2: [row(2, 5.01, 5.1, 5.2), row(3, 5.31, 5.4, 5.35)]}
+    assert ": HOLDS at this scale" in repro.modular_claim(beats, teacher)
+    # seed 2's KD student wins at 3x: 3x is inconclusive, so is the claim
+    split = {1: beats[1], 2: [beats[2][0], row(3, 5.36, 5.4, 5.35)]}
+    line = repro.modular_claim(split, teacher)
+    assert ": INCONCLUSIVE at this scale" in line and "2x HOLDS" in line and "3x INCONCLUSIVE" in line
+    assert "settled" in line and "NOT settled" in repro.modular_claim(beats, {"late_fall": 0.03,
+                                                                              "settled": False})
+
+
+def test_settled_reads_the_last_quarter_of_the_curve():
+    curve = {"step": [100, 200, 300, 400], "loss": [5.0, 4.0, 3.0, 2.985]}
+    assert repro.settled(curve) == {"late_fall": pytest.approx(0.005), "settled": True}
+    assert not repro.settled({"step": [1, 2, 3, 4], "loss": [5, 4, 3, 2.9]})["settled"]
+
+
+def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
+    from mom_ds.config import load_run_config
+
+    proc = run_python([str(REPO / "bench" / "repro.py"), "--plan", "gpt2-small", "--out",
+                       str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = tmp_path / "plan"
+    recipes = sorted(plan.rglob("*.yaml"))
+    assert len(recipes) == 1 + 3 * (len(ARMS) + 1)  # the teacher; per seed the arms + modular
+    script = (plan / "run.sh").read_text()
+    for path in recipes:
+        cfg = load_run_config(path)  # validated as mom-train would
+        rel = str(path.relative_to(tmp_path))
+        assert f"--config {rel}" in script, rel
+        if path.stem != "modular":
+            assert cfg.model.d_model == 768 and cfg.data.seq_len == 1024
+    donor = load_run_config(plan / "seed-1" / "donor.yaml")
+    tokens = donor.train.max_steps * 16 * 4 * 8 * 1024
+    assert 2.4e9 < tokens < 2.6e9 and donor.train.seed == 1
+    assert load_run_config(plan / "seed-3" / "mom_deep.yaml").train.seed == 3
+    assert "hours" in (plan / "plan.md").read_text()
 
 
 def test_bad_data_directory_is_one_error(tmp_path):

@@ -1,0 +1,118 @@
+"""bench/repro.py --plan gpt2-small: the same comparisons at GPT-2 small's scale on
+OpenWebText, for one node of 8 GPUs, written as mom-train recipes and one launch script.
+
+The arms are bench/repro.py's (`arms()`) for a 12-layer vanilla model of d_model 768 with
+GPT-2's vocabulary; the training settings are configs/gpt2-small.yaml's (the MoM authors'
+recipe: 524,288 tokens per step, AdamW at 1e-3, bf16 where the GPU has it, ZeRO-1). The
+token counts keep the CPU run's proportions at about 20 tokens per parameter for the donor
+(N1 = 2.5B, N2 = N1 / 2, the teacher 4 x N1, each compressed model N1 / 8). The hours are
+estimates: training FLOPs (mom-ds's count, the routing planned) over the node's dense bf16
+peak at an assumed MFU, stated in the plan; the first runs replace them with measured ones.
+
+Not planned: the compression baselines (the teacher's layers dropped, then fine-tuned or
+distilled, with embeddings and head frozen) run in bench/modular.py's single-process loop,
+which has no multi-GPU launcher; at this scale they would need mom-train to freeze
+parameters and take a distillation loss. The plan lists the modular run and says so.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from modular import modular_settings
+from mom_ds.config import load_run_config
+from mom_ds.model.flops import flops_per_token
+from repro import REPO, Arm, arms
+
+GPUS = 8
+PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
+MFU = 0.35  # assumed for every arm: nanoGPT-class GPT-2 small training reaches 30-45%
+RECIPE = REPO / "configs" / "gpt2-small.yaml"
+SHAPE = dict(n_positions=1024, d_model=768, n_heads=12, vocab_size=50257)
+LAYERS = 12
+N1_TOKENS = 2_500_000_000
+LAUNCH = f"deepspeed --num_gpus {GPUS} $(which mom-train)"
+
+
+def plan_arms(step_tokens: int) -> tuple[list[Arm], int, int]:
+    n1 = math.ceil(N1_TOKENS / step_tokens)
+    return arms(SHAPE, LAYERS, n1, n1 // 2, step_tokens), n1, n1 // 8
+
+
+def recipe(out: Path, name: str, model, steps: int, seed: int, **extra) -> dict:
+    """configs/gpt2-small.yaml with this arm's model, steps, seed and run directory."""
+    cfg = load_run_config(RECIPE)
+    if model is not None:
+        cfg.model = model
+    cfg.train.max_steps = steps
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)
+    cfg.train.seed = cfg.data.seed = seed
+    cfg.train.out_dir = f"runs/repro-gpt2-small/{name}"
+    values = cfg.to_dict()
+    if extra.get("modular"):
+        values["modular"] = extra["modular"]
+        del values["model"]  # a modular run's model is its teacher's
+    path = out / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return values
+
+
+def hours(tokens: int, flops_per_tok: float) -> float:
+    return tokens * flops_per_tok / (GPUS * PEAK_TFLOPS * 1e12 * MFU) / 3600
+
+
+def write_plan(name: str, out: Path, seeds: int) -> int:
+    """OUT/<seed-S>/<arm>.yaml, OUT/teacher.yaml, OUT/run.sh and OUT/plan.md."""
+    base = load_run_config(RECIPE)
+    step_tokens = base.train.micro_batch_size * base.train.grad_accum_steps * GPUS * \
+        base.data.seq_len
+    plan, n1, compression = plan_arms(step_tokens)
+    seq = SHAPE["n_positions"]
+    rows, script = [], ["#!/usr/bin/env bash", "# bench/repro.py --plan gpt2-small: run from the "
+                        "repository root on one node of 8 GPUs, after", "#   mom-prep --source "
+                        "openwebtext --out data/openwebtext", "set -euo pipefail"]
+    teacher_model = plan[0].model
+    recipe(out, "teacher", teacher_model, 4 * n1, 1)
+    script.append(f"{LAUNCH} --config {out.name}/teacher.yaml")
+    total = hours(4 * n1 * step_tokens, flops_per_token(teacher_model, seq))
+    rows.append(("teacher (once)", 4 * n1 * step_tokens, flops_per_token(teacher_model, seq), total))
+    for seed in range(1, seeds + 1):
+        split = f"seed-{seed}"
+        runs = f"runs/repro-gpt2-small/{split}"
+        for arm in plan:
+            args = ""
+            if arm.init == "donor":
+                if f"{runs}/donor-hf" not in " ".join(script):
+                    script.append(f"mom-convert to-hf {runs}/donor {runs}/donor-hf")
+                init = f"{runs}/{arm.key}-init.safetensors"
+                script.append(f"mom-convert from-hf {runs}/donor-hf {init} "
+                              f"--config {out.name}/{split}/{arm.key}.yaml")
+                args = f" --train.init_from {init}"
+            recipe(out, f"{split}/{arm.key}", arm.model, arm.steps, seed)
+            script.append(f"{LAUNCH} --config {out.name}/{split}/{arm.key}.yaml{args}")
+            f = flops_per_token(arm.model, seq)
+            h = hours(arm.steps * step_tokens, f)
+            total += h
+            rows.append((f"{split} {arm.label}", arm.steps * step_tokens, f, h))
+        modular = modular_settings("runs/repro-gpt2-small/teacher", compression)
+        recipe(out, f"{split}/modular", None, compression, seed, modular=modular)
+        script.append(f"{LAUNCH} --config {out.name}/{split}/modular.yaml")
+        f = flops_per_token(teacher_model, seq) * 4 / 3  # the teacher's forward + the student
+        h = hours(compression * step_tokens, f)
+        total += h
+        rows.append((f"{split} modular run", compression * step_tokens, f, h))
+    (out / "run.sh").write_text("\n".join(script) + "\n")
+    lines = [f"# bench/repro.py --plan {name}", "",
+             f"{len(rows)} runs for one node of {GPUS} GPUs; {step_tokens:,} tokens per step; "
+             f"hours at an assumed MFU of {100 * MFU:g}% of {PEAK_TFLOPS:g} dense bf16 TFLOP/s "
+             f"per GPU. Total: about {total:.0f} hours. Commands: run.sh.", "",
+             "| run | tokens | training GFLOPs/token | hours |", "|---|---|---|---|"]
+    lines += [f"| {r} | {t / 1e9:.2f}B | {f / 1e9:.2f} | {h:.2f} |" for r, t, f, h in rows]
+    lines += ["", "Not planned: the compression baselines (dropped layers fine-tuned or "
+              "distilled); bench/modular.py trains them in one process."]
+    (out / "plan.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
