@@ -30,7 +30,7 @@ Per seed (initialisation and window order of every run):
              best pattern on the same windows) and fine-tuned, and the same start distilled.
              Each trains the same kind of parameters, the layers (embeddings, final norm and
              head stay the teacher's), on the same tokens in the same order.
-The teacher is one vanilla 6-layer run of 4 x N1 tokens (the first seed), trained so that it
+The teacher is one vanilla 6-layer run of 3 x N1 tokens (the first seed), trained so that it
 has settled: its val loss fell by less than SETTLED (1%) over its last quarter (the header
 reports the fall).
 
@@ -86,10 +86,10 @@ from mom_ds.modular.compress import load_student, search_windows  # noqa: E402
 
 ROUTER_WIDTH = 64
 MICRO = 8  # windows per step
-STAGE1_STEPS = 2048  # N1 = 2,097,152 tokens at --budget 1
-STAGE2_STEPS = 1024  # N2: the stage-2 arms end at N1 + N2 tokens
-TEACHER_FACTOR = 4  # the modular teacher trains 4 x N1 tokens
-COMPRESSION_STEPS = 256  # x bench/modular's 16 windows: 524,288 tokens per compressed model
+STAGE1_STEPS = 1954  # N1 = 2,000,896 tokens at --budget 1: the issue's 2M per arm
+STAGE2_STEPS = 512  # N2 = 524,288: the stage-2 arms end at N1 + N2 tokens
+TEACHER_FACTOR = 3  # the modular teacher trains 3 x N1 tokens
+COMPRESSION_STEPS = 112  # x bench/modular's 16 windows: 229,376 tokens per compressed model
 COMPRESSED_LAYERS = (4, 3, 2)  # 1.5x, 2x and 3x of the 6-layer teacher
 SETTLED = 0.01  # the teacher has settled: val loss fell < 1% over its last quarter
 SHALLOW_FEWER_FLOPS = 0.15  # "shallow MoM keeps quality at >= 15% fewer FLOPs"
@@ -434,7 +434,8 @@ class Suite:
     # --- the tasks ---
     def tasks(self, progress: Callable[[Task, str], None]) -> list[Task]:
         """Per seed: the donor, its export, the arms; the teacher; per seed the modular run
-        and its compression table. Donors and the teacher first: the most waits on them."""
+        and its compression table. Donors, their exports and the teacher first: the most
+        waits on them."""
         s, seq = self.s, SEQ
         teacher_model = self.arms[0].model
         tasks = [self._task("teacher", self.tokens(s.teacher_steps) *
@@ -451,7 +452,7 @@ class Suite:
                                     progress, {f"{seed}/donor"}))
             tasks.append(self._task(f"{seed}/modular", self.compression_flops(teacher_model),
                                     lambda sd=seed: self.compress(sd), progress, {"teacher"}))
-        first = [t for t in tasks if t.name == "teacher" or t.name.endswith("/donor")]
+        first = [t for t in tasks if t.name == "teacher" or t.name.endswith(("/donor", "/donor-hf"))]
         return first + [t for t in tasks if t not in first]
 
     def _task(self, name: str, flops: float, work: Callable[[], Optional[str]],
@@ -802,7 +803,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tasks = suite.tasks(finished)
     progress = Progress(sum(t.flops for t in tasks), len(tasks))
-    print(f"repro: {len(tasks)} runs, {progress.total_flops / 1e15:.1f} PFLOPs of training, "
+    print(f"repro: {len(tasks)} runs, {progress.total_flops / 1e12:,.0f} TFLOPs of training, "
           f"{s.jobs} at a time", flush=True)
     run_tasks(tasks, s.jobs, progress)
     unigram = unigram_ppl(data, suite.windows)

@@ -4,8 +4,8 @@ OpenWebText, for one node of 8 GPUs, written as mom-train recipes and one launch
 The arms are bench/repro.py's (`arms()`) for a 12-layer vanilla model of d_model 768 with
 GPT-2's vocabulary; the training settings are configs/gpt2-small.yaml's (the MoM authors'
 recipe: 524,288 tokens per step, AdamW at 1e-3, bf16 where the GPU has it, ZeRO-1). The
-token counts keep the CPU run's proportions at about 20 tokens per parameter for the donor
-(N1 = 2.5B, N2 = N1 / 2, the teacher 4 x N1, each compressed model N1 / 8). The hours are
+token counts keep the CPU run's proportions to N1 = 2.5B, about 20 tokens per parameter for
+the donor (N2 = N1 / 4, the teacher 3 x N1, each compressed model N1 / 8). The hours are
 estimates: training FLOPs (mom-ds's count, the routing planned) over the node's dense bf16
 peak at an assumed MFU, stated in the plan; the first runs replace them with measured ones.
 
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from modular import modular_settings
+from modular import MICRO as MODULAR_MICRO, modular_settings
 from mom_ds.config import load_run_config
 from mom_ds.model.flops import flops_per_token
-from repro import REPO, Arm, arms
+from repro import (COMPRESSION_STEPS, MICRO, REPO, STAGE1_STEPS, STAGE2_STEPS,
+                    TEACHER_FACTOR, Arm, arms)
 
 GPUS = 8
 PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
@@ -37,8 +38,12 @@ LAUNCH = f"deepspeed --num_gpus {GPUS} $(which mom-train)"
 
 
 def plan_arms(step_tokens: int) -> tuple[list[Arm], int, int]:
+    """The arms, N1 in steps, and the steps of each compressed model: N2, the teacher's and
+    the compression tokens in the CPU run's proportions to N1."""
     n1 = math.ceil(N1_TOKENS / step_tokens)
-    return arms(SHAPE, LAYERS, n1, n1 // 2, step_tokens), n1, n1 // 8
+    n2 = n1 * STAGE2_STEPS // STAGE1_STEPS
+    compression = n1 * COMPRESSION_STEPS * MODULAR_MICRO // (STAGE1_STEPS * MICRO)
+    return arms(SHAPE, LAYERS, n1, n2, step_tokens), n1, compression
 
 
 def recipe(out: Path, name: str, model, steps: int, seed: int, **extra) -> dict:
@@ -75,10 +80,12 @@ def write_plan(name: str, out: Path, seeds: int) -> int:
                         "repository root on one node of 8 GPUs, after", "#   mom-prep --source "
                         "openwebtext --out data/openwebtext", "set -euo pipefail"]
     teacher_model = plan[0].model
-    recipe(out, "teacher", teacher_model, 4 * n1, 1)
+    teacher_steps = TEACHER_FACTOR * n1
+    recipe(out, "teacher", teacher_model, teacher_steps, 1)
     script.append(f"{LAUNCH} --config {out.name}/teacher.yaml")
-    total = hours(4 * n1 * step_tokens, flops_per_token(teacher_model, seq))
-    rows.append(("teacher (once)", 4 * n1 * step_tokens, flops_per_token(teacher_model, seq), total))
+    total = hours(teacher_steps * step_tokens, flops_per_token(teacher_model, seq))
+    rows.append(("teacher (once)", teacher_steps * step_tokens,
+                 flops_per_token(teacher_model, seq), total))
     for seed in range(1, seeds + 1):
         split = f"seed-{seed}"
         runs = f"runs/repro-gpt2-small/{split}"

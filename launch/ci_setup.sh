@@ -1,16 +1,16 @@
 #!/bin/bash
 # Installs what the launcher tests use: Slurm + munge, sshd + pdsh (apt, needs root) and
-# MPICH, mpi4py and matplotlib (pip, into the venv; matplotlib draws mom-report), plus
-# Debian's Python documentation, the English corpus of bench/repro.py (apt). Idempotent
-# and quiet; a part that cannot be installed is reported and its tests skip, so this script
-# itself never fails CI.
+# MPICH, mpi4py and matplotlib (pip, into the venv; matplotlib draws mom-report and the
+# benchmarks' figures). bench/repro.py's corpus packages are not needed by any test (they
+# use trees made by the test). Idempotent and quiet; a part that cannot be installed is
+# reported and its tests skip, so this script itself never fails CI.
 #   launch/ci_setup.sh [VENV]      (default .venv)
 set -uo pipefail
 venv=${1:-.venv}
 export DEBIAN_FRONTEND=noninteractive
 
 # apt_install WHAT_SKIPS PACKAGE...: one apt-get install per group, so a package this
-# distribution lacks (python3.11-doc outside bookworm) does not take the others down with it.
+# distribution lacks does not take the others down with it.
 apt_install() {
     local skips=$1
     shift
@@ -35,14 +35,6 @@ if command -v slurmctld >/dev/null && command -v munged >/dev/null && [ -x /usr/
     echo "ci_setup: ${packages[*]} already installed"
 else
     apt_install "Slurm and two-host tests will skip" "${packages[@]}"
-fi
-
-# python3.11-doc: HTML under /usr/share/doc/python3.11/html, which bench/repro.py prepares
-# with mom-prep when it is given no --data.
-if [ -f /usr/share/doc/python3.11/html/index.html ]; then
-    echo "ci_setup: python3.11-doc already installed"
-else
-    apt_install "bench/repro.py will need --data" python3.11-doc
 fi
 
 # The mpich wheel has no Python module; its mpirun lands in the venv's bin.
