@@ -12,7 +12,9 @@ any mom-prep output directory through --data. Every model: d_model 128, 4 heads,
 trained by mom-train, one process per run. With a 4,096-token vocabulary the tied head is
 about a quarter of a 6-layer model's training FLOPs (the header states the share).
 
-Per seed (initialisation and window order of every run):
+Per seed (initialisation and window order of every run; a stage-2 run draws its windows
+in another order than its donor's, seed + 100, and the teacher in order 0, so that no run
+replays windows another run of its comparison saw first):
   donor      vanilla GPT-2 of 6 layers, N1 tokens.
   stage 2    each for N2 tokens from the donor (mom-convert to-hf, then from-hf): vanilla
              continued; MoM deep (1 bottom layer + a routed block of 4 + 4 modules, H = 6,
@@ -95,7 +97,12 @@ SETTLED = 0.01  # the teacher has settled: val loss fell < 1% over its last quar
 SHALLOW_FEWER_FLOPS = 0.15  # "shallow MoM keeps quality at >= 15% fewer FLOPs"
 QUICK_STEPS = 2
 LR, MIN_LR = 2e-3, 2e-4
-SPLIT = "seed-{}"  # a seed's runs: OUT/runs/seed-S/ARM
+SEED_DIR = "seed-{}"  # a seed's runs: OUT/runs/seed-S/ARM
+# Window orders (data.seed) that no seed's donor uses: init_from loads weights, not the
+# sampler's position, so a stage-2 run with its donor's data seed would replay the donor's
+# first windows (and the teacher's would be seed 1's compression tokens).
+STAGE2_DATA_SEED = 100  # + the seed
+TEACHER_DATA_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -189,9 +196,19 @@ def arms(shape: dict, layers: int, stage1_steps: int, stage2_steps: int,
     ]
 
 
-def arm_recipe(arm: Arm, data: Path, run_dir: Path, seed: int, s: Settings) -> Path:
-    """The arm's mom-train recipe, written beside its run directory."""
-    cfg = RunConfig(model=arm.model, data=DataConfig(data_dir=str(data), seq_len=SEQ, seed=seed))
+def data_seed(arm: Arm, seed: int) -> int:
+    """The window order of the arm's run: a stage-2 arm draws from another permutation than
+    its donor's."""
+    return STAGE2_DATA_SEED + seed if arm.init == "donor" else seed
+
+
+def arm_recipe(arm: Arm, data: Path, run_dir: Path, seed: int, s: Settings,
+               window_seed: Optional[int] = None) -> Path:
+    """The arm's mom-train recipe, written beside its run directory: `seed` initialises,
+    `window_seed` (default data_seed()) orders the windows."""
+    window_seed = data_seed(arm, seed) if window_seed is None else window_seed
+    cfg = RunConfig(model=arm.model, data=DataConfig(data_dir=str(data), seq_len=SEQ,
+                                                     seed=window_seed))
     t = cfg.train
     t.out_dir, t.max_steps, t.micro_batch_size = str(run_dir), arm.steps, s.micro
     t.seed, t.lr, t.min_lr = seed, LR, MIN_LR
@@ -209,11 +226,11 @@ def arm_recipe(arm: Arm, data: Path, run_dir: Path, seed: int, s: Settings) -> P
 def corpus(args: argparse.Namespace, s: Settings) -> Path:
     """--data checked, or bench/corpus.py's corpus prepared into OUT/corpus."""
     if args.data:
-        data = Path(args.data)
+        data = Path(args.data).resolve()
     else:
         import corpus as debian_corpus
 
-        data = debian_corpus.prepare(Path(args.out) / "corpus")
+        data = debian_corpus.prepare(Path(args.out).resolve() / "corpus")
     try:
         train = TokenizedDataset(data, split="train", seq_len=SEQ)
         val = TokenizedDataset(data, split="val", seq_len=SEQ)
@@ -314,12 +331,12 @@ def logged_performance(run_dir: Path) -> dict:
 
 # --- attention against FFN redundancy ------------------------------------------------------------
 @torch.no_grad()
-def routing_redundancy(model, windows: Windows, loss: float) -> dict:
-    """SKIP shares of the routers, and the val loss (`loss` as trained) with the least-used
-    half of every pool's attention modules silenced against a quarter of its FFN modules
-    (the paper's finding: 50% of attention modules can go, only 25% of FFN modules)."""
-    rows = windows.source[:16]
-    routing = model(rows[:, :-1]).routing
+def routing_redundancy(model, held_out: torch.Tensor, windows: Windows, loss: float) -> dict:
+    """SKIP shares of the routers on the `held_out` rows (the assembly search's: never
+    scored), and the val loss on `windows` (`loss` as trained) with the half of every pool's
+    attention modules least used there silenced against a quarter of its FFN modules (the
+    paper's finding: 50% of attention modules can go, only 25% of FFN modules)."""
+    routing = model(held_out[:, :-1]).routing
     attn = torch.stack([r.attn_counts.sum(0) for r in routing.blocks]).double()  # (blocks, A + 1)
     ffn = torch.stack([r.ffn_counts.sum(0) for r in routing.blocks]).double()
     c = model.config
@@ -415,13 +432,14 @@ class Suite:
     data: Path
     runs: Path
     windows: Windows
+    held_out: torch.Tensor  # the last --search-windows val rows: choose, never score
     arms: list[Arm]
     rows: dict = field(default_factory=dict)  # arm key -> {"seeds": {seed: measures}, ...}
     compression: dict = field(default_factory=dict)  # seed -> rows
     teacher: dict = field(default_factory=dict)
 
     def seed_dir(self, seed: int) -> Path:
-        path = self.runs / SPLIT.format(seed)
+        path = self.runs / SEED_DIR.format(seed)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -442,22 +460,24 @@ class Suite:
                             flops_per_token(teacher_model, seq), self.train_teacher, progress)]
         for seed in s.seeds:
             for arm in self.arms:
-                after = {f"{seed}/donor-hf"} if arm.init == "donor" else set()
+                after = frozenset({f"{seed}/donor-hf"} if arm.init == "donor" else ())
                 tasks.append(self._task(f"{seed}/{arm.key}", self.tokens(arm.steps) *
                                         flops_per_token(arm.model, seq),
                                         lambda a=arm, sd=seed: self.train_arm(a, sd), progress,
                                         after))
             tasks.append(self._task(f"{seed}/donor-hf", 0.0,
                                     lambda sd=seed: export_donor(self.seed_dir(sd), s),
-                                    progress, {f"{seed}/donor"}))
+                                    progress, frozenset({f"{seed}/donor"})))
             tasks.append(self._task(f"{seed}/modular", self.compression_flops(teacher_model),
-                                    lambda sd=seed: self.compress(sd), progress, {"teacher"}))
+                                    lambda sd=seed: self.compress(sd), progress,
+                                    frozenset({"teacher"})))
         first = [t for t in tasks if t.name == "teacher" or t.name.endswith(("/donor", "/donor-hf"))]
         return first + [t for t in tasks if t not in first]
 
     def _task(self, name: str, flops: float, work: Callable[[], Optional[str]],
-              progress: Callable[[Task, str], None], after: set[str] = frozenset()) -> Task:
-        task = Task(name, flops, lambda: None, frozenset(after))
+              progress: Callable[[Task, str], None], after: frozenset[str] = frozenset()
+              ) -> Task:
+        task = Task(name, flops, lambda: None, after)
 
         def run() -> None:
             progress(task, work() or "done")
@@ -485,7 +505,8 @@ class Suite:
                     **logged_performance(run_dir)}
         measured["val_ppl"] = math.exp(measured["val_loss"])
         if arm.ablate:
-            measured["routing"] = routing_redundancy(model, self.windows, measured["val_loss"])
+            measured["routing"] = routing_redundancy(model, self.held_out, self.windows,
+                                                     measured["val_loss"])
         row = self.rows.setdefault(arm.key, {
             "label": arm.label, "init": arm.init, "steps": arm.steps,
             "tokens": self.tokens(arm.steps), "start_tokens": arm.start_tokens,
@@ -497,8 +518,8 @@ class Suite:
         arm = Arm("teacher", f"vanilla {LAYERS}L teacher", self.arms[0].model,
                   self.s.teacher_steps)
         run_dir = self.runs / "teacher"
-        wall = train(arm_recipe(arm, self.data, run_dir, self.s.seeds[0], self.s),
-                     run_dir.with_suffix(".log"), self.s)
+        wall = train(arm_recipe(arm, self.data, run_dir, self.s.seeds[0], self.s,
+                                TEACHER_DATA_SEED), run_dir.with_suffix(".log"), self.s)
         _, model, _ = load_model(run_dir)
         curve = logged_performance(run_dir)["curve"]
         self.teacher.update(val_loss=self.loss(model), wall_s=wall, curve=curve,
@@ -539,15 +560,15 @@ def settled(curve: dict) -> dict:
 
 
 # --- the claims -------------------------------------------------------------------------------
-def per_seed(rows: dict, field_: str = "val_loss") -> dict[int, dict[str, float]]:
-    """seed -> arm key -> the field, for the seeds every arm has."""
+def per_seed(rows: dict) -> dict[int, dict[str, float]]:
+    """seed -> arm key -> val loss, for the seeds every arm has."""
     seeds = set.intersection(*(set(r["seeds"]) for r in rows.values()))
-    return {seed: {key: r["seeds"][seed][field_] for key, r in rows.items()}
+    return {seed: {key: r["seeds"][seed]["val_loss"] for key, r in rows.items()}
             for seed in sorted(seeds)}
 
 
 def mean_flops(rows: dict, key: str) -> float:
-    return rows[key]["seeds"][min(rows[key]["seeds"])]["train_flops_per_token"]
+    return statistics.fmean(m["train_flops_per_token"] for m in rows[key]["seeds"].values())
 
 
 def claims(results: dict) -> list[str]:
@@ -763,7 +784,8 @@ def header(args: argparse.Namespace, suite: Suite, wall: float, unigram: float) 
     donor = suite.arms[0]
     vocab = TokenizedDataset(data, split="train", seq_len=SEQ).vocab_size
     head = 6 * vocab * s.d_model / flops_per_token(donor.model, SEQ)
-    flags = f"--budget {args.budget:g} --seeds {len(s.seeds)} --jobs {s.jobs}"
+    flags = (f"--budget {args.budget:g} --seeds {len(s.seeds)} --jobs {s.jobs} --eval-windows "
+             f"{args.eval_windows}{' --data ' + Path(args.data).name if args.data else ''}")
     return (f"bench/repro.py {flags}{' --quick' if s.quick else ''}: {wall / 60:.1f} min on "
             f"{os.cpu_count()} cores, torch {torch.__version__}\n\n"
             f"Data: {meta['source']}; tokenizer {meta['tokenizer']['spec']}: "
@@ -789,12 +811,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = corpus(args, s)
     vocab = TokenizedDataset(data, split="train", seq_len=SEQ).vocab_size
     shape = dict(n_positions=SEQ, d_model=s.d_model, n_heads=s.n_heads, vocab_size=vocab)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # mom-ds's commands run in the repository
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     if s.jobs > 1:
         torch.set_num_threads(1)  # this process scores and compresses beside a mom-train
-    suite = Suite(s, data, runs, scored_windows(data, s),
+    val = TokenizedDataset(data, split="val", seq_len=SEQ)
+    held_out = torch.from_numpy(val.windows(range(len(val) - s.search_windows, len(val)))
+                                .astype("int64"))
+    suite = Suite(s, data, runs, scored_windows(data, s), held_out,
                   arms(shape, LAYERS, s.stage1_steps, s.stage2_steps, s.step_tokens))
     progress: Optional[Progress] = None
 
