@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from data_prep.html_text import html_to_text
+from mom_ds.files import replaced, write_text
 
 VOCAB = 4096
 VAL_FRACTION = 0.02
@@ -131,14 +132,13 @@ def files(source: Source, root: Path) -> list[Path]:
 
 
 def stage(source: Source, path: Path, root: Path) -> None:
-    """Write the source's documents to `path` under a temporary name, renamed when complete."""
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as f:
+    """Write the source's documents to `path` whole or not at all (a killed run leaves no
+    file that a rerun would take for finished)."""
+    with replaced(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for file in files(source, root):
             for text in source.read(file):
                 if text.strip():
                     f.write(json.dumps({"text": text.strip()}, ensure_ascii=False) + "\n")
-    os.replace(partial, path)
 
 
 def count(path: Path) -> tuple[int, int]:
@@ -167,12 +167,6 @@ def check_installed(chosen: list[Source], staged: dict[str, Path], root: Path) -
         what = "; ".join(f"no {under(root, s.installed)} (Debian package {s.package})" for s in missing)
         sys.exit(f"corpus: {what}. Fix: apt-get install {' '.join(s.package for s in missing)}, "
                  f"or --sources without {'it' if len(missing) == 1 else 'them'}.")
-
-
-def write_json(path: Path, record: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
 
 
 def prepare(out: Path, sources: Sequence[str] = NAMES, vocab: int = VOCAB, val_fraction: float = VAL_FRACTION,
@@ -210,7 +204,7 @@ def prepare(out: Path, sources: Sequence[str] = NAMES, vocab: int = VOCAB, val_f
         sys.exit(f"corpus: mom-prep failed (above). Where {data} was prepared from other --sources, "
                  f"--vocab or --val-fraction, or a staged file was remade since, remove {data} or "
                  f"choose another --out.")
-    write_json(out / "corpus.json", {"sources": record})
+    write_text(out / "corpus.json", json.dumps({"sources": record}, indent=2) + "\n")
 
     meta = json.loads((data / "meta.json").read_text())
     splits = meta["splits"]

@@ -398,23 +398,29 @@ class Progress:
                   f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
 
 
-def run_tasks(tasks: list[Task], jobs: int, progress: Progress) -> None:
+def run_tasks(tasks: list[Task], jobs: int) -> None:
     """Run the tasks, at most `jobs` at a time, each after the tasks it needs, in list order
-    otherwise; the first failure stops the rest and is raised. One job runs them in this
-    thread: mom-train in this process (quick mode) installs signal handlers, which only
-    the main thread may."""
-    names = {t.name for t in tasks}
-    missing = {n for t in tasks for n in t.after} - names
+    otherwise; the first failure is raised once the tasks running beside it end (nothing
+    new starts). One job runs them in this thread: mom-train in this process (quick mode)
+    installs signal handlers, which only the main thread may."""
+    missing = {n for t in tasks for n in t.after} - {t.name for t in tasks}
     assert not missing, f"tasks wait for unknown tasks {missing}"
-    pending, running, done = list(tasks), {}, set()
-    while jobs == 1 and pending:
-        task = next(t for t in pending if t.after <= done)
-        pending.remove(task)
-        task.run()
-        done.add(task.name)
+    pending, done = list(tasks), set()
+
+    def ready() -> list[Task]:
+        return [t for t in pending if t.after <= done]
+
+    if jobs == 1:
+        while pending:
+            task = ready()[0]
+            pending.remove(task)
+            task.run()
+            done.add(task.name)
+        return
+    running = {}
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
-            for task in [t for t in pending if t.after <= done][:jobs - len(running)]:
+            for task in ready()[:jobs - len(running)]:
                 pending.remove(task)
                 running[pool.submit(task.run)] = task
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -432,7 +438,7 @@ class Suite:
     data: Path
     runs: Path
     windows: Windows
-    held_out: torch.Tensor  # the last --search-windows val rows: choose, never score
+    held_out: torch.Tensor  # the assembly search's val rows: choose, never score
     arms: list[Arm]
     rows: dict = field(default_factory=dict)  # arm key -> {"seeds": {seed: measures}, ...}
     compression: dict = field(default_factory=dict)  # seed -> rows
@@ -537,11 +543,10 @@ class Suite:
         train(recipe, seed_dir / "modular.log", s, "--train.seed", str(seed),
               "--data.seed", str(seed))
         _, teacher, _ = load_model(self.runs / "teacher")
-        run_cfg, student, _ = load_student(seed_dir / "modular")
-        held_out = search_windows(run_cfg, s.search_windows)
+        _, student, _ = load_student(seed_dir / "modular")
         rows = []
         for layers in s.compressed_layers:
-            row, _ = compression_row(student, teacher, layers, held_out, self.data,
+            row, _ = compression_row(student, teacher, layers, self.held_out, self.data,
                                      s.compression_steps, config, self.loss, seed=seed,
                                      layers_only=True)
             rows.append(row)
@@ -577,8 +582,12 @@ def claims(results: dict) -> list[str]:
     rows = results["rows"]
     loss = per_seed(rows)
 
-    def gap(a: str, b: str, tolerance: float = 0.0) -> list[float]:
-        return c.loss_gap(loss, a, b, tolerance)
+    def versus(text: str, a: str, b: str, context: str, tolerance: float = 0.0,
+               condition: Optional[tuple[bool, str]] = None) -> str:
+        """Arm a's val loss against arm b's, per seed; within `tolerance` counts as a win."""
+        gaps = c.loss_gap(loss, a, b)
+        return c.line(text, [g - tolerance for g in gaps],
+                      f"{context}val loss {c.describe(gaps, percent=True)}", condition)
 
     def fewer(a: str, b: str, by: float = 0.0) -> tuple[bool, str]:
         fa, fb = mean_flops(rows, a), mean_flops(rows, b)
@@ -590,15 +599,13 @@ def claims(results: dict) -> list[str]:
     redundancy = [(r["loss_without_half_attention"] - r["loss"])
                   - (r["loss_without_quarter_ffn"] - r["loss"]) for r in routing]
     params = rows["mom_deep"]["params"] / rows["vanilla_continued"]["params"] - 1
-    lines = [
-        c.line("MoM beats vanilla at equal parameters", gap("mom_deep", "vanilla_continued"),
-               f"two-stage MoM deep against the donor continued, val loss "
-               f"{c.describe(gap('mom_deep', 'vanilla_continued'), percent=True)}; "
-               f"parameters {100 * params:+.1f}%"),
-        c.line(f"Shallow MoM keeps quality ({tol}) at >= {100 * SHALLOW_FEWER_FLOPS:g}% fewer "
-               f"FLOPs", gap("mom_shallow", "vanilla_continued", c.QUALITY_TOLERANCE),
-               f"two-stage, against the donor continued: val loss "
-               f"{c.describe(gap('mom_shallow', 'vanilla_continued'), percent=True)}",
+    return [
+        versus("MoM beats vanilla at equal parameters", "mom_deep", "vanilla_continued",
+               f"two-stage MoM deep against the donor continued (parameters "
+               f"{100 * params:+.1f}%), "),
+        versus(f"Shallow MoM keeps quality ({tol}) at >= {100 * SHALLOW_FEWER_FLOPS:g}% fewer "
+               f"FLOPs", "mom_shallow", "vanilla_continued",
+               "two-stage, against the donor continued, ", c.QUALITY_TOLERANCE,
                fewer("mom_shallow", "vanilla_continued", SHALLOW_FEWER_FLOPS)),
         c.line("Attention modules are more redundant than FFN modules", redundancy,
                f"MoM deep, each block's least-used half of the attention modules silenced "
@@ -607,20 +614,15 @@ def claims(results: dict) -> list[str]:
                f"{100 * statistics.fmean(r['attn_skip_share'] for r in routing):.1f}% of "
                f"attention and {100 * statistics.fmean(r['ffn_skip_share'] for r in routing):.1f}%"
                f" of FFN choices"),
-        c.line(f"MoD matches vanilla ({tol}) at equal training FLOPs, with fewer FLOPs per "
-               f"forward", gap("mod", "donor", c.QUALITY_TOLERANCE),
-               f"val loss {c.describe(gap('mod', 'donor'), percent=True)}", fewer("mod", "donor")),
-        c.line("MoE beats vanilla at equal FLOPs per token", gap("moe", "donor"),
-               f"val loss {c.describe(gap('moe', 'donor'), percent=True)}"),
-        c.line("Two-stage training beats MoM from scratch at equal total tokens",
-               gap("mom_deep", "mom_scratch"),
-               f"val loss {c.describe(gap('mom_deep', 'mom_scratch'), percent=True)}"),
+        versus(f"MoD matches vanilla ({tol}) at equal training FLOPs, with fewer FLOPs per "
+               f"forward", "mod", "donor", "", c.QUALITY_TOLERANCE, fewer("mod", "donor")),
+        versus("MoE beats vanilla at equal FLOPs per token", "moe", "donor", ""),
+        versus("Two-stage training beats MoM from scratch at equal total tokens", "mom_deep",
+               "mom_scratch", ""),
         modular_claim(results["compression"], results["teacher"]),
-        c.line("MoM beats vanilla at equal parameters with Llama-family blocks",
-               gap("llama_mom", "llama_vanilla"),
-               f"from scratch, val loss {c.describe(gap('llama_mom', 'llama_vanilla'), percent=True)}"),
+        versus("MoM beats vanilla at equal parameters with Llama-family blocks", "llama_mom",
+               "llama_vanilla", "from scratch, "),
     ]
-    return lines
 
 
 def modular_claim(compression: dict, teacher: dict) -> str:
@@ -816,9 +818,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     if s.jobs > 1:
         torch.set_num_threads(1)  # this process scores and compresses beside a mom-train
-    val = TokenizedDataset(data, split="val", seq_len=SEQ)
-    held_out = torch.from_numpy(val.windows(range(len(val) - s.search_windows, len(val)))
-                                .astype("int64"))
+    held_out = search_windows(RunConfig(data=DataConfig(data_dir=str(data), seq_len=SEQ)),
+                              s.search_windows)
     suite = Suite(s, data, runs, scored_windows(data, s), held_out,
                   arms(shape, LAYERS, s.stage1_steps, s.stage2_steps, s.step_tokens))
     progress: Optional[Progress] = None
@@ -830,7 +831,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     progress = Progress(sum(t.flops for t in tasks), len(tasks))
     print(f"repro: {len(tasks)} runs, {progress.total_flops / 1e12:,.0f} TFLOPs of training, "
           f"{s.jobs} at a time", flush=True)
-    run_tasks(tasks, s.jobs, progress)
+    run_tasks(tasks, s.jobs)
     unigram = unigram_ppl(data, suite.windows)
     results = {"rows": suite.rows, "teacher": suite.teacher, "compression": suite.compression,
                "compression_tokens": s.compression_steps * MODULAR_MICRO * SEQ,

@@ -64,7 +64,6 @@ def line(text: str, differences: Sequence[float], evidence: str,
     return f"{text}: {word} at this scale ({evidence})."
 
 
-def loss_gap(per_seed: dict, a: str, b: str, tolerance: float = 0.0) -> list[float]:
-    """Per seed, arm a's val loss relative to arm b's, less `tolerance` (negative: a is better
-    than b, or within the tolerance of it)."""
-    return [relative(per_seed[s][a], per_seed[s][b]) - tolerance for s in sorted(per_seed)]
+def loss_gap(per_seed: dict, a: str, b: str) -> list[float]:
+    """Per seed, arm a's val loss relative to arm b's (negative: a is better)."""
+    return [relative(per_seed[s][a], per_seed[s][b]) for s in sorted(per_seed)]

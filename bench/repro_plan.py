@@ -5,7 +5,8 @@ The arms are bench/repro.py's (`arms()`) for a 12-layer vanilla model of d_model
 GPT-2's vocabulary; the training settings are configs/gpt2-small.yaml's (the MoM authors'
 recipe: 524,288 tokens per step, AdamW at 1e-3, bf16 where the GPU has it, ZeRO-1). The
 token counts keep the CPU run's proportions to N1 = 2.5B, about 20 tokens per parameter for
-the donor (N2 = N1 / 4, the teacher 3 x N1, each compressed model N1 / 8). The hours are
+the donor (N2 = N1 / 4, the teacher 3 x N1, each compressed model 0.11 x N1), and so do the
+window orders (bench/repro.py's data_seed()). The hours are
 estimates: training FLOPs (mom-ds's count, the routing planned) over the node's dense bf16
 peak at an assumed MFU, stated in the plan; the first runs replace them with measured ones.
 
@@ -24,8 +25,8 @@ import yaml
 from modular import MICRO as MODULAR_MICRO, modular_settings
 from mom_ds.config import load_run_config
 from mom_ds.model.flops import flops_per_token
-from repro import (COMPRESSION_STEPS, MICRO, REPO, STAGE1_STEPS, STAGE2_STEPS,
-                    TEACHER_FACTOR, Arm, arms)
+from repro import (COMPRESSION_STEPS, MICRO, REPO, SEED_DIR, STAGE1_STEPS, STAGE2_STEPS,
+                    TEACHER_DATA_SEED, TEACHER_FACTOR, Arm, arms, data_seed)
 
 GPUS = 8
 PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
@@ -35,6 +36,7 @@ SHAPE = dict(n_positions=1024, d_model=768, n_heads=12, vocab_size=50257)
 LAYERS = 12
 N1_TOKENS = 2_500_000_000
 LAUNCH = f"deepspeed --num_gpus {GPUS} $(which mom-train)"
+RUNS = "runs/repro-gpt2-small"
 
 
 def plan_arms(step_tokens: int) -> tuple[list[Arm], int, int]:
@@ -46,23 +48,25 @@ def plan_arms(step_tokens: int) -> tuple[list[Arm], int, int]:
     return arms(SHAPE, LAYERS, n1, n2, step_tokens), n1, compression
 
 
-def recipe(out: Path, name: str, model, steps: int, seed: int, **extra) -> dict:
-    """configs/gpt2-small.yaml with this arm's model, steps, seed and run directory."""
+def recipe(out: Path, name: str, model, steps: int, seed: int, window_seed: int,
+           **extra) -> Path:
+    """configs/gpt2-small.yaml with this run's model, steps, seeds and run directory; its
+    path as run.sh names it (relative to the repository when it lies inside)."""
     cfg = load_run_config(RECIPE)
     if model is not None:
         cfg.model = model
     cfg.train.max_steps = steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)
-    cfg.train.seed = cfg.data.seed = seed
-    cfg.train.out_dir = f"runs/repro-gpt2-small/{name}"
+    cfg.train.seed, cfg.data.seed = seed, window_seed
+    cfg.train.out_dir = f"{RUNS}/{name}"
     values = cfg.to_dict()
     if extra.get("modular"):
         values["modular"] = extra["modular"]
         del values["model"]  # a modular run's model is its teacher's
-    path = out / f"{name}.yaml"
+    path = out.resolve() / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
-    return values
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 def hours(tokens: int, flops_per_tok: float) -> float:
@@ -76,41 +80,42 @@ def write_plan(name: str, out: Path, seeds: int) -> int:
         base.data.seq_len
     plan, n1, compression = plan_arms(step_tokens)
     seq = SHAPE["n_positions"]
-    rows, script = [], ["#!/usr/bin/env bash", "# bench/repro.py --plan gpt2-small: run from the "
-                        "repository root on one node of 8 GPUs, after", "#   mom-prep --source "
-                        "openwebtext --out data/openwebtext", "set -euo pipefail"]
+    script = ["#!/usr/bin/env bash", "# bench/repro.py --plan gpt2-small: run from the "
+              "repository root on one node of 8 GPUs, after", "#   mom-prep --source "
+              "openwebtext --out data/openwebtext", "set -euo pipefail"]
+    rows: list[tuple[str, int, float, float]] = []  # run, tokens, FLOPs per token, hours
+
+    def run(label: str, config: Path, steps: int, flops_per_tok: float, args: str = "") -> None:
+        script.append(f"{LAUNCH} --config {config}{args}")
+        rows.append((label, steps * step_tokens, flops_per_tok,
+                     hours(steps * step_tokens, flops_per_tok)))
+
     teacher_model = plan[0].model
     teacher_steps = TEACHER_FACTOR * n1
-    recipe(out, "teacher", teacher_model, teacher_steps, 1)
-    script.append(f"{LAUNCH} --config {out.name}/teacher.yaml")
-    total = hours(teacher_steps * step_tokens, flops_per_token(teacher_model, seq))
-    rows.append(("teacher (once)", teacher_steps * step_tokens,
-                 flops_per_token(teacher_model, seq), total))
+    run("teacher (once)", recipe(out, "teacher", teacher_model, teacher_steps, 1,
+                                 TEACHER_DATA_SEED),
+        teacher_steps, flops_per_token(teacher_model, seq))
     for seed in range(1, seeds + 1):
-        split = f"seed-{seed}"
-        runs = f"runs/repro-gpt2-small/{split}"
+        split = SEED_DIR.format(seed)
+        runs = f"{RUNS}/{split}"
+        script.append(f"# {split}")
         for arm in plan:
+            config = recipe(out, f"{split}/{arm.key}", arm.model, arm.steps, seed,
+                            data_seed(arm, seed))
             args = ""
             if arm.init == "donor":
-                if f"{runs}/donor-hf" not in " ".join(script):
-                    script.append(f"mom-convert to-hf {runs}/donor {runs}/donor-hf")
                 init = f"{runs}/{arm.key}-init.safetensors"
-                script.append(f"mom-convert from-hf {runs}/donor-hf {init} "
-                              f"--config {out.name}/{split}/{arm.key}.yaml")
+                script.append(f"mom-convert from-hf {runs}/donor-hf {init} --config {config}")
                 args = f" --train.init_from {init}"
-            recipe(out, f"{split}/{arm.key}", arm.model, arm.steps, seed)
-            script.append(f"{LAUNCH} --config {out.name}/{split}/{arm.key}.yaml{args}")
-            f = flops_per_token(arm.model, seq)
-            h = hours(arm.steps * step_tokens, f)
-            total += h
-            rows.append((f"{split} {arm.label}", arm.steps * step_tokens, f, h))
-        modular = modular_settings("runs/repro-gpt2-small/teacher", compression)
-        recipe(out, f"{split}/modular", None, compression, seed, modular=modular)
-        script.append(f"{LAUNCH} --config {out.name}/{split}/modular.yaml")
-        f = flops_per_token(teacher_model, seq) * 4 / 3  # the teacher's forward + the student
-        h = hours(compression * step_tokens, f)
-        total += h
-        rows.append((f"{split} modular run", compression * step_tokens, f, h))
+            run(f"{split} {arm.label}", config, arm.steps, flops_per_token(arm.model, seq), args)
+            if arm.key == "donor":
+                script.append(f"mom-convert to-hf {runs}/donor {runs}/donor-hf")
+        modular = modular_settings(f"{RUNS}/teacher", compression)
+        # the teacher's forward + the student's training
+        run(f"{split} modular run", recipe(out, f"{split}/modular", None, compression, seed,
+                                           seed, modular=modular),
+            compression, flops_per_token(teacher_model, seq) * 4 / 3)
+    total = sum(h for *_, h in rows)
     (out / "run.sh").write_text("\n".join(script) + "\n")
     lines = [f"# bench/repro.py --plan {name}", "",
              f"{len(rows)} runs for one node of {GPUS} GPUs; {step_tokens:,} tokens per step; "

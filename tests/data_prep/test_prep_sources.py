@@ -101,6 +101,20 @@ def test_trained_tokenizer_never_sees_the_val_documents(tmp_path):
     assert "trained on the train split" in result.meta["tokenizer"]["spec"]
 
 
+def test_trained_tokenizer_skips_the_last_document_when_it_is_given_to_val(tmp_path):
+    """No document drew val, so mom-prep gives the last one to val: the tokenizer must not
+    have seen it either."""
+    docs = [f"doc {i}: " + " ".join(["zebrafoxtrot"] * 30) for i in range(4)]
+    docs.append("last: " + " ".join(["quokkamango"] * 30))
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    result = prepare(PrepSettings(source=[str(tmp_path / "c.jsonl")], train_tokenizer=300,
+                                  val_fraction=1e-9), tmp_path / "out", show_progress=False)
+    assert result.meta["splits"]["val"]["n_documents"] == 1
+    tok = load_data_tokenizer(tmp_path / "out")
+    assert tok.decode(np.fromfile(tmp_path / "out" / "val.bin", dtype="<u2")) == docs[-1] + "<|endoftext|>"
+    assert len(tok.encode(" zebrafoxtrot")) == 1 and len(tok.encode(" quokkamango")) > 3
+
+
 def test_hub_name_offline_is_one_clear_error(tmp_path, monkeypatch):
     from data_prep.format import DataError
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import html
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from mom_ds_testing.runs import REPO, run_python
 
@@ -121,18 +123,89 @@ def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
     plan = tmp_path / "plan"
     recipes = sorted(plan.rglob("*.yaml"))
     assert len(recipes) == 1 + 3 * (len(ARMS) + 1)  # the teacher; per seed the arms + modular
-    script = (plan / "run.sh").read_text()
+    script = (plan / "run.sh").read_text().splitlines()
     for path in recipes:
         cfg = load_run_config(path)  # validated as mom-train would
-        rel = str(path.relative_to(tmp_path))
-        assert f"--config {rel}" in script, rel
+        launch = [line for line in script
+                  if line.startswith("deepspeed") and f"--config {path}" in line]
+        assert len(launch) == 1, path
         if path.stem != "modular":
             assert cfg.model.d_model == 768 and cfg.data.seq_len == 1024
+    # a seed's donor is exported after it trains and before any arm is cut from it
+    runs = "runs/repro-gpt2-small/seed-2"
+
+    def first(*words: str) -> int:
+        return min(i for i, line in enumerate(script) if all(w in line for w in words))
+
+    assert first("deepspeed", "seed-2/donor.yaml") < first("to-hf", runs) < first("from-hf", runs)
     donor = load_run_config(plan / "seed-1" / "donor.yaml")
     tokens = donor.train.max_steps * 16 * 4 * 8 * 1024
-    assert 2.4e9 < tokens < 2.6e9 and donor.train.seed == 1
-    assert load_run_config(plan / "seed-3" / "mom_deep.yaml").train.seed == 3
+    assert 2.4e9 < tokens < 2.6e9 and donor.train.seed == donor.data.seed == 1
+    # stage 2 draws other windows than its donor; the teacher yet others
+    deep = load_run_config(plan / "seed-3" / "mom_deep.yaml")
+    assert deep.train.seed == 3 and deep.data.seed == repro.STAGE2_DATA_SEED + 3
+    assert load_run_config(plan / "teacher.yaml").data.seed == repro.TEACHER_DATA_SEED
     assert "hours" in (plan / "plan.md").read_text()
+
+
+def test_tasks_run_two_at_a_time_after_what_they_need_and_a_failure_is_raised():
+    import threading
+    import time
+
+    log, lock, running, peak = [], threading.Lock(), [0], [0]
+
+    def work(name, fail=False):
+        def run():
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                log.append(("start", name))
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+                log.append(("end", name))
+            if fail:
+                raise RuntimeError(f"{name} failed")
+        return run
+
+    def task(name, after=(), fail=False):
+        return repro.Task(name, 1.0, work(name, fail), frozenset(after))
+
+    tasks = [task("a"), task("b", ["a"]), task("c"), task("d", ["b", "c"])]
+    repro.run_tasks(tasks, 2)
+    position = {event: i for i, event in enumerate(log)}
+    assert position[("end", "a")] < position[("start", "b")]
+    assert max(position[("end", "b")], position[("end", "c")]) < position[("start", "d")]
+    assert peak[0] == 2
+    log.clear()
+    with pytest.raises(RuntimeError, match="x failed"):
+        repro.run_tasks([task("x", fail=True), task("y", ["x"])], 2)
+    assert ("start", "y") not in log
+
+
+def test_scored_windows_spread_and_never_meet_the_search_windows(tmp_path):
+    from data_prep.cli import main as mom_prep
+    from mom_ds.data import TokenizedDataset
+
+    docs = [{"text": f"document {i} " + "some words here " * 40} for i in range(60)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    assert mom_prep(["--source", str(tmp_path / "c.jsonl"), "--tokenizer", "bytes",
+                     "--val-fraction", "0.5", "--out", str(tmp_path / "data"), "--quiet"]) == 0
+    s = repro.settings_for(repro.parse_args(["--quick"]))
+    val = TokenizedDataset(tmp_path / "data", split="val", seq_len=repro.SEQ)
+    windows = repro.scored_windows(tmp_path / "data", s)
+    scored = [i for b in windows.batches for i in b]
+    rows = windows.source
+    last = torch.from_numpy(val.windows([len(val) - s.search_windows - 1]).astype("int64"))
+    assert torch.equal(rows[0], torch.from_numpy(val.windows([0]).astype("int64"))[0])
+    assert torch.equal(rows[-1], last[0])  # the first and the last before the search rows
+    assert len(scored) == s.eval_windows
+    # the unigram perplexity, by hand: add-one counts of the train split
+    train = np.fromfile(tmp_path / "data" / "train.bin", dtype="<u2")
+    counts = np.bincount(train, minlength=257) + 1.0
+    targets = rows[:, 1:].reshape(-1).numpy()
+    expected = np.exp(-np.mean(np.log(counts[targets] / counts.sum())))
+    assert repro.unigram_ppl(tmp_path / "data", windows) == pytest.approx(expected)
 
 
 def test_bad_data_directory_is_one_error(tmp_path):
