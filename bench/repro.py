@@ -73,7 +73,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 import repro_claims as claims_rule  # noqa: E402
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
-                     compression_row, forward_flops, modular_settings,
+                     compression_row, modular_settings,
                      recipe as modular_recipe, write_outputs)
 from mom_ds.checkpoints.loading import load_model  # noqa: E402
 from mom_ds.cli.report import load_events  # noqa: E402
