@@ -184,8 +184,8 @@ def test_other_data_is_refused_and_the_run_keeps_its_tokenizer(tmp_path, capsys)
     prepare(second, data)
     kept = snapshot(out)
     line = refused(train(*args, "--resume"), "is not the data the checkpoint was trained on",
-                   "tokenizer 'trained byte-level BPE, 300 tokens' has other files than the "
-                   "run's", "train.bin is ", "bytes, the run was trained on ",
+                   "tokenizer 'byte-level BPE of 300 tokens trained on the train split' has other "
+                   "files than the run's", "train.bin is ", "bytes, the run was trained on ",
                    "--allow-data-change")
     assert snapshot(out) == kept, line
     refused(in_process(mom_eval, [str(out)], capsys), "has other files", "val.bin is ")
