@@ -72,6 +72,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 import repro_claims as claims_rule  # noqa: E402
+from repro_arms import (COMPRESSION_STEPS, MICRO, ROUTER_WIDTH, SEED_DIR,  # noqa: E402
+                        STAGE1_STEPS, STAGE2_STEPS, TEACHER_DATA_SEED, TEACHER_FACTOR, Arm,
+                        arms, data_seed)
 from modular import (LAYERS, MICRO as MODULAR_MICRO, SEQ,  # noqa: E402
                      compression_row, modular_settings,
                      recipe as modular_recipe, write_outputs)
@@ -82,40 +85,14 @@ from mom_ds.data import DataError, TokenizedDataset  # noqa: E402
 from mom_ds.evaluation import Windows, row_windows, score  # noqa: E402
 from mom_ds.model import MoMConfig  # noqa: E402
 from mom_ds.model.flops import flops_per_token  # noqa: E402
-from mom_ds.model.presets import mixture_of_depths, mom, moe, vanilla  # noqa: E402
 from mom_ds.model.weights_file import SUFFIX as WEIGHTS_SUFFIX  # noqa: E402
 from mom_ds.modular.compress import load_student, search_windows  # noqa: E402
 
-ROUTER_WIDTH = 64
-MICRO = 8  # windows per step
-STAGE1_STEPS = 1954  # N1 = 2,000,896 tokens at --budget 1: the issue's 2M per arm
-STAGE2_STEPS = 512  # N2 = 524,288: the stage-2 arms end at N1 + N2 tokens
-TEACHER_FACTOR = 3  # the modular teacher trains 3 x N1 tokens
-COMPRESSION_STEPS = 112  # x bench/modular's 16 windows: 229,376 tokens per compressed model
 COMPRESSED_LAYERS = (4, 3, 2)  # 1.5x, 2x and 3x of the 6-layer teacher
 SETTLED = 0.01  # the teacher has settled: val loss fell < 1% over its last quarter
 SHALLOW_FEWER_FLOPS = 0.15  # "shallow MoM keeps quality at >= 15% fewer FLOPs"
 QUICK_STEPS = 2
 LR, MIN_LR = 2e-3, 2e-4
-SEED_DIR = "seed-{}"  # a seed's runs: OUT/runs/seed-S/ARM
-# Window orders (data.seed) that no seed's donor uses: init_from loads weights, not the
-# sampler's position, so a stage-2 run with its donor's data seed would replay the donor's
-# first windows (and the teacher's would be seed 1's compression tokens).
-STAGE2_DATA_SEED = 100  # + the seed
-TEACHER_DATA_SEED = 0
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One trained model of every seed: a row of the table and a band of the figure."""
-
-    key: str
-    label: str
-    model: MoMConfig
-    steps: int
-    init: str = "random"  # random | donor (the seed's donor, cut by from-hf into model's layout)
-    start_tokens: int = 0  # tokens its initial weights were trained on (the curves' offset)
-    ablate: bool = False  # measure its routers' SKIP shares and silenced modules
 
 
 @dataclass(frozen=True)
@@ -160,48 +137,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
                     eval_windows=args.eval_windows, search_windows=64)
 
 
-# --- the plan ---------------------------------------------------------------------------------
-def arms(shape: dict, layers: int, stage1_steps: int, stage2_steps: int,
-         step_tokens: int) -> list[Arm]:
-    """Every seed's arms for a vanilla model of `layers` layers at a shape (n_positions,
-    d_model, n_heads, vocab_size); the GPU plan (bench/repro_plan.py) calls it with GPT-2
-    small's. MoM deep holds the vanilla model's parameters (a bottom layer, L - 2 attention
-    and FFN modules, an anchor layer) assembled L + 2 deep; MoM shallow holds L + L modules
-    assembled L / 3 deep, two of each per step."""
-    def deep(**family) -> MoMConfig:
-        return mom(n_bottom=1, n_attn_modules=layers - 2, n_ffn_modules=layers - 2,
-                   depth=layers, top_k=1, anchor_layers=True, router_width=ROUTER_WIDTH,
-                   **shape, **family)
-
-    llama = dict(block="llama", n_kv_heads=max(1, shape["n_heads"] // 2))
-    donor = vanilla(layers, **shape)
-    mod = mixture_of_depths(layers, capacity=0.125, every=2, **shape)
-    n1, n2, seq = stage1_steps, stage2_steps, shape["n_positions"]
-    start = n1 * step_tokens
-    return [
-        Arm("donor", f"vanilla {layers}L (the donor)", donor, n1),
-        Arm("vanilla_continued", f"vanilla {layers}L, continued", donor, n2, "donor", start),
-        Arm("mom_deep", "MoM deep, two-stage", deep(), n2, "donor", start, ablate=True),
-        Arm("mom_shallow", "MoM shallow, two-stage",
-            mom(n_attn_modules=layers, n_ffn_modules=layers, depth=max(1, layers // 3),
-                top_k=2, router_width=ROUTER_WIDTH, **shape), n2, "donor", start),
-        Arm("mom_scratch", "MoM deep, from scratch", deep(), n1 + n2),
-        # the donor's training FLOPs: its tokens x its FLOPs per token / MoD's
-        Arm("mod", f"MoD {layers}L (12.5%, every 2nd layer)", mod,
-            round(n1 * flops_per_token(donor, seq) / flops_per_token(mod, seq))),
-        Arm("moe", f"MoE {layers}L (top-1 of 8 experts)",
-            moe(layers, n_experts=8, top_k=1, router_width=ROUTER_WIDTH, **shape), n1),
-        Arm("llama_vanilla", f"llama vanilla {layers}L", vanilla(layers, **shape, **llama), n1),
-        Arm("llama_mom", "llama MoM deep", deep(**llama), n1),
-    ]
-
-
-def data_seed(arm: Arm, seed: int) -> int:
-    """The window order of the arm's run: a stage-2 arm draws from another permutation than
-    its donor's."""
-    return STAGE2_DATA_SEED + seed if arm.init == "donor" else seed
-
-
+# --- the recipes ------------------------------------------------------------------------------
 def arm_recipe(arm: Arm, data: Path, run_dir: Path, seed: int, s: Settings,
                window_seed: Optional[int] = None) -> Path:
     """The arm's mom-train recipe, written beside its run directory: `seed` initialises,

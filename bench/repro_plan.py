@@ -6,7 +6,7 @@ GPT-2's vocabulary; the training settings are configs/gpt2-small.yaml's (the MoM
 recipe: 524,288 tokens per step, AdamW at 1e-3, bf16 where the GPU has it, ZeRO-1). The
 token counts keep the CPU run's proportions to N1 = 2.5B, about 20 tokens per parameter for
 the donor (N2 = N1 / 4, the teacher 3 x N1, each compressed model 0.11 x N1), and so do the
-window orders (bench/repro.py's data_seed()). The hours are
+window orders (bench/repro_arms.py's data_seed()). The hours are
 estimates: training FLOPs (mom-ds's count, the routing planned) over the node's dense bf16
 peak at an assumed MFU, stated in the plan; the first runs replace them with measured ones.
 
@@ -25,9 +25,10 @@ import yaml
 from modular import MICRO as MODULAR_MICRO, modular_settings
 from mom_ds.config import load_run_config
 from mom_ds.model.flops import flops_per_token
-from repro import (COMPRESSION_STEPS, MICRO, REPO, SEED_DIR, STAGE1_STEPS, STAGE2_STEPS,
-                    TEACHER_DATA_SEED, TEACHER_FACTOR, Arm, arms, data_seed)
+from repro_arms import (COMPRESSION_STEPS, MICRO, SEED_DIR, STAGE1_STEPS, STAGE2_STEPS,
+                        TEACHER_DATA_SEED, TEACHER_FACTOR, Arm, arms, data_seed)
 
+REPO = Path(__file__).resolve().parent.parent
 GPUS = 8
 PEAK_TFLOPS = 989.0  # one H100 SXM, dense bf16
 MFU = 0.35  # assumed for every arm: nanoGPT-class GPT-2 small training reaches 30-45%

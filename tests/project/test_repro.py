@@ -14,6 +14,7 @@ import torch
 from mom_ds_testing.runs import REPO, run_python
 
 import repro
+import repro_arms
 import repro_claims as claims_rule
 
 ARMS = {"donor", "vanilla_continued", "mom_deep", "mom_shallow", "mom_scratch", "mod", "moe",
@@ -143,8 +144,8 @@ def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
     assert 2.4e9 < tokens < 2.6e9 and donor.train.seed == donor.data.seed == 1
     # stage 2 draws other windows than its donor; the teacher yet others
     deep = load_run_config(plan / "seed-3" / "mom_deep.yaml")
-    assert deep.train.seed == 3 and deep.data.seed == repro.STAGE2_DATA_SEED + 3
-    assert load_run_config(plan / "teacher.yaml").data.seed == repro.TEACHER_DATA_SEED
+    assert deep.train.seed == 3 and deep.data.seed == repro_arms.STAGE2_DATA_SEED + 3
+    assert load_run_config(plan / "teacher.yaml").data.seed == repro_arms.TEACHER_DATA_SEED
     assert "hours" in (plan / "plan.md").read_text()
 
 
