@@ -32,6 +32,10 @@ CASES = {
     "llama_K2": (presets.mom(n_routed_blocks=1, n_bottom=1, depth=2, top_k=2, block="llama",
                              n_kv_heads=2, tie_word_embeddings=False, **SHAPE), {}),
     "llama_mod": (presets.mixture_of_depths(4, block="llama", n_kv_heads=2, **SHAPE), {}),
+    # SKIP as a mask: grouped-query attention repeats K/V (repeat_interleave) instead
+    "llama_K2_mask": (presets.mom(n_routed_blocks=1, n_bottom=1, depth=2, top_k=2,
+                                  block="llama", n_kv_heads=2, skip_in_attention="mask",
+                                  **SHAPE), {}),
 }
 
 
