@@ -58,7 +58,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -305,11 +304,12 @@ def silenced_loss(model, windows: Windows, pool: str, parts: tuple[str, ...],
 # --- the runs as tasks --------------------------------------------------------------------------
 @dataclass
 class Task:
-    """One unit of work: `run()` once every task named in `after` has finished."""
+    """One unit of work: `run()` once every task named in `after` has finished;
+    it returns what the progress line says of it."""
 
     name: str
     flops: float  # estimated, for the time left
-    run: Callable[[], None]
+    run: Callable[[], Optional[str]]
     after: frozenset[str] = frozenset()
 
 
@@ -322,23 +322,24 @@ class Progress:
     start: float = field(default_factory=time.perf_counter)
     done_flops: float = 0.0
     done_tasks: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finished(self, task: Task, what: str) -> None:
-        with self.lock:
-            self.done_flops += task.flops
-            self.done_tasks += 1
-            elapsed = time.perf_counter() - self.start
-            left = elapsed * (self.total_flops - self.done_flops) / max(self.done_flops, 1.0)
-            print(f"repro: [{self.done_tasks}/{self.total_tasks}] {task.name}: {what}; "
-                  f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
+        """run_tasks calls it from its own thread only."""
+        self.done_flops += task.flops
+        self.done_tasks += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed * (self.total_flops - self.done_flops) / max(self.done_flops, 1.0)
+        print(f"repro: [{self.done_tasks}/{self.total_tasks}] {task.name}: {what}; "
+              f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left", flush=True)
 
 
-def run_tasks(tasks: list[Task], jobs: int) -> None:
+def run_tasks(tasks: list[Task], jobs: int,
+              finished: Callable[[Task, str], None] = lambda task, what: None) -> None:
     """Run the tasks, at most `jobs` at a time, each after the tasks it needs, in list order
-    otherwise; the first failure is raised once the tasks running beside it end (nothing
-    new starts). One job runs them in this thread: mom-train in this process (quick mode)
-    installs signal handlers, which only the main thread may."""
+    otherwise, telling `finished` what each one returned; the first failure is raised once
+    the tasks running beside it end (nothing new starts). One job runs them in this thread:
+    mom-train in this process (quick mode) installs signal handlers, which only the main
+    thread may."""
     missing = {n for t in tasks for n in t.after} - {t.name for t in tasks}
     assert not missing, f"tasks wait for unknown tasks {missing}"
     pending, done = list(tasks), set()
@@ -346,12 +347,15 @@ def run_tasks(tasks: list[Task], jobs: int) -> None:
     def ready() -> list[Task]:
         return [t for t in pending if t.after <= done]
 
+    def end(task: Task, what: Optional[str]) -> None:
+        done.add(task.name)
+        finished(task, what or "done")
+
     if jobs == 1:
         while pending:
             task = ready()[0]
             pending.remove(task)
-            task.run()
-            done.add(task.name)
+            end(task, task.run())
         return
     running = {}
     with ThreadPoolExecutor(jobs) as pool:
@@ -359,11 +363,9 @@ def run_tasks(tasks: list[Task], jobs: int) -> None:
             for task in ready()[:jobs - len(running)]:
                 pending.remove(task)
                 running[pool.submit(task.run)] = task
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                task = running.pop(future)
-                future.result()  # raises the task's error
-                done.add(task.name)
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                end(running.pop(future), future.result())  # raises the task's error
 
 
 @dataclass
@@ -392,40 +394,27 @@ class Suite:
         return steps * self.s.step_tokens
 
     # --- the tasks ---
-    def tasks(self, progress: Callable[[Task, str], None]) -> list[Task]:
+    def tasks(self) -> list[Task]:
         """Per seed: the donor, its export, the arms; the teacher; per seed the modular run
         and its compression table. Donors, their exports and the teacher first: the most
         waits on them."""
         s, seq = self.s, SEQ
         teacher_model = self.arms[0].model
-        tasks = [self._task("teacher", self.tokens(s.teacher_steps) *
-                            flops_per_token(teacher_model, seq), self.train_teacher, progress)]
+        tasks = [Task("teacher", self.tokens(s.teacher_steps) * flops_per_token(teacher_model, seq),
+                      self.train_teacher)]
         for seed in s.seeds:
             for arm in self.arms:
                 after = frozenset({f"{seed}/donor-hf"} if arm.init == "donor" else ())
-                tasks.append(self._task(f"{seed}/{arm.key}", self.tokens(arm.steps) *
-                                        flops_per_token(arm.model, seq),
-                                        lambda a=arm, sd=seed: self.train_arm(a, sd), progress,
-                                        after))
-            tasks.append(self._task(f"{seed}/donor-hf", 0.0,
-                                    lambda sd=seed: export_donor(self.seed_dir(sd), s),
-                                    progress, frozenset({f"{seed}/donor"})))
-            tasks.append(self._task(f"{seed}/modular", self.compression_flops(teacher_model),
-                                    lambda sd=seed: self.compress(sd), progress,
-                                    frozenset({"teacher"})))
+                tasks.append(Task(f"{seed}/{arm.key}",
+                                  self.tokens(arm.steps) * flops_per_token(arm.model, seq),
+                                  lambda a=arm, sd=seed: self.train_arm(a, sd), after))
+            tasks.append(Task(f"{seed}/donor-hf", 0.0,
+                              lambda sd=seed: export_donor(self.seed_dir(sd), s),
+                              frozenset({f"{seed}/donor"})))
+            tasks.append(Task(f"{seed}/modular", self.compression_flops(teacher_model),
+                              lambda sd=seed: self.compress(sd), frozenset({"teacher"})))
         first = [t for t in tasks if t.name == "teacher" or t.name.endswith(("/donor", "/donor-hf"))]
         return first + [t for t in tasks if t not in first]
-
-    def _task(self, name: str, flops: float, work: Callable[[], Optional[str]],
-              progress: Callable[[Task, str], None], after: frozenset[str] = frozenset()
-              ) -> Task:
-        task = Task(name, flops, lambda: None, after)
-
-        def run() -> None:
-            progress(task, work() or "done")
-
-        task.run = run
-        return task
 
     def compression_flops(self, teacher_model: MoMConfig) -> float:
         """The modular run (the teacher's forward + the student's training) and, per layer
@@ -720,8 +709,7 @@ def header(args: argparse.Namespace, suite: Suite, wall: float, unigram: float) 
     s, data = suite.s, suite.data
     meta = json.loads((data / "meta.json").read_text())
     donor = suite.arms[0]
-    vocab = TokenizedDataset(data, split="train", seq_len=SEQ).vocab_size
-    head = 6 * vocab * s.d_model / flops_per_token(donor.model, SEQ)
+    head = 6 * donor.model.vocab_size * s.d_model / flops_per_token(donor.model, SEQ)
     flags = (f"--budget {args.budget:g} --seeds {len(s.seeds)} --jobs {s.jobs} --eval-windows "
              f"{args.eval_windows}{' --data ' + Path(args.data).name if args.data else ''}")
     return (f"bench/repro.py {flags}{' --quick' if s.quick else ''}: {wall / 60:.1f} min on "
@@ -758,16 +746,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                               s.search_windows)
     suite = Suite(s, data, runs, scored_windows(data, s), held_out,
                   arms(shape, LAYERS, s.stage1_steps, s.stage2_steps, s.step_tokens))
-    progress: Optional[Progress] = None
-
-    def finished(task: Task, what: str) -> None:
-        progress.finished(task, what)
-
-    tasks = suite.tasks(finished)
+    tasks = suite.tasks()
     progress = Progress(sum(t.flops for t in tasks), len(tasks))
     print(f"repro: {len(tasks)} runs, {progress.total_flops / 1e12:,.0f} TFLOPs of training, "
           f"{s.jobs} at a time", flush=True)
-    run_tasks(tasks, s.jobs)
+    run_tasks(tasks, s.jobs, progress.finished)
     unigram = unigram_ppl(data, suite.windows)
     results = {"rows": suite.rows, "teacher": suite.teacher, "compression": suite.compression,
                "compression_tokens": s.compression_steps * MODULAR_MICRO * SEQ,
