@@ -65,5 +65,7 @@ def line(text: str, differences: Sequence[float], evidence: str,
 
 
 def loss_gap(per_seed: dict, a: str, b: str) -> list[float]:
-    """Per seed, arm a's val loss relative to arm b's (negative: a is better)."""
-    return [relative(per_seed[s][a], per_seed[s][b]) for s in sorted(per_seed)]
+    """Per seed that trained both, arm a's val loss relative to arm b's (negative: a is
+    better)."""
+    return [relative(per_seed[s][a], per_seed[s][b]) for s in sorted(per_seed)
+            if a in per_seed[s] and b in per_seed[s]]

@@ -100,7 +100,7 @@ def write_plan(name: str, out: Path, seeds: int) -> int:
         split = SEED_DIR.format(seed)
         runs = f"{RUNS}/{split}"
         script.append(f"# {split}")
-        for arm in plan:
+        for arm in (a for a in plan if seed <= (a.max_seeds or seeds)):
             config = recipe(out, f"{split}/{arm.key}", arm.model, arm.steps, seed,
                             data_seed(arm, seed))
             args = ""

@@ -123,7 +123,9 @@ def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = tmp_path / "plan"
     recipes = sorted(plan.rglob("*.yaml"))
-    assert len(recipes) == 1 + 3 * (len(ARMS) + 1)  # the teacher; per seed the arms + modular
+    # the teacher; per seed the arms + modular, the Llama pair on the first 2 seeds only
+    assert len(recipes) == 1 + 3 * (len(ARMS) + 1) - 2
+    assert not list(plan.glob("seed-3/llama*")) and len(list(plan.glob("seed-2/llama*"))) == 2
     script = (plan / "run.sh").read_text().splitlines()
     for path in recipes:
         cfg = load_run_config(path)  # validated as mom-train would
