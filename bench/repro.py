@@ -33,9 +33,9 @@ replays windows another run of its comparison saw first):
              best pattern on the same windows) and fine-tuned, and the same start distilled.
              Each trains the same kind of parameters, the layers (embeddings, final norm and
              head stay the teacher's), on the same tokens in the same order.
-The teacher is one vanilla 6-layer run of 2 x N1 tokens (the first seed), trained so that it
-has settled: its val loss fell by less than SETTLED (1%) over its last quarter (the header
-reports the fall).
+The teacher is one vanilla 6-layer run of 2 x N1 tokens (the first seed); the modular claim
+line reports whether it has settled: its val loss fell by less than SETTLED (1%) over its
+last quarter.
 
 The verdicts: bench/repro_claims.py's RULE, printed with the table. The table: per arm the
 mean val loss over seeds and its range, on --eval-windows val windows spread evenly over the
@@ -614,10 +614,10 @@ def compression_values(results: dict, i: int, key: str) -> list[float]:
 def markdown(results: dict) -> str:
     rows = results["rows"]
     lines = [results["header"], ""]
+    seeds = max(len(r["seeds"]) for r in rows.values())
     for title, keys in TABLES:
         lines += [f"**{title}**", "", "| " + " | ".join(COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
-        seeds = max(len(r["seeds"]) for r in rows.values())
         lines += [table_row(rows[k], seeds) for k in keys] + [""]
     t = results["teacher"]
     first = next(iter(results["compression"].values()))

@@ -92,6 +92,18 @@ def test_the_verdict_rule_on_hand_made_differences():
     assert "DOES NOT HOLD" in line and "fewer FLOPs: NO" in line
 
 
+def test_an_arm_on_fewer_seeds_pairs_only_the_seeds_it_has():
+    """The Llama pair runs on 2 of 3 seeds: its claim pairs those 2, and the other claims
+    keep all 3 (not the seeds every arm has)."""
+    def row(losses):
+        return {"seeds": {seed: {"val_loss": v} for seed, v in losses.items()}}
+    rows = {"a": row({1: 4.0, 2: 4.0, 3: 4.0}), "b": row({1: 5.0, 2: 5.0, 3: 2.0}),
+            "c": row({1: 2.0, 2: 8.0})}
+    loss = repro.per_seed(rows)
+    assert claims_rule.loss_gap(loss, "a", "b") == pytest.approx([-0.2, -0.2, 1.0])
+    assert claims_rule.loss_gap(loss, "c", "a") == pytest.approx([-0.5, 1.0])
+
+
 def test_modular_claim_needs_every_seed_and_ratio_to_agree():
     def row(ratio, search, drop, kd):
         return {"ratio": ratio, "search": {"loss": search}, "drop": {"loss": drop},
