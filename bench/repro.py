@@ -404,7 +404,7 @@ class Suite:
         tasks = [Task("teacher", self.tokens(s.teacher_steps) * flops_per_token(teacher_model, seq),
                       self.train_teacher)]
         for seed in s.seeds:
-            for arm in (a for a in self.arms if seed in s.seeds[:a.max_seeds]):
+            for arm in (a for a in self.arms if a.runs_with(seed)):
                 after = frozenset({f"{seed}/donor-hf"} if arm.init == "donor" else ())
                 tasks.append(Task(f"{seed}/{arm.key}",
                                   self.tokens(arm.steps) * flops_per_token(arm.model, seq),

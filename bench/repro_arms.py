@@ -39,6 +39,10 @@ class Arm:
     ablate: bool = False  # measure its routers' SKIP shares and silenced modules
     max_seeds: Optional[int] = None  # trained on the first max_seeds seeds only (None: all)
 
+    def runs_with(self, seed: int) -> bool:
+        """Whether the arm trains with `seed` (seeds count from 1)."""
+        return self.max_seeds is None or seed <= self.max_seeds
+
 
 def arms(shape: dict, layers: int, stage1_steps: int, stage2_steps: int,
          step_tokens: int) -> list[Arm]:

@@ -5,7 +5,7 @@ The arms are bench/repro.py's (`arms()`) for a 12-layer vanilla model of d_model
 GPT-2's vocabulary; the training settings are configs/gpt2-small.yaml's (the MoM authors'
 recipe: 524,288 tokens per step, AdamW at 1e-3, bf16 where the GPU has it, ZeRO-1). The
 token counts keep the CPU run's proportions to N1 = 2.5B, about 20 tokens per parameter for
-the donor (N2 = N1 / 4, the teacher 3 x N1, each compressed model 0.11 x N1), and so do the
+the donor (N2 = N1 / 5, the teacher 2 x N1, each compressed model N1 / 17), and so do the
 window orders (bench/repro_arms.py's data_seed()). The hours are
 estimates: training FLOPs (mom-ds's count, the routing planned) over the node's dense bf16
 peak at an assumed MFU, stated in the plan; the first runs replace them with measured ones.
@@ -100,7 +100,7 @@ def write_plan(name: str, out: Path, seeds: int) -> int:
         split = SEED_DIR.format(seed)
         runs = f"{RUNS}/{split}"
         script.append(f"# {split}")
-        for arm in (a for a in plan if seed <= (a.max_seeds or seeds)):
+        for arm in (a for a in plan if a.runs_with(seed)):
             config = recipe(out, f"{split}/{arm.key}", arm.model, arm.steps, seed,
                             data_seed(arm, seed))
             args = ""
