@@ -59,7 +59,8 @@ def test_quick_runs_every_arm_and_writes_table_claims_and_figure(tmp_path,
     assert donor["1"]["val_loss"] != donor["2"]["val_loss"]
     assert set(results["compression"]) == {"1", "2"}
     assert [c["layers"] for c in results["compression"]["1"]] == [3, 2]
-    assert results["teacher"]["val_loss"] > 0 and "settled" in results["teacher"]
+    assert results["teacher"]["val_loss"] > 0
+    assert sorted(results["teacher"]["continued"]) == sorted(results["compression"])
     assert results["unigram_ppl"] > 1
 
     table = (out / "repro.md").read_text()
@@ -109,7 +110,7 @@ def test_modular_claim_needs_every_seed_and_ratio_to_agree():
         return {"ratio": ratio, "search": {"loss": search}, "drop": {"loss": drop},
                 "kd": {"loss": kd}}
 
-    teacher = {"late_fall": 0.004, "settled": True}
+    teacher = {"late_fall": 0.03, "val_loss": 4.0, "continued": {1: 4.01, 2: 3.97}}
     beats = {1: [row(2, 5.0, 5.1, 5.2), row(3, 5.3, 5.4, 5.35)],
              2: [row(2, 5.01, 5.1, 5.2), row(3, 5.31, 5.4, 5.35)]}
     assert ": HOLDS at this scale" in repro.modular_claim(beats, teacher)
@@ -117,14 +118,20 @@ def test_modular_claim_needs_every_seed_and_ratio_to_agree():
     split = {1: beats[1], 2: [beats[2][0], row(3, 5.36, 5.4, 5.35)]}
     line = repro.modular_claim(split, teacher)
     assert ": INCONCLUSIVE at this scale" in line and "2x HOLDS" in line and "3x INCONCLUSIVE" in line
-    assert "settled" in line and "NOT settled" in repro.modular_claim(beats, {"late_fall": 0.03,
-                                                                              "settled": False})
+    assert "+0.25%, -0.75% by seed, settled" in line and "fell 3.00% over" in line
+    gained = dict(teacher, continued={1: 4.01, 2: 3.95})  # seed 2: 1.25% from more training
+    assert "NOT settled" in repro.modular_claim(beats, gained)
 
 
-def test_settled_reads_the_last_quarter_of_the_curve():
+def test_settled_asks_every_seed_to_gain_under_one_percent():
+    gains, done = repro.settled({"val_loss": 4.0, "continued": {2: 3.98, 1: 4.1}})
+    assert gains == {1: pytest.approx(-0.025), 2: pytest.approx(0.005)} and done
+    assert not repro.settled({"val_loss": 4.0, "continued": {1: 3.95}})[1]
+
+
+def test_late_fall_reads_the_last_quarter_of_the_curve():
     curve = {"step": [100, 200, 300, 400], "loss": [5.0, 4.0, 3.0, 2.985]}
-    assert repro.settled(curve) == {"late_fall": pytest.approx(0.005), "settled": True}
-    assert not repro.settled({"step": [1, 2, 3, 4], "loss": [5, 4, 3, 2.9]})["settled"]
+    assert repro.late_fall(curve) == pytest.approx(0.005)
 
 
 def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
