@@ -245,12 +245,13 @@ def export_donor(seed_dir: Path, s: Settings) -> None:
             seed_dir / "donor-to-hf.log", s)
 
 
-def donor_weights(arm: Arm, recipe: Path, s: Settings) -> Path:
+def donor_weights(arm: Arm, recipe: Path, seed: int, s: Settings) -> Path:
     """The seed's donor cut into the arm's layout (its recipe's model: section) by
-    mom-convert from-hf; a vanilla layout is the identity map."""
+    mom-convert from-hf, its routers drawn from the seed; a vanilla layout is the identity
+    map."""
     out = recipe.with_name(f"{arm.key}-init{WEIGHTS_SUFFIX}")
     command("mom_ds.cli.convert", ["from-hf", str(recipe.parent / "donor-hf"), str(out),
-                                   "--config", str(recipe)],
+                                   "--config", str(recipe), "--seed", str(seed)],
             recipe.with_name(f"{arm.key}-from-hf.log"), s)
     return out
 
@@ -436,7 +437,7 @@ class Suite:
     def train_arm(self, arm: Arm, seed: int) -> str:
         run_dir = self.seed_dir(seed) / arm.key
         recipe = arm_recipe(arm, self.data, run_dir, seed, self.s)
-        init = ["--train.init_from", str(donor_weights(arm, recipe, self.s))] \
+        init = ["--train.init_from", str(donor_weights(arm, recipe, seed, self.s))] \
             if arm.init == "donor" else []
         wall = train(recipe, run_dir.with_suffix(".log"), self.s, *init)
         _, model, _ = load_model(run_dir)

@@ -106,7 +106,8 @@ def write_plan(name: str, out: Path, seeds: int) -> int:
             args = ""
             if arm.init == "donor":
                 init = f"{runs}/{arm.key}-init.safetensors"
-                script.append(f"mom-convert from-hf {runs}/donor-hf {init} --config {config}")
+                script.append(f"mom-convert from-hf {runs}/donor-hf {init} --config {config} "
+                              f"--seed {seed}")
                 args = f" --train.init_from {init}"
             run(f"{split} {arm.label}", config, arm.steps, flops_per_token(arm.model, seq), args)
             if arm.key == "donor":

@@ -14,7 +14,8 @@ Face models (GPT-2; Llama, SmolLM, TinyLlama, Mistral, Qwen2).
                                              init, or upcycling where the pools outnumber the
                                              donor's layers: the recipe's
                                              model layout; no --config: the vanilla preset;
-                                             --model.* overrides either), or a to-hf export of
+                                             --model.* overrides either; the routers drawn
+                                             from --seed, default 0), or a to-hf export of
                                              any model back as it is
 Start a run from OUT.safetensors with `mom-train --train.init_from OUT.safetensors`.
 """
@@ -52,6 +53,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("donor", help="*ForCausalLM directory (or hub name, with the network)")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--config", help="recipe whose model: section is the target layout")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the parameters the donor does not hold (routers): the same "
+                        "command writes the same file (default 0)")
     add_config_arguments(p, FROM_HF_READS)
     args, overrides = parse_command_line(parser, argv)
     return run_command("mom-convert", lambda: convert(args, overrides))
@@ -80,6 +84,8 @@ def convert(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
     from ..model import ConfigError
     from ..model.hf import from_hf
     from ..config import stored_model_config
@@ -100,7 +106,11 @@ def from_hf(args: argparse.Namespace, overrides: list[str]) -> int:
             layout = donor_layout(args, overrides)
         if args.print_config:
             return print_config({"model": layout.to_dict()})
-        model = from_hf(args.donor, layout=layout)
+        # the routers are drawn at the model's build, from torch's global generator: seeded
+        # here, so that a two-stage run is reproducible from its command
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            model = from_hf(args.donor, layout=layout)
         save_weights(args.out, model.config.to_dict(), model.state_dict(), 0)
     print(f"mom-convert from-hf: wrote {args.out}")
     return 0

@@ -116,6 +116,23 @@ def test_from_hf_takes_model_overrides(donor, tmp_path, capsys):
     assert "but the donor's is 100" in capsys.readouterr().err
 
 
+def test_from_hf_draws_what_the_donor_lacks_from_its_seed(donor, tmp_path):
+    """The routers a donor does not hold come from --seed (default 0): the same command
+    writes the same file (a two-stage run is reproducible from its recipe and seed), another
+    seed other routers, the donor's tensors the same either way."""
+    layout = ["--model.n_bottom", "1", "--model.n_routed_blocks", "1",
+              "--model.n_attn_modules", "1", "--model.n_ffn_modules", "1", "--model.depth", "1"]
+    files = {}
+    for name, seed in (("a", []), ("b", []), ("c", ["--seed", "1"])):
+        files[name] = tmp_path / f"{name}.safetensors"
+        assert convert.main(["from-hf", str(donor), str(files[name]), *layout, *seed]) == 0
+    a, b, c = (load_weights(f, "out").state_dict for f in files.values())
+    routers = [k for k in a if "router" in k]
+    assert routers and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], c[k]) for k in routers if k.endswith("weight"))
+    assert all(torch.equal(a[k], c[k]) for k in a if "router" not in k)
+
+
 @pytest.mark.parametrize("argv, message", [
     # overrides a command would not use are refused, not ignored
     (lambda r: ["eval", str(r), "--train.lr", "1"],

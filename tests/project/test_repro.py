@@ -160,6 +160,7 @@ def test_gpu_plan_recipes_load_and_the_script_runs_them_all(tmp_path):
         return min(i for i, line in enumerate(script) if all(w in line for w in words))
 
     assert first("deepspeed", "seed-2/donor.yaml") < first("to-hf", runs) < first("from-hf", runs)
+    assert script[first("from-hf", runs)].endswith("--seed 2")  # the seed's routers
     donor = load_run_config(plan / "seed-1" / "donor.yaml")
     tokens = donor.train.max_steps * 16 * 4 * 8 * 1024
     assert 2.4e9 < tokens < 2.6e9 and donor.train.seed == donor.data.seed == 1
