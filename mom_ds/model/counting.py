@@ -12,7 +12,7 @@ def count_ids(ids: torch.Tensor, n: int, real: Optional[torch.Tensor] = None) ->
     buffer of a size known in advance, not torch.bincount: on CUDA bincount reads its
     input's min and max back to the host to size its output (ATen SummaryOps.cu), a sync
     per call."""
-    ids = ids.reshape(-1)
+    ids = ids.reshape(-1) if ids.dim() != 1 else ids  # a reshape is an op even when a no-op
     counts = torch.zeros(n, dtype=torch.long, device=ids.device)
     ones = torch.ones_like(ids) if real is None else real.reshape(-1).long()
     return counts.scatter_add_(0, ids, ones)

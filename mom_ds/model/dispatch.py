@@ -32,7 +32,7 @@ class RoutePlan:
     counts: (n_modules + 1,) choices per module before any capacity limit, last = SKIP;
     padding counts nowhere.
     chosen: (N,) bool, the token chose at least one real module (padding: False).
-    dropped: () assignments removed by the capacity limit.
+    dropped: () assignments removed by the capacity limit; None without one.
     """
 
     token: torch.Tensor
@@ -40,12 +40,13 @@ class RoutePlan:
     groups: RowGroups
     counts: torch.Tensor
     chosen: torch.Tensor
-    dropped: torch.Tensor
+    dropped: Optional[torch.Tensor]
     n_tokens: int
 
 
 def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
-              capacity_factor: float = 0.0, real: Optional[torch.Tensor] = None) -> RoutePlan:
+              capacity_factor: float = 0.0, real: Optional[torch.Tensor] = None,
+              n_classes: Optional[int] = None) -> RoutePlan:
     """ids, weights: (N, K); an id >= n_modules means SKIP (no module runs). With
     capacity_factor > 0 each module keeps at most ceil(capacity_factor * N * K / n_modules)
     rows, the earliest tokens in sequence order (the stable sort keeps that order).
@@ -53,18 +54,22 @@ def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
     real (N,) bool: which rows are tokens; the others (padding) go to SKIP whatever they
     chose, are counted nowhere (counts, chosen, dropped) and take no capacity slot, and N in
     the capacity counts the real rows only: the plan of a padded batch is that of its
-    tokens alone."""
+    tokens alone.
+
+    n_classes: how many ids the router has, when the caller knows: with at most one past
+    the modules (SKIP) there is no SKIP-acting id to fold into SKIP's bucket."""
     N, K = ids.shape
-    flat = ids.reshape(-1).clamp_max(n_modules)  # every SKIP-acting slot -> one bucket
+    flat = ids.reshape(-1)
+    if n_classes is None or n_classes > n_modules + 1:
+        flat = flat.clamp_max(n_modules)  # every SKIP-acting slot -> one bucket
     real_slots = None
     if real is not None:
         real_slots = real.unsqueeze(1).expand(N, K).reshape(-1)
         flat = torch.where(real_slots, flat, n_modules)
     counts = count_ids(flat, n_modules + 1, real_slots)
-    order = torch.argsort(flat, stable=True)
-    module = flat[order]
+    module, order = torch.sort(flat, stable=True)
     kept = counts[:n_modules]
-    dropped = counts.new_zeros(())
+    dropped = None
     if capacity_factor > 0:
         if real is None:
             cap = math.ceil(capacity_factor * N * K / n_modules)
@@ -79,9 +84,11 @@ def make_plan(ids: torch.Tensor, weights: torch.Tensor, n_modules: int,
         order, module = order[resort], module[resort]
         kept = kept.clamp_max(cap)
         dropped = (counts[:n_modules] - kept).sum()
-    return RoutePlan(token=torch.div(order, K, rounding_mode="floor"),
-                     weight=weights.reshape(-1)[order], groups=RowGroups.from_sorted(module, kept),
-                     counts=counts, chosen=(flat.view(N, K) < n_modules).any(dim=1),
+    # one choice per token (K = 1): the assignment index is the token's, and no `any`
+    token, chosen = (order, flat < n_modules) if K == 1 else \
+        (torch.div(order, K, rounding_mode="floor"), (flat.view(N, K) < n_modules).any(dim=1))
+    return RoutePlan(token=token, weight=weights.reshape(-1)[order],
+                     groups=RowGroups.from_sorted(module, kept), counts=counts, chosen=chosen,
                      dropped=dropped, n_tokens=N)
 
 

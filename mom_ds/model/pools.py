@@ -35,8 +35,6 @@ class RowGroups:
     offsets: (G,) int32 cumulative ends, on the device (no host sync to pass them).
     module: (M,) int64 module of each row, G past the last offset: the index of the zero row
     grouped_linear puts after the biases, so no row in a module needs a mask for its bias.
-    invalid: (M, 1) bool, the row belongs to no module; made once per plan in the shape
-    that masks whole rows, for every projection and gradient that shares these rows.
     host_ends: the offsets on the host, when the caller has them (the all-to-all dispatcher
     does) or once the per-module loop has read them: one read for every projection that
     shares these rows.
@@ -44,18 +42,25 @@ class RowGroups:
 
     offsets: torch.Tensor
     module: torch.Tensor
-    invalid: torch.Tensor
     host_ends: Optional[list[int]] = None
+    _invalid: Optional[torch.Tensor] = None
 
     @classmethod
     def from_sorted(cls, module: torch.Tensor, counts: torch.Tensor,
                     host_counts: Optional[list[int]] = None) -> "RowGroups":
         """module: (M,) sorted module id of each row, G for rows in no module; counts: (G,)
         rows per module. All on the device; host_counts: counts on the host."""
-        n = len(counts)
         ends = list(itertools.accumulate(host_counts)) if host_counts is not None else None
-        return cls(torch.cumsum(counts, 0, dtype=torch.int32), module,
-                   (module == n).unsqueeze(1), ends)
+        return cls(torch.cumsum(counts, 0, dtype=torch.int32), module, ends)
+
+    @property
+    def invalid(self) -> torch.Tensor:
+        """(M, 1) bool, the row belongs to no module: made on first use (the grouped GEMM's;
+        the per-module loop needs none), in the shape that masks whole rows, once for every
+        projection and gradient that shares these rows."""
+        if self._invalid is None:
+            self._invalid = (self.module == len(self.offsets)).unsqueeze(1)
+        return self._invalid
 
     def ends(self) -> list[int]:
         if self.host_ends is None:

@@ -90,32 +90,34 @@ class RoutedBlock(nn.Module):
         real = real.reshape(B * T) if real is not None else None
         g_attn = g_ffn = None  # router states, reset at every block call
         exited = torch.zeros(B * T, dtype=torch.bool, device=x.device) if cfg.early_exit else None
-        halves = torch.zeros(B * T, dtype=torch.long, device=x.device)  # executing halves
         per_step = self.checkpoint_steps and cache is None and self.training \
             and torch.is_grad_enabled()
-        attn_counts, ffn_counts, balance, dropped = [], [], [], []
+        attn_counts, ffn_counts, balance, dropped, chosen = [], [], [], [], []
         for step in range(cfg.depth):
-            args = (h, g_attn, g_ffn, exited, halves, real, step, (B, T), cache, cache_key,
-                    rope)
-            h, g_attn, g_ffn, exited, halves, counts_a, counts_f, step_balance, step_dropped = \
+            args = (h, g_attn, g_ffn, exited, real, step, (B, T), cache, cache_key, rope)
+            h, g_attn, g_ffn, exited, plan_a, plan_f, step_balance = \
                 checkpointed(self._step, *args) if per_step else self._step(*args)
-            attn_counts.append(counts_a)
-            ffn_counts.append(counts_f)
+            attn_counts.append(plan_a.counts)
+            ffn_counts.append(plan_f.counts)
             balance.append(step_balance)
-            dropped.append(step_dropped)
+            dropped += [plan.dropped for plan in (plan_a, plan_f) if plan.dropped is not None]
+            chosen += [plan_a.chosen, plan_f.chosen]
+        # the halves each token executed, summed once here rather than carried step by step
+        halves = torch.stack(chosen).sum(dim=0)
         path_length_hist = count_ids(halves, 2 * cfg.depth + 1, real)
+        dropped = torch.stack(dropped).sum() if dropped else \
+            torch.zeros((), dtype=torch.long, device=x.device)  # no capacity limit
         routing = BlockRouting(torch.stack(attn_counts), torch.stack(ffn_counts),
-                               path_length_hist, torch.stack(balance), torch.stack(dropped).sum())
+                               path_length_hist, torch.stack(balance), dropped)
         return h.view(B, T, d), routing
 
     def _step(self, h: torch.Tensor, g_attn: Optional[torch.Tensor],
               g_ffn: Optional[torch.Tensor], exited: Optional[torch.Tensor],
-              halves: torch.Tensor, real: Optional[torch.Tensor], step: int,
-              shape: tuple[int, int],
+              real: Optional[torch.Tensor], step: int, shape: tuple[int, int],
               cache: Optional[dict], cache_key: object, rope: Optional[Rope]) -> tuple:
         """One routing step: the attention half, then the FFN half. Returns the new
-        (h, router states, exited, halves) and the step's choice counts, balancing loss and
-        assignments dropped by the capacity limit."""
+        (h, router states, exited), the two halves' plans (their counts, chosen tokens and
+        assignments dropped by the capacity limit) and the step's balancing loss."""
         cfg = self.config
         B, T = shape
         A, Fn, cap = cfg.n_attn_modules, cfg.n_ffn_modules, cfg.capacity_factor
@@ -123,7 +125,9 @@ class RoutedBlock(nn.Module):
         # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
         with record_function("route"):
             route, g_attn = self.attn_router(h, g_attn, step, exited, real)
-            plan = make_plan(route.ids, route.weights, A, cap, real)
+            plan = make_plan(route.ids, route.weights, A, cap, real,
+                             self.attn_router.n_classes)
+            step_balance = self.attn_router.balancing_loss(route, plan.counts, real)
         if exited is not None:
             exited = exited | ~plan.chosen
         qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
@@ -138,15 +142,14 @@ class RoutedBlock(nn.Module):
                                  keep=keep, cache=cache, cache_key=(cache_key, step),
                                  dropout=cfg.dropout if self.training else 0.0)
         h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, -1), plan, attn.proj))
-        halves = halves + plan.chosen
-        attn_counts, step_balance, step_dropped = plan.counts, route.balance_loss, plan.dropped
+        plan_a = plan
         # --- FFN half ----------------------------------------------------------------
         with record_function("route"):
             route, g_ffn = self.ffn_router(h, g_ffn, step, exited, real)
-            plan = make_plan(route.ids, route.weights, Fn, cap, real)
+            plan = make_plan(route.ids, route.weights, Fn, cap, real,
+                             self.ffn_router.n_classes)
+            step_balance = step_balance + self.ffn_router.balancing_loss(route, plan.counts, real)
         if exited is not None:
             exited = exited | ~plan.chosen
         h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
-        halves = halves + plan.chosen
-        return (h, g_attn, g_ffn, exited, halves, attn_counts, plan.counts,
-                step_balance + route.balance_loss, step_dropped + plan.dropped)
+        return h, g_attn, g_ffn, exited, plan_a, plan, step_balance

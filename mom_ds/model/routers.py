@@ -17,7 +17,7 @@ from .counting import count_ids
 class RouteDecision:
     ids: torch.Tensor      # (N, K) chosen classes; id >= pool size means SKIP
     weights: torch.Tensor  # (N, K) routing weights (fp32)
-    balance_loss: torch.Tensor  # scalar balancing loss of this step (0 for fixed routers)
+    probs: Optional[torch.Tensor]  # (N, classes) softmax of the logits (None: fixed router)
 
 
 def _f32(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -83,7 +83,7 @@ class Router(nn.Module):
             module = step % self.pool_size if self.fixed_cycle else step
             ids = torch.full((N, 1), module, dtype=torch.long, device=x.device)
             ones = torch.ones(N, 1, dtype=torch.float32, device=x.device)
-            return RouteDecision(ids, ones, x.new_zeros((), dtype=torch.float32)), None
+            return RouteDecision(ids, ones, None), None
         with torch.autocast(device_type=x.device.type, enabled=False):
             xf = x.float()
             if self.kind == "gru":
@@ -107,25 +107,37 @@ class Router(nn.Module):
                 weights = top_p
             if exited is not None:  # early exit: SKIP is final
                 ids = torch.where(exited.unsqueeze(1), torch.full_like(ids, self.n_classes - 1), ids)
-            balance = self.balancing_loss(probs, ids[:, 0], real)
-        return RouteDecision(ids, weights, balance), state
+        return RouteDecision(ids, weights, probs), state
 
-    def balancing_loss(self, probs: torch.Tensor, top1: torch.Tensor,
+    def balancing_loss(self, route: RouteDecision, plan_counts: torch.Tensor,
                        real: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Switch: N_cls * sum_e f_e * P_e, f_e = share of tokens whose top-1 is e,
         P_e = mean probability of e. SKIP-acting classes optionally left out. With `real`
-        (N,) bool the shares and means are over the real tokens only."""
-        n = self.n_classes if self.count_skip else self.pool_size
+        (N,) bool the shares and means are over the real tokens only. plan_counts: the
+        choices per module of this decision's plan (dispatch.make_plan), SKIP last: with one
+        choice per token they are the top-1 counts wherever the SKIP-acting classes are one
+        class or not counted, and counting again would cost a routing step four ops."""
+        if route.probs is None:  # a fixed router has nothing to balance
+            return plan_counts.new_zeros((), dtype=torch.float32)
+        probs, n = route.probs, (self.n_classes if self.count_skip else self.pool_size)
+        if route.ids.shape[1] == 1 and n <= len(plan_counts):
+            chosen = plan_counts
+        else:
+            chosen = count_ids(route.ids[:, 0], self.n_classes, real)
+        if n < len(chosen):
+            chosen = chosen[:n]
+        if n < probs.shape[1]:
+            probs = probs[:, :n]
         if real is None:
-            f = count_ids(top1, self.n_classes)[:n].float() / top1.shape[0]
-            P = probs[:, :n].mean(dim=0)
+            f = chosen.float() / probs.shape[0]
+            P = probs.mean(dim=0)
             if self.stat_mean is not None:
                 f, P = self.stat_mean(f), self.stat_mean(P)
             return n * (f * P).sum()
         # Sums and the token count are averaged over ranks separately, then divided: the
         # global batch's shares even where ranks hold different amounts of padding.
-        chosen = count_ids(top1, self.n_classes, real)[:n].float()
-        mass = (probs[:, :n] * real.unsqueeze(1)).sum(dim=0)
+        chosen = chosen.float()
+        mass = (probs * real.unsqueeze(1)).sum(dim=0)
         tokens = real.sum().float()
         if self.stat_mean is not None:
             chosen, mass, tokens = (self.stat_mean(t) for t in (chosen, mass, tokens))

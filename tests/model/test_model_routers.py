@@ -3,6 +3,8 @@ import torch
 
 from mom_ds import MoMForCausalLM
 from mom_ds.model import presets
+from mom_ds.model.dispatch import make_plan
+from mom_ds.model.routers import RouteDecision
 
 SHAPE = dict(vocab_size=40, n_positions=16, d_model=16, n_heads=2)
 
@@ -52,6 +54,15 @@ def test_logit_weighting_is_the_chosen_raw_logit_as_the_authors_naive_router():
         assert torch.allclose(decision.weights, torch.tensor(weights))
 
 
+def balancing_loss(router, probs, top1):
+    """The router's balancing loss of a K = 1 decision, with the counts of its plan as the
+    routed block hands them in."""
+    ids = top1.unsqueeze(1)
+    plan = make_plan(ids, torch.ones(len(ids), 1), router.pool_size, n_classes=router.n_classes)
+    return float(router.balancing_loss(RouteDecision(ids, torch.ones(len(ids), 1), probs),
+                                       plan.counts))
+
+
 def test_balancing_loss_matches_switch_formula():
     cfg = presets.mom(top_k=1, **SHAPE)
     router = MoMForCausalLM(cfg).chunks[0].ffn_router
@@ -61,17 +72,30 @@ def test_balancing_loss_matches_switch_formula():
     # f = [2, 1, 0, 0, 1] / 4, P = column means, N_cls = 5 (SKIP counted)
     f = torch.tensor([0.5, 0.25, 0.0, 0.0, 0.25])
     expected = 5 * float((f * probs.mean(0)).sum())
-    assert abs(float(router.balancing_loss(probs, top1)) - expected) < 1e-6
+    assert abs(balancing_loss(router, probs, top1) - expected) < 1e-6
     router.count_skip = False  # SKIP left out: 4 classes
     expected = 4 * float((f[:4] * probs.mean(0)[:4]).sum())
-    assert abs(float(router.balancing_loss(probs, top1)) - expected) < 1e-6
+    assert abs(balancing_loss(router, probs, top1) - expected) < 1e-6
+
+
+def test_balancing_loss_counts_each_skip_acting_class():
+    """A pool smaller than the router (A = 2 of 4 + SKIP classes): the plan folds classes
+    2, 3 and 4 into one SKIP bucket, the balancing loss counts each of them."""
+    router = MoMForCausalLM(presets.mom(n_attn_modules=2, n_ffn_modules=4, top_k=1,
+                                        **SHAPE)).chunks[0].attn_router
+    assert (router.pool_size, router.n_classes) == (2, 5)
+    probs = torch.tensor([[0.1, 0.1, 0.6, 0.1, 0.1], [0.1, 0.1, 0.1, 0.6, 0.1],
+                          [0.6, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    f = torch.tensor([0.25, 0.0, 0.25, 0.25, 0.25])  # top-1: classes 2, 3, 0, 4
+    expected = 5 * float((f * probs.mean(0)).sum())
+    assert abs(balancing_loss(router, probs, probs.argmax(1)) - expected) < 1e-6
 
 
 def test_uniform_routing_has_balancing_loss_one():
     cfg = presets.mom(top_k=1, **SHAPE)
     router = MoMForCausalLM(cfg).chunks[0].ffn_router
     probs = torch.full((5, 5), 0.2)
-    assert abs(float(router.balancing_loss(probs, torch.arange(5))) - 1.0) < 1e-6
+    assert abs(balancing_loss(router, probs, torch.arange(5)) - 1.0) < 1e-6
 
 
 def test_early_exit_skip_is_final():
