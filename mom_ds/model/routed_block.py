@@ -125,31 +125,30 @@ class RoutedBlock(nn.Module):
         # --- attention half: per-token Q/K/V from the chosen modules, one attention ---
         with record_function("route"):
             route, g_attn = self.attn_router(h, g_attn, step, exited, real)
-            plan = make_plan(route.ids, route.weights, A, cap, real,
-                             self.attn_router.n_classes)
-            step_balance = self.attn_router.balancing_loss(route, plan.counts, real)
+            plan_a = make_plan(route.ids, route.weights, A, cap, real,
+                               self.attn_router.n_classes)
+            step_balance = self.attn_router.balancing_loss(route, plan_a.counts, real)
         if exited is not None:
-            exited = exited | ~plan.chosen
-        qkv = self.attn_dispatcher.run(attn.normalize(h), plan, attn.qkv,
+            exited = exited | ~plan_a.chosen
+        qkv = self.attn_dispatcher.run(attn.normalize(h), plan_a, attn.qkv,
                                        weighted=cfg.weighted_qkv)
         q, k, v = qkv.view(B, T, -1).split(self.qkv_split, dim=-1)
         # `mask`: a token that chose no module is no key (padding never chooses one);
         # `zero`: it stays a key, padding does not
-        keep = plan.chosen if cfg.skip_in_attention == "mask" else real
+        keep = plan_a.chosen if cfg.skip_in_attention == "mask" else real
         keep = keep.view(B, T) if keep is not None else None
         with record_function("attention"):
             a = causal_attention(q, k, v, cfg.n_heads, n_kv_heads=cfg.kv_heads, rope=rope,
                                  keep=keep, cache=cache, cache_key=(cache_key, step),
                                  dropout=cfg.dropout if self.training else 0.0)
-        h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, -1), plan, attn.proj))
-        plan_a = plan
+        h = h + self.drop(self.attn_dispatcher.run(a.reshape(B * T, -1), plan_a, attn.proj))
         # --- FFN half ----------------------------------------------------------------
         with record_function("route"):
             route, g_ffn = self.ffn_router(h, g_ffn, step, exited, real)
-            plan = make_plan(route.ids, route.weights, Fn, cap, real,
-                             self.ffn_router.n_classes)
-            step_balance = step_balance + self.ffn_router.balancing_loss(route, plan.counts, real)
+            plan_f = make_plan(route.ids, route.weights, Fn, cap, real,
+                               self.ffn_router.n_classes)
+            step_balance = step_balance + self.ffn_router.balancing_loss(route, plan_f.counts, real)
         if exited is not None:
-            exited = exited | ~plan.chosen
-        h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan, ffn))
-        return h, g_attn, g_ffn, exited, plan_a, plan, step_balance
+            exited = exited | ~plan_f.chosen
+        h = h + self.drop(self.ffn_dispatcher.run(ffn.normalize(h), plan_f, ffn))
+        return h, g_attn, g_ffn, exited, plan_a, plan_f, step_balance
